@@ -1,0 +1,149 @@
+"""The base run configuration, its validation, and loading config files outside the CLI.
+
+Config files in `configs/` call `base_config()` and change fields. Every field is commented here.
+"""
+
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from distil_flax import partitioning
+from distil_flax.model import model_config
+
+RELEASED_LAYER_MAP = (0, 2, 4, 7, 9, 11)  # The layers the released DistilBERT took from BERT-base.
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """DistilBERT's recipe with a 6-layer student; variants change fields."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds parameter init, masking, dropout and data order.
+
+    # The model this run trains: the student, or the teacher when pretraining one.
+    c.model = model_config("distil6")
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.checkpoint = ""  # Workdir of a distil_flax run holding the teacher. Never re-saved.
+    c.teacher.param_dtype = "bfloat16"  # The teacher only runs forward: halve its memory and reads.
+
+    c.init = ml_collections.ConfigDict()
+    # Order on start: a checkpoint in the workdir wins; else teacher layers (if from_teacher and a
+    # teacher is given); else random init.
+    c.init.from_teacher = True
+    c.init.layer_map = list(RELEASED_LAYER_MAP)  # Teacher layer for each student layer.
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.temperature = 2.0  # Softmax temperature of L_ce; the term is scaled by T².
+    c.loss.alpha_ce = 5.0  # Weight of the soft-target loss (teacher → student distributions).
+    c.loss.alpha_mlm = 2.0  # Weight of the masked-LM loss on the true tokens.
+    c.loss.alpha_cos = 1.0  # Weight of 1 − cos between final hidden states.
+    c.loss.restrict_ce_to_mask = False  # L_ce on masked positions only (cheaper; not the released recipe).
+
+    c.masking = ml_collections.ConfigDict()
+    c.masking.mask_prob = 0.15  # Fraction of real, non-special tokens predicted per row.
+    c.masking.replace_with_mask = 0.8  # Of those: set to [MASK] ...
+    c.masking.replace_with_random = 0.1  # ... to a random token; the rest are kept.
+    c.masking.smoothing = 0.7  # Pick tokens ∝ count^-smoothing (DistilBERT's mlm_smoothing); 0: uniform.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "bundled"  # bundled (World English Bible) | text | jsonl.
+    c.data.paths = ""  # Comma-separated files or globs for text/jsonl sources.
+    c.data.jsonl_field = "text"  # Field holding the document in jsonl sources.
+    c.data.tokenizer = ""  # vocab.txt / tokenizer.json (WordPiece) or .model (SentencePiece).
+    c.data.lowercase = True  # For vocab.txt tokenizers: uncased BERT normalisation.
+    c.data.seq_len = 512  # Packed row length.
+    c.data.eval_every = 50  # Hold out every n-th document for evaluation (0: no held-out set).
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 4096  # Global sequences per optimizer update (the paper's 4K).
+    c.train.micro_batch_size = 64  # Global sequences per forward/backward; 0: the whole batch.
+    c.train.num_steps = 0  # Optimizer updates; 0: derive from num_epochs.
+    c.train.num_epochs = 3.0  # Passes over the training rows when num_steps is 0.
+    c.train.learning_rate = 5e-4
+    c.train.warmup_fraction = 0.05  # Linear warmup over this fraction of steps, then linear decay.
+    c.train.weight_decay = 0.0
+    c.train.clip_norm = 5.0  # Global gradient-norm clipping; 0 disables.
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.eps = 1e-6
+    c.train.log_every = 50  # Steps between metric writes (the only host syncs of the loop).
+    c.train.eval_every = 1000  # Steps between held-out evaluations; 0: only at the end.
+    c.train.eval_batches = 20  # Batches per evaluation (0: the whole held-out set).
+    c.train.checkpoint_every = 1000  # Steps between checkpoints (async).
+    c.train.keep_checkpoints = 3  # Most recent checkpoints kept.
+    c.train.async_checkpoints = True
+    c.train.peak_tflops = 0.0  # Device bf16 peak for MFU; 0: look up the device kind.
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Data-parallel size; -1: all devices not used by other axes.
+    c.mesh.fsdp = 1  # Parameter/optimizer sharding (ZeRO-3 style) size.
+    c.mesh.tensor = 1  # Tensor-parallel size (heads, MLP and vocab split).
+    c.mesh.rules = [list(r) for r in partitioning.DEFAULT_RULES]  # Logical axis → mesh axes.
+
+    c.distributed = False  # Call jax.distributed.initialize() (multi-host; auto-detects TPU/SLURM).
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when a config cannot run."""
+    loss = c.loss
+    if min(loss.alpha_ce, loss.alpha_mlm, loss.alpha_cos) < 0:
+        raise ValueError("loss.alpha_ce, loss.alpha_mlm and loss.alpha_cos must be ≥ 0")
+    if loss.alpha_ce + loss.alpha_mlm + loss.alpha_cos == 0:
+        raise ValueError("every loss weight is 0: set loss.alpha_ce, loss.alpha_mlm or loss.alpha_cos")
+    if loss.temperature <= 0:
+        raise ValueError(f"loss.temperature must be > 0, got {loss.temperature}")
+    needs_teacher = loss.alpha_ce > 0 or loss.alpha_cos > 0
+    if needs_teacher and not c.teacher.checkpoint:
+        raise ValueError(
+            "loss.alpha_ce/alpha_cos need a teacher but teacher.checkpoint is empty: set "
+            "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set both alphas to 0)")
+    if c.teacher.checkpoint and not os.path.exists(c.teacher.checkpoint):
+        raise ValueError(f"teacher.checkpoint={c.teacher.checkpoint!r} does not exist")
+    if not c.data.tokenizer:
+        raise ValueError("data.tokenizer is empty: set --config.data.tokenizer=PATH (vocab.txt, "
+                         "tokenizer.json or .model)")
+    if not os.path.exists(c.data.tokenizer):
+        raise ValueError(
+            f"data.tokenizer={c.data.tokenizer!r} does not exist; train one with `python -m "
+            "distil_flax.data.train_vocab --output=...` or point data.tokenizer at a vocab")
+    m = c.masking
+    if not 0 < m.mask_prob < 1:
+        raise ValueError(f"masking.mask_prob must be in (0, 1), got {m.mask_prob}")
+    if m.replace_with_mask < 0 or m.replace_with_random < 0 or (
+            m.replace_with_mask + m.replace_with_random > 1):
+        raise ValueError("masking.replace_with_mask + masking.replace_with_random must be in [0, 1]")
+    t = c.train
+    micro = t.micro_batch_size or t.batch_size
+    if t.batch_size <= 0 or t.batch_size % micro:
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be a positive multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})")
+    if t.num_steps <= 0 and t.num_epochs <= 0:
+        raise ValueError("set train.num_steps or train.num_epochs to a positive value")
+    if c.data.seq_len > c.model.max_position_embeddings:
+        raise ValueError(
+            f"data.seq_len ({c.data.seq_len}) exceeds model.max_position_embeddings "
+            f"({c.model.max_position_embeddings})")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:arg]` as the `--config` flag does (for notebooks and tests)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_distil_flax_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"no config file at {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def save_json(c: ml_collections.ConfigDict, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_json(path: str) -> ml_collections.ConfigDict:
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

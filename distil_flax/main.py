@@ -1,0 +1,40 @@
+"""Runs a training job: `python -m distil_flax.main --config=configs/distil6.py --workdir=DIR`.
+
+Flags `--config.a.b=value` override config fields; `configs/x.py:arg` passes `arg` to the
+config's `get_config`. Errors in the config or inputs end the run with one line naming the field.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from distil_flax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config.distributed:
+        # Detects the cluster (Cloud TPU, SLURM, Kubernetes ...) from the environment.
+        jax.distributed.initialize()
+    logging.info("JAX process %d of %d; %d local of %d global devices (%s).",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+    try:
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as error:
+        logging.debug("Run stopped.", exc_info=True)  # The traceback, with --verbosity=1.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

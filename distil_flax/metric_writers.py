@@ -1,0 +1,62 @@
+"""Metrics to the console and to TensorBoard event files (tensorboardX: no TensorFlow needed)."""
+
+import time
+from typing import Mapping
+
+from absl import logging
+from etils import epath
+
+# Shown first and with short names on the console line; everything goes to TensorBoard.
+_CONSOLE = (("loss", "loss"), ("loss_ce", "ce"), ("loss_mlm", "mlm"), ("loss_cos", "cos"),
+            ("student_mlm_accuracy", "acc"), ("agreement", "agree"), ("learning_rate", "lr"),
+            ("grad_norm", "|g|"), ("tokens_per_s", "tok/s"), ("mfu", "mfu"))
+
+
+def _format(value: float) -> str:
+    if abs(value) >= 1e4:
+        return f"{value:.3g}"
+    return f"{value:.4g}"
+
+
+class MetricWriter:
+    """Writes scalars; only the main process (process 0) writes anything."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, total_steps: int | None = None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self._tb = None
+        self._start = time.time()
+        if enabled:
+            from tensorboardX import SummaryWriter  # Heavy import; only the writing process.
+            # tensorboardX writes to local paths and, through its own file system layer, gs://.
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._tb.add_scalar(f"{prefix}{name}", float(value), step)
+        logging.info("%s", self.console_line(step, scalars, prefix))
+
+    def console_line(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> str:
+        progress = f"{step}/{self.total_steps}" if self.total_steps else str(step)
+        shown = [f"{short} {_format(float(scalars[key]))}" for key, short in _CONSOLE
+                 if key in scalars]
+        shown += [f"{key} {_format(float(v))}" for key, v in sorted(scalars.items())
+                  if key not in dict(_CONSOLE)]
+        elapsed = time.time() - self._start
+        return f"[{prefix or 'train/'}] step {progress} | " + " | ".join(shown) + (
+            f" | {elapsed:.0f}s")
+
+    def write_text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, 0)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

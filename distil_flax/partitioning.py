@@ -1,0 +1,118 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Parameters and key activations are annotated with logical names in `model.py`; nothing else in the
+code names a mesh axis. Change the table (config `mesh.rules`) to change how a model is laid out.
+"""
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name → mesh axes. Batch is split over every data-like axis; parameters are split over
+# `fsdp` along their embedding dimension and over `tensor` along heads / MLP / vocab (Megatron).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("positions", None),
+    ("types", None),
+    ("transform", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a data × fsdp × tensor mesh; one axis may be -1 ("all remaining devices").
+
+    Args:
+      shape: sizes by axis name, e.g. the config's `mesh` section {"data": -1, "fsdp": 1, ...}.
+      devices: defaults to all devices of all processes.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(shape[name]) for name in MESH_AXES]
+    described = ", ".join(f"mesh.{n}={s}" for n, s in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(
+            f"bad mesh shape ({described}): sizes must be positive, with at most one -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh shape ({described}) does not divide the {len(devices)} available devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh shape ({described}) needs {math.prod(sizes)} devices, but {len(devices)} are "
+            "available; set the mesh.* sizes so that their product is the device count")
+    # Auto axes: Linen's logical constraints hand sharding decisions to XLA's propagation.
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+    """Normalises rules read from a config (lists become tuples, as Flax expects)."""
+    normal = []
+    for name, axes in rules:
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+        normal.append((name, axes))
+    return tuple(normal)
+
+
+def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules) -> Any:
+    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules) -> Any:
+    """Runs `init_fn` (returning logically-boxed parameters) directly into its shardings.
+
+    Shapes come from `jax.eval_shape`, so no parameter is ever built whole on one device.
+
+    Returns:
+      (params, shardings): unboxed parameters and the matching tree of NamedShardings.
+    """
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = logical_to_shardings(nn.get_partition_spec(abstract), mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    return params, shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, rules, leading_dims: int = 0) -> NamedSharding:
+    """Sharding of a host batch [*leading, batch, length]: batch over the data-like axes."""
+    spec = nn.logical_to_mesh_axes((None,) * leading_dims + ("batch", "length"), rules)
+    return NamedSharding(mesh, spec)
+
+
+def bytes_per_device(tree: Any) -> dict[int, int]:
+    """Bytes of `tree`'s arrays held by each device (to check that sharding really splits them)."""
+    totals: dict[int, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device.id] = totals.get(shard.device.id, 0) + shard.data.nbytes
+    return totals
+
+
+def host_to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Places this host's part of a batch straight into global arrays with `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -1,0 +1,154 @@
+"""The training step: masking, teacher forward, student forward/backward, loss and update — one program.
+
+`distil_step` is a pure function of (state, teacher_params, batch, token_weights). The caller binds
+the models, optimizer and specs with `functools.partial` and jits it with explicit shardings and a
+donated state (see `train.py`). With no teacher (α_ce = α_cos = 0) the same step pretrains a BERT
+teacher or an MLM-only student.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from distil_flax import losses
+from distil_flax.masking import MaskingSpec, mask_tokens
+from distil_flax.model import Encoder
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly, except the data position (checkpointed beside)."""
+
+    step: Array  # int32 scalar: optimizer updates done.
+    params: Any
+    opt_state: Any
+    rng: Array  # uint32[2] raw PRNG key; each step folds in its step number.
+
+
+def _gather(x: Array, positions: Array) -> Array:
+    """x [batch, length, ...] at positions [batch, k] → [batch, k, ...]."""
+    return jnp.take_along_axis(x, positions[:, :, None], axis=1)
+
+
+def _loss_and_grads(
+    params, teacher_params, micro: dict[str, Array], token_weights: Array | None, rng: Array, *,
+    student: Encoder, teacher: Encoder | None, masking: MaskingSpec, loss: losses.LossSpec,
+):
+    """Loss, metrics and gradients of one micro-batch [batch, length]."""
+    mask_rng, dropout_rng = jax.random.split(rng)
+    masked = mask_tokens(mask_rng, micro["input_ids"], micro["segment_ids"], masking, token_weights)
+    real_tokens = (micro["segment_ids"] > 0).astype(jnp.float32)
+    positions = masked["mlm_positions"]
+    ce_on_all = loss.alpha_ce > 0 and not loss.restrict_ce_to_mask
+    # The vocab projections run only where a loss reads: all positions, or the gathered 15 %.
+    logits_at = "all" if ce_on_all else positions
+    inputs = (masked["input_ids"], micro["segment_ids"], micro["positions"])
+
+    teacher_logits = teacher_hidden = None
+    if teacher is not None and loss.needs_teacher:
+        teacher_logits, teacher_out = teacher.apply(
+            {"params": teacher_params}, *inputs, logits_at=logits_at if loss.alpha_ce else None)
+        teacher_logits, teacher_hidden = jax.lax.stop_gradient((teacher_logits,
+                                                                teacher_out["hidden"]))
+
+    def loss_fn(p):
+        student_logits, student_out = student.apply(
+            {"params": p}, *inputs, logits_at=logits_at, train=True, rngs={"dropout": dropout_rng})
+        if ce_on_all:
+            student_mlm, teacher_mlm = _gather(student_logits, positions), _gather(
+                teacher_logits, positions)
+            ce_weights = real_tokens
+        else:
+            student_mlm, teacher_mlm = student_logits, teacher_logits
+            ce_weights = masked["mlm_weights"]
+        return losses.distillation_loss(
+            loss, student_logits=student_logits, teacher_logits=teacher_logits,
+            ce_weights=ce_weights, student_mlm_logits=student_mlm, teacher_mlm_logits=teacher_mlm,
+            mlm_labels=masked["mlm_labels"], mlm_weights=masked["mlm_weights"],
+            student_hidden=student_out["hidden"], teacher_hidden=teacher_hidden,
+            token_weights=real_tokens)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics["real_tokens"] = jnp.sum(real_tokens)
+    return grads, metrics
+
+
+def distil_step(
+    state: TrainState, teacher_params: Any, batch: dict[str, Array], token_weights: Array | None,
+    *, student: Encoder, teacher: Encoder | None, optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule, masking: MaskingSpec, loss: losses.LossSpec,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update over a global batch, accumulating gradients over micro-batches.
+
+    Args:
+      state: the student's train state (donated).
+      teacher_params: the teacher's parameters (ignored without a teacher).
+      batch: `input_ids`, `segment_ids`, `positions`, each [accum_steps, micro_batch, length].
+      token_weights: [vocab] masking selection weights (frequency smoothing), or None.
+
+    Returns:
+      The new state and scalar metrics (means over micro-batches; `real_tokens` summed).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads_of = functools.partial(
+        _loss_and_grads, state.params, teacher_params, token_weights=token_weights,
+        student=student, teacher=teacher, masking=masking, loss=loss)
+    accum_steps = batch["input_ids"].shape[0]
+    if accum_steps == 1:
+        grads, metrics = grads_of(jax.tree.map(lambda x: x[0], batch), rng=rng)
+    else:
+        def accumulate(carry, xs):
+            index, micro = xs
+            out = grads_of(micro, rng=jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, out), None
+
+        shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], batch), rng=rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+        (grads, metrics), _ = jax.lax.scan(
+            accumulate, zeros, (jnp.arange(accum_steps), batch))
+        real_tokens = metrics["real_tokens"]
+        grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
+        metrics["real_tokens"] = real_tokens
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(
+        grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+        param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any, teacher_params: Any, batch: dict[str, Array], rng: Array, *,
+    student: Encoder, teacher: Encoder | None, masking: MaskingSpec,
+) -> dict[str, Array]:
+    """Held-out MLM sums for one batch [batch, length] (exact aggregation across batches).
+
+    Returns sums: `predictions`, `student_nll`, `student_correct`, and with a teacher
+    `teacher_nll`, `teacher_correct`, `agreement`. The mask is uniform (no smoothing) and depends
+    only on `rng`, so every evaluation of a run scores the same positions.
+    """
+    masked = mask_tokens(rng, batch["input_ids"], batch["segment_ids"], masking)
+    inputs = (masked["input_ids"], batch["segment_ids"], batch["positions"])
+    weights = masked["mlm_weights"]
+
+    def score(model, p):
+        logits, _ = model.apply({"params": p}, *inputs, logits_at=masked["mlm_positions"])
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(log_p, masked["mlm_labels"][..., None], axis=-1)[..., 0]
+        top1 = jnp.argmax(logits, axis=-1)
+        return jnp.sum(nll * weights), jnp.sum((top1 == masked["mlm_labels"]) * weights), top1
+
+    sums = {"predictions": jnp.sum(weights)}
+    sums["student_nll"], sums["student_correct"], student_top1 = score(student, params)
+    if teacher is not None:
+        sums["teacher_nll"], sums["teacher_correct"], teacher_top1 = score(teacher, teacher_params)
+        sums["agreement"] = jnp.sum((student_top1 == teacher_top1) * weights)
+    return sums

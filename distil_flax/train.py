@@ -1,0 +1,404 @@
+"""The training loop: set up mesh, data, teacher and student, then run the jitted step.
+
+`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. The loop
+never waits on the device except every `train.log_every` steps (to write metrics), at
+evaluations and checkpoints.
+"""
+
+import dataclasses
+import functools
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import parameter_overview
+from etils import epath
+import optax
+from flax import linen as nn
+
+from distil_flax import config as config_lib
+from distil_flax import data, flops, partitioning, student_init
+from distil_flax.checkpoint import Checkpointer, restore_params
+from distil_flax.losses import LossSpec
+from distil_flax.masking import MaskingSpec, smoothing_weights
+from distil_flax.metric_writers import MetricWriter
+from distil_flax.model import Encoder, make_encoder
+from distil_flax.optim import make_optimizer
+from distil_flax.step import TrainState, distil_step, eval_step
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is built from; `build` makes it from a config (also used by notebooks)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tokenizer: "data.Tokenizer"
+    train_rows: dict[str, np.ndarray]
+    eval_rows: dict[str, np.ndarray]
+    student: Encoder
+    teacher: Encoder | None
+    teacher_params: Any
+    teacher_init: Any  # Student parameters taken from teacher layers, before the teacher's cast.
+
+
+def _context(mesh, rules):
+    """Mesh and logical rules in effect while a step is traced (for activation constraints)."""
+    return _Both(jax.set_mesh(mesh), nn.logical_axis_rules(rules))
+
+
+class _Both:
+    def __init__(self, *managers):
+        self.managers = managers
+
+    def __enter__(self):
+        for m in self.managers:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self.managers):
+            m.__exit__(*exc)
+
+
+def _abstract_params(model: Encoder, seq_len: int):
+    """`init` of `model` on a dummy row (returns logically-boxed params) and its rng argument."""
+    def init(rng):
+        ids = jnp.zeros((1, seq_len), jnp.int32)
+        return model.init(rng, ids, jnp.ones_like(ids), ids, logits_at="all")["params"]
+    return init
+
+
+def abstract_params(model: Encoder, mesh, rules, seq_len: int = 8) -> Any:
+    """`model`'s parameters as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`."""
+    abstract = jax.eval_shape(_abstract_params(model, seq_len), jax.random.PRNGKey(0))
+    shardings = partitioning.logical_to_shardings(nn.get_partition_spec(abstract), mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.unbox(abstract), shardings)
+
+
+def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
+    """Loads the teacher named by `teacher.checkpoint`: its own config.json and latest params.
+
+    Returns:
+      (teacher model, float32 params in their shardings).
+    """
+    path = epath.Path(c.teacher.checkpoint)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ValueError(
+            f"teacher.checkpoint={c.teacher.checkpoint!r} is not a distil_flax workdir "
+            f"({config_file} is missing)")
+    teacher_config = config_lib.load_json(str(config_file))
+    teacher = make_encoder(teacher_config.model)
+    if teacher.vocab_size != vocab_size:
+        raise ValueError(
+            f"teacher vocab_size {teacher.vocab_size} (from {config_file}) differs from "
+            f"data.tokenizer's {vocab_size}: distil with the teacher's tokenizer")
+    target = abstract_params(teacher, mesh, rules)
+    params, step = restore_params(str(path), target)
+    logging.info("Teacher: %s, step %d, %d layers × %d.", path, step, teacher.num_layers,
+                 teacher.hidden_size)
+    return teacher, params
+
+
+def build(c: ml_collections.ConfigDict) -> Setup:
+    """Validates the config and loads tokenizer, data, teacher and models."""
+    config_lib.validate(c)
+    mesh = partitioning.make_mesh(c.mesh)
+    rules = partitioning.rules_from_config(c.mesh.rules)
+    tokenizer = data.load_tokenizer(c.data.tokenizer, lowercase=c.data.lowercase)
+    train_rows, eval_rows = data.build_datasets(
+        source=c.data.source, paths=[p for p in c.data.paths.split(",") if p],
+        jsonl_field=c.data.jsonl_field, tokenizer=tokenizer, seq_len=c.data.seq_len,
+        eval_every=c.data.eval_every)
+    with c.unlocked():
+        c.model.vocab_size = c.model.vocab_size or tokenizer.vocab_size
+    student = make_encoder(c.model)
+    if student.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({student.vocab_size}) differs from data.tokenizer's "
+                         f"({tokenizer.vocab_size})")
+    loss = loss_spec(c)
+    teacher = teacher_params = teacher_init = None
+    if loss.needs_teacher:
+        teacher, teacher_params = load_teacher(c, tokenizer.vocab_size, mesh, rules)
+        if loss.alpha_cos and teacher.hidden_size != student.hidden_size:
+            raise ValueError(
+                f"loss.alpha_cos compares hidden states, but the teacher's hidden size "
+                f"({teacher.hidden_size}) differs from model.hidden_size ({student.hidden_size})")
+        if c.init.from_teacher:
+            abstract = jax.eval_shape(_abstract_params(student, 8), jax.random.PRNGKey(0))
+            teacher_init = student_init.init_from_teacher(
+                teacher_params, nn.unbox(abstract), c.init.layer_map)
+        dtype = jnp.dtype(c.teacher.param_dtype)
+        teacher_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(
+            teacher_params)
+    return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
+                 teacher_params, teacher_init)
+
+
+def loss_spec(c: ml_collections.ConfigDict) -> LossSpec:
+    return LossSpec(alpha_ce=c.loss.alpha_ce, alpha_mlm=c.loss.alpha_mlm,
+                    alpha_cos=c.loss.alpha_cos, temperature=c.loss.temperature,
+                    restrict_ce_to_mask=c.loss.restrict_ce_to_mask)
+
+
+def masking_spec(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer") -> MaskingSpec:
+    return MaskingSpec(
+        mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+        special_ids=tuple(tokenizer.special_ids), mask_prob=c.masking.mask_prob,
+        replace_with_mask=c.masking.replace_with_mask,
+        replace_with_random=c.masking.replace_with_random)
+
+
+def total_steps(c: ml_collections.ConfigDict, num_rows: int) -> int:
+    if c.train.num_steps > 0:
+        return c.train.num_steps
+    return max(1, math.ceil(c.train.num_epochs * num_rows / c.train.batch_size))
+
+
+def _with_sharding(shape, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+
+def abstract_state(setup: Setup, optimizer) -> TrainState:
+    """The student's TrainState as `jax.ShapeDtypeStruct`s carrying shardings.
+
+    Optimizer moments take their parameter's sharding; scalars are replicated.
+    """
+    params = abstract_params(setup.student, setup.mesh, setup.rules)
+    replicated = partitioning.replicated(setup.mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, p: p.sharding, opt_shapes, params,
+        transform_non_params=lambda _: replicated)
+    scalar = lambda x: _with_sharding(jax.eval_shape(lambda: x), replicated)  # noqa: E731
+    return TrainState(
+        step=scalar(jnp.zeros((), jnp.int32)), params=params,
+        opt_state=jax.tree.map(_with_sharding, opt_shapes, opt_shardings),
+        rng=scalar(jax.random.PRNGKey(0)))
+
+
+def shardings_of(abstract: Any) -> Any:
+    return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def init_state(setup: Setup, optimizer, abstract: TrainState) -> TrainState:
+    """A fresh state: student params from teacher layers when configured, else random."""
+    c = setup.config
+    param_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.seed))
+    shardings = shardings_of(abstract)
+    if setup.teacher_init is not None:
+        dtype = jnp.dtype(c.model.param_dtype)
+        # A jitted copy: the step donates these buffers, which must not be the teacher's.
+        params = jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, dtype), p),
+                         out_shardings=shardings.params)(setup.teacher_init)
+        logging.info("Student initialised from teacher layers %s.", list(c.init.layer_map))
+    else:
+        params, _ = partitioning.sharded_init(
+            _abstract_params(setup.student, 8), param_rng, setup.mesh, setup.rules)
+        logging.info("Student initialised randomly.")
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                      params=params, opt_state=opt_state,
+                      rng=jax.device_put(state_rng, shardings.rng))
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM (what schedulers send before preempting) so the loop saves and exits."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def __bool__(self):
+        return self.event.is_set()
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+    fetched = jax.device_get(history)
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def evaluate(setup: Setup, params, eval_fn, num_batches: int) -> dict[str, float]:
+    """Held-out MLM loss, accuracy and perplexity of student (and teacher), with agreement."""
+    c = setup.config
+    batch_size = c.train.micro_batch_size or c.train.batch_size
+    sharding = partitioning.batch_sharding(setup.mesh, setup.rules)
+    totals: dict[str, float] = {}
+    batches = data.eval_batches(
+        setup.eval_rows, batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), max_batches=num_batches or None)
+    for index, local in enumerate(batches):
+        batch = partitioning.host_to_global(local, sharding)
+        rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), index)
+        sums = jax.device_get(eval_fn(params, setup.teacher_params, batch, rng))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    if not totals:
+        return {}
+    n = max(totals["predictions"], 1.0)
+    metrics = {"student_mlm_loss": totals["student_nll"] / n,
+               "student_mlm_accuracy": totals["student_correct"] / n}
+    metrics["student_perplexity"] = math.exp(min(metrics["student_mlm_loss"], 50.0))
+    if "teacher_nll" in totals:
+        metrics["teacher_mlm_loss"] = totals["teacher_nll"] / n
+        metrics["teacher_mlm_accuracy"] = totals["teacher_correct"] / n
+        metrics["teacher_perplexity"] = math.exp(min(metrics["teacher_mlm_loss"], 50.0))
+        metrics["agreement"] = totals["agreement"] / n
+    return metrics
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` and returns the final held-out metrics."""
+    setup = build(c)
+    workdir_path = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir_path.mkdir(parents=True, exist_ok=True)
+        config_lib.save_json(c, str(workdir_path / "config.json"))
+    logging.info("Config:\n%s", c)
+    logging.info("Devices: %d (%d local, process %d of %d); mesh %s.", jax.device_count(),
+                 jax.local_device_count(), jax.process_index(), jax.process_count(),
+                 dict(setup.mesh.shape))
+
+    num_steps = total_steps(c, len(setup.train_rows["input_ids"]))
+    optimizer, schedule = make_optimizer(c.train, num_steps)
+    loss = loss_spec(c)
+    masking = masking_spec(c, setup.tokenizer)
+    abstract = abstract_state(setup, optimizer)
+    shardings = shardings_of(abstract)
+    replicated = partitioning.replicated(setup.mesh)
+    token_weights = None
+    if c.masking.smoothing:
+        counts = data.token_counts(setup.train_rows, setup.tokenizer.vocab_size)
+        token_weights = jax.device_put(
+            smoothing_weights(counts, c.masking.smoothing, masking.special_ids), replicated)
+
+    # ------------------------------------------------------------------ state: resume or init
+    checkpointer = Checkpointer(workdir, save_every=c.train.checkpoint_every,
+                                keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
+    iterator = data.BatchIterator(
+        setup.train_rows, c.train.batch_size, seed=c.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_state = checkpointer.restore(abstract, latest)
+        iterator.set_state(data_state)
+        logging.info("Resuming from step %d (checkpoint in %s).", latest, workdir)
+    else:
+        state = init_state(setup, optimizer, abstract)
+    setup.teacher_init = None  # Only needed once; free it.
+    if is_main:
+        logging.info("Student parameters:\n%s", parameter_overview.get_parameter_overview(
+            state.params, include_stats=False))
+
+    # ------------------------------------------------------------------ compiled programs
+    micro = c.train.micro_batch_size or c.train.batch_size
+    accum = c.train.batch_size // micro
+    step_fn, eval_fn = compile_steps(setup, optimizer, schedule, shardings)
+    batch_sh = partitioning.batch_sharding(setup.mesh, setup.rules, leading_dims=1)
+
+    ce_fraction = 1.0 if (loss.alpha_ce and not loss.restrict_ce_to_mask) else c.masking.mask_prob
+    flops_per_token = flops.step_flops_per_token(
+        setup.student, setup.teacher, c.data.seq_len, ce_fraction,
+        ce_fraction if loss.alpha_ce else 0.0)
+    peak = flops.peak_flops(override_tflops=c.train.peak_tflops)
+    tokens_per_step = c.train.batch_size * c.data.seq_len
+
+    # ------------------------------------------------------------------ loop
+    writer = MetricWriter(workdir, enabled=is_main, total_steps=num_steps)
+    preempted = _PreemptionFlag()
+    history: list[dict] = []
+    step = int(jax.device_get(state.step))
+    last_time, last_step = time.time(), step
+    eval_metrics: dict[str, float] = {}
+    try:
+        with _context(setup.mesh, setup.rules):
+            while step < num_steps:
+                local = next(iterator)
+                local = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in local.items()}
+                batch = partitioning.host_to_global(local, batch_sh)
+                state, metrics = step_fn(state, setup.teacher_params, batch, token_weights)
+                step += 1
+                history.append(metrics)
+                if step % c.train.log_every == 0 or step == num_steps:
+                    scalars = _mean_metrics(history)  # Waits for the device: the only sync.
+                    history = []
+                    elapsed = time.time() - last_time
+                    scalars["step_time_s"] = elapsed / (step - last_step)
+                    scalars["tokens_per_s"] = tokens_per_step * (step - last_step) / elapsed
+                    if peak:
+                        scalars["mfu"] = (scalars["tokens_per_s"] * flops_per_token
+                                          / (peak * jax.device_count()))
+                    writer.write_scalars(step, scalars, prefix="train/")
+                    last_time, last_step = time.time(), step
+                if c.train.eval_every and step % c.train.eval_every == 0 and step < num_steps:
+                    eval_metrics = evaluate(setup, state.params, eval_fn, c.train.eval_batches)
+                    writer.write_scalars(step, eval_metrics, prefix="eval/")
+                    last_time = time.time()  # Evaluation time is not training throughput.
+                checkpointer.save(step, state, iterator.get_state())
+                if preempted:
+                    logging.warning("SIGTERM at step %d: saving a checkpoint and exiting.", step)
+                    checkpointer.save(step, state, iterator.get_state(), force=True)
+                    break
+        if step >= num_steps:
+            checkpointer.save(step, state, iterator.get_state(), force=True)
+            with _context(setup.mesh, setup.rules):
+                eval_metrics = evaluate(setup, state.params, eval_fn, c.train.eval_batches)
+            writer.write_scalars(step, eval_metrics, prefix="eval/")
+            _log_summary(eval_metrics)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        preempted.restore()
+    return eval_metrics
+
+
+def compile_steps(setup: Setup, optimizer, schedule, shardings: TrainState):
+    """The jitted training step (state donated) and evaluation step, with explicit shardings.
+
+    Call them inside `_context(setup.mesh, setup.rules)` so activation constraints apply.
+    """
+    replicated = partitioning.replicated(setup.mesh)
+    loss = loss_spec(setup.config)
+    masking = masking_spec(setup.config, setup.tokenizer)
+    teacher_sh = jax.tree.map(lambda x: x.sharding, setup.teacher_params)
+    step_fn = jax.jit(
+        functools.partial(distil_step, student=setup.student, teacher=setup.teacher,
+                          optimizer=optimizer, schedule=schedule, masking=masking, loss=loss),
+        in_shardings=(shardings, teacher_sh,
+                      partitioning.batch_sharding(setup.mesh, setup.rules, leading_dims=1),
+                      replicated),
+        out_shardings=(shardings, replicated), donate_argnums=(0,))
+    eval_fn = jax.jit(
+        functools.partial(eval_step, student=setup.student, teacher=setup.teacher,
+                          masking=masking),
+        in_shardings=(shardings.params, teacher_sh,
+                      partitioning.batch_sharding(setup.mesh, setup.rules), replicated),
+        out_shardings=replicated)
+    return step_fn, eval_fn
+
+
+def _log_summary(metrics: dict[str, float]) -> None:
+    if not metrics:
+        return
+    line = f"Held-out MLM accuracy: student {metrics['student_mlm_accuracy']:.4f}"
+    if "teacher_mlm_accuracy" in metrics:
+        line += (f", teacher {metrics['teacher_mlm_accuracy']:.4f}; top-1 agreement "
+                 f"{metrics['agreement']:.4f}")
+    logging.info("%s.", line)
