@@ -28,9 +28,9 @@ class Checkpointer:
     """Saves and restores a run's `TrainState` and data position under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_every,
-            enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
@@ -42,12 +42,14 @@ class Checkpointer:
 
         Without `force`, saves only every `save_every` steps. Returns whether a save started.
         """
-        if force and step in self.manager.all_steps():
+        if not force and step % self.save_every:
             return False
+        if step in self.manager.all_steps():
+            return False  # Already saved (e.g. the final step was also a periodic one).
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         return self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(data_state)), force=force)
+            data=ocp.args.JsonSave(data_state)), force=True)
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """Restores the given (default: latest) step into the shardings of `abstract_state`.
@@ -81,7 +83,8 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None) 
     """
     directory = checkpoint_dir(workdir)
     with ocp.CheckpointManager(directory, item_names=ITEMS,
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True, create=False, save_interval_steps=0)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -129,14 +129,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/config.py[:arg]` as the `--config` flag does (for notebooks and tests)."""
+    """Loads `path/to/config.py[:arg]` as the `--config` flag does (for notebooks and tests).
+
+    The config is locked, as on the command line: setting a field that does not exist raises.
+    """
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_distil_flax_config", path)
     if module_spec is None or not os.path.exists(path):
         raise FileNotFoundError(f"no config file at {path}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    c = module.get_config(arg) if arg else module.get_config()
+    c.lock()
+    return c
 
 
 def save_json(c: ml_collections.ConfigDict, path: str) -> None:

@@ -4,6 +4,7 @@ Flags `--config.a.b=value` override config fields; `configs/x.py:arg` passes `ar
 config's `get_config`. Errors in the config or inputs end the run with one line naming the field.
 """
 
+import logging as py_logging
 import sys
 
 import jax
@@ -18,9 +19,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(py_logging.Filter):
+    """Drops Orbax's and XLA's per-save and start-up INFO chatter; warnings still show."""
+
+    def filter(self, record):
+        noisy = "/orbax/" in record.pathname or record.pathname.endswith("xla_bridge.py")
+        return record.levelno >= py_logging.WARNING or not noisy
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     if config.distributed:
         # Detects the cluster (Cloud TPU, SLURM, Kubernetes ...) from the environment.

@@ -1,5 +1,7 @@
-"""Metrics to the console and to TensorBoard event files (tensorboardX: no TensorFlow needed)."""
+"""Metrics to the console, to TensorBoard event files (tensorboardX: no TensorFlow needed), and
+to `metrics.jsonl` in the workdir (one JSON object a write, for notebooks and scripts)."""
 
+import json
 import time
 from typing import Mapping
 
@@ -25,18 +27,22 @@ class MetricWriter:
         self.enabled = enabled
         self.total_steps = total_steps
         self._tb = None
+        self._jsonl = None
         self._start = time.time()
         if enabled:
             from tensorboardX import SummaryWriter  # Heavy import; only the writing process.
             # tensorboardX writes to local paths and, through its own file system layer, gs://.
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
+            self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
         for name, value in scalars.items():
             self._tb.add_scalar(f"{prefix}{name}", float(value), step)
+        record = {"step": step, **{f"{prefix}{k}": float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
         logging.info("%s", self.console_line(step, scalars, prefix))
 
     def console_line(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> str:
@@ -56,7 +62,15 @@ class MetricWriter:
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._jsonl.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """The records of a run's `metrics.jsonl`, in order (for notebooks and tests)."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

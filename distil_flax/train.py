@@ -262,8 +262,16 @@ def evaluate(setup: Setup, params, eval_fn, num_batches: int) -> dict[str, float
     return metrics
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir` and returns the final held-out metrics."""
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` and returns the final held-out metrics.
+
+    Args:
+      c: the run's config.
+      workdir: checkpoints, config.json, TensorBoard events and metrics.jsonl go here.
+      stop_at_step: save and return at this step, as a preempted run would (the schedule still
+        spans the whole run; a later call resumes). Returns {} then.
+    """
     setup = build(c)
     workdir_path = epath.Path(workdir)
     is_main = jax.process_index() == 0
@@ -351,8 +359,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                     writer.write_scalars(step, eval_metrics, prefix="eval/")
                     last_time = time.time()  # Evaluation time is not training throughput.
                 checkpointer.save(step, state, iterator.get_state())
-                if preempted:
-                    logging.warning("SIGTERM at step %d: saving a checkpoint and exiting.", step)
+                if preempted or step == stop_at_step:
+                    logging.warning("Stopping at step %d (%s): saving a checkpoint.", step,
+                                    "SIGTERM" if preempted else "stop_at_step")
                     checkpointer.save(step, state, iterator.get_state(), force=True)
                     break
         if step >= num_steps:

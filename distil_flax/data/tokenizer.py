@@ -1,0 +1,273 @@
+"""Tokenizers: one small class over HF `tokenizers` WordPiece and SentencePiece, plus training.
+
+`load_tokenizer` picks the backend from the file name:
+  *.txt    a BERT `vocab.txt`, with BERT's normalisation and pre-tokenisation (the same pipeline as
+           `transformers.BertTokenizer`: clean text, CJK split, optional lowercase + accent strip,
+           whitespace/punctuation split, greedy longest-match WordPiece with `##` continuations);
+  *.json   a HF `tokenizer.json`, used as written (its padding/truncation turned off);
+  *.model  a SentencePiece model (ALBERT convention: `<pad>`, `<unk>`, `[CLS]`, `[SEP]`, `[MASK]`).
+
+Encoding never adds special tokens: the packer adds [CLS]/[SEP] where segments begin and end.
+Trained vocabularies put the special tokens first, [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4,
+as in BERT's vocab where [PAD] is 0.
+"""
+
+import collections
+from collections.abc import Iterable, Iterator, Sequence
+import os
+import re
+
+import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from distil_flax.data import wordpiece
+
+# The special tokens a vocabulary must have, in the order trained vocabularies put them (ids 0..4).
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# Other spellings of the same roles: SentencePiece's own pad/unk pieces, RoBERTa-style tokens.
+_ALIASES = {
+    "[PAD]": ("[PAD]", "<pad>"),
+    "[UNK]": ("[UNK]", "<unk>"),
+    "[CLS]": ("[CLS]", "<s>"),
+    "[SEP]": ("[SEP]", "</s>"),
+    "[MASK]": ("[MASK]", "<mask>"),
+}
+
+# What `train_sentencepiece` writes: pad and unk are SentencePiece meta pieces (ids 0 and 1), the
+# other three are user-defined symbols (ids 2..4), matching ALBERT's spiece.model.
+SENTENCEPIECE_PAD = "<pad>"
+SENTENCEPIECE_UNK = "<unk>"
+SENTENCEPIECE_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
+
+SUFFIXES = (".txt", ".json", ".model")
+
+
+class Tokenizer:
+    """Text ↔ ids for one vocabulary, with the special ids the packer and masking need.
+
+    Attributes:
+      path: the file the tokenizer was loaded from.
+      vocab_size: number of ids (the model's embedding rows must equal it).
+      pad_id, unk_id, cls_id, sep_id, mask_id: ids of the special tokens.
+      special_ids: sorted ids of every special token (never masked or predicted).
+    """
+
+    def __init__(self, path: str, backend: tokenizers.Tokenizer | spm.SentencePieceProcessor):
+        """Wraps a loaded backend; use `load_tokenizer` rather than calling this directly.
+
+        Raises:
+          ValueError: if the vocabulary lacks any of [PAD], [UNK], [CLS], [SEP], [MASK].
+        """
+        self.path = path
+        self._backend = backend
+        if isinstance(backend, spm.SentencePieceProcessor):
+            self.vocab_size = backend.get_piece_size()
+            extra = [i for i in range(self.vocab_size)
+                     if backend.is_control(i) or backend.is_unknown(i)]
+        else:
+            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+            extra = [i for i, t in backend.get_added_tokens_decoder().items() if t.special]
+        ids = {name: self._find(name) for name in SPECIAL_TOKENS}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"Tokenizer {path} lacks special token(s) {', '.join(missing)}; "
+                             f"a BERT-style vocabulary needs all of {', '.join(SPECIAL_TOKENS)}.")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            ids[name] for name in SPECIAL_TOKENS)
+        self.special_ids = tuple(sorted(set(ids.values()) | set(extra)))
+
+    def _find(self, name: str) -> int | None:
+        """The id of special token `name` (or one of its aliases), None if absent."""
+        backend = self._backend
+        if isinstance(backend, spm.SentencePieceProcessor):
+            # SentencePiece knows its own pad/unk ids; its piece_to_id maps absent pieces to unk.
+            if name == "[PAD]" and backend.pad_id() >= 0:
+                return backend.pad_id()
+            if name == "[UNK]":
+                return backend.unk_id()
+            for piece in _ALIASES[name]:
+                i = backend.piece_to_id(piece)
+                if backend.id_to_piece(i) == piece:
+                    return i
+            return None
+        for token in _ALIASES[name]:
+            i = backend.token_to_id(token)
+            if i is not None:
+                return i
+        return None
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens; parallel in the backend's threads."""
+        texts = list(texts)
+        if isinstance(self._backend, spm.SentencePieceProcessor):
+            return self._backend.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which we never read.
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        encodings = encode(texts, add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (specials kept by default, so masked inputs read as such)."""
+        ids = [int(i) for i in ids]
+        if isinstance(self._backend, spm.SentencePieceProcessor):
+            if skip_special_tokens:
+                ids = [i for i in ids if i not in self.special_ids]
+            return self._backend.decode(ids)
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str:
+        """The token (piece) string of id `i`."""
+        if isinstance(self._backend, spm.SentencePieceProcessor):
+            return self._backend.id_to_piece(int(i))
+        token = self._backend.id_to_token(int(i))
+        if token is None:
+            raise IndexError(f"Token id {i} is outside the vocabulary (size {self.vocab_size}).")
+        return token
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, pad={self.pad_id}, "
+                f"unk={self.unk_id}, cls={self.cls_id}, sep={self.sep_id}, mask={self.mask_id})")
+
+
+def load_tokenizer(path: str, lowercase: bool = True) -> Tokenizer:
+    """Loads a tokenizer, choosing the backend from the file name (see the module docstring).
+
+    Args:
+      path: a `vocab.txt`, `tokenizer.json` or SentencePiece `.model` file.
+      lowercase: for `.txt` vocabularies only: uncased BERT normalisation (lowercase and strip
+        accents), as for `bert-base-uncased`. `.json` and `.model` files carry their own.
+
+    Raises:
+      FileNotFoundError: if `path` does not exist.
+      ValueError: unknown suffix, or a vocabulary without the BERT special tokens.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Tokenizer file {path!r} does not exist.")
+    if path.endswith(".txt"):
+        return Tokenizer(path, _wordpiece_from_vocab(path, lowercase))
+    if path.endswith(".json"):
+        backend = tokenizers.Tokenizer.from_file(path)
+        # Rows are packed by us; padding or truncation configured for serving would corrupt them.
+        backend.no_padding()
+        backend.no_truncation()
+        return Tokenizer(path, backend)
+    if path.endswith(".model"):
+        return Tokenizer(path, spm.SentencePieceProcessor(model_file=path))
+    raise ValueError(f"Cannot tell the tokenizer kind of {path!r}: expected a name ending in "
+                     f"{', '.join(SUFFIXES)}.")
+
+
+def _bert_normalizer(lowercase: bool) -> normalizers.Normalizer:
+    # strip_accents=None follows `lowercase`, as BertTokenizer does.
+    return normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+
+
+def _bert_pipeline(model: models.Model, lowercase: bool) -> tokenizers.Tokenizer:
+    """`model` behind BertTokenizer's normaliser and pre-tokeniser, with a WordPiece decoder."""
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.normalizer = _bert_normalizer(lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+def _wordpiece_from_vocab(path: str, lowercase: bool) -> tokenizers.Tokenizer:
+    vocab = models.WordPiece.read_file(path)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"Vocabulary {path} lacks special token(s) {', '.join(missing)}; a "
+                         f"BERT vocab.txt needs all of {', '.join(SPECIAL_TOKENS)}.")
+    model = models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    return _bert_pipeline(model, lowercase)
+
+
+def train_wordpiece(
+    documents: Iterable[str], vocab_size: int, output: str, lowercase: bool = True
+) -> str:
+    """Trains a BERT-style WordPiece vocabulary and writes it as `vocab.txt` (one token a line).
+
+    Same input, same file (see `wordpiece` for why this is not HF's trainer). Tokens are listed
+    by id, special tokens first ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4).
+
+    Args:
+      documents: training text, one document per item.
+      vocab_size: target size including special tokens and the alphabet (may come out smaller
+        on a small corpus).
+      output: path of the vocab file to write; parent directories are created.
+      lowercase: uncased normalisation (must match `load_tokenizer(..., lowercase)`).
+
+    Returns:
+      `output`.
+    """
+    normalizer = _bert_normalizer(lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # Count words exactly as `load_tokenizer` will split them, so merges fit what is encoded.
+    word_counts: collections.Counter[str] = collections.Counter()
+    for document in documents:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(document))
+        word_counts.update(word for word, _ in words)
+    tokens = wordpiece.learn_vocab(word_counts, vocab_size, SPECIAL_TOKENS)
+    _write_atomically(output, "".join(t + "\n" for t in tokens))
+    return output
+
+
+# A sentence ends at . ! ? ; or : followed by space; splitting there only shortens the lines
+# SentencePiece sees (it never merges across whitespace anyway).
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
+
+
+def _sentences(documents: Iterable[str]) -> Iterator[str]:
+    for document in documents:
+        for sentence in _SENTENCE_END.split(document):
+            if sentence:
+                yield sentence
+
+
+def train_sentencepiece(
+    documents: Iterable[str], vocab_size: int, output_prefix: str, lowercase: bool = False
+) -> str:
+    """Trains a unigram SentencePiece model with the BERT special tokens; writes `prefix.model`.
+
+    Ids: `<pad>`=0, `<unk>`=1, `[CLS]`=2, `[SEP]`=3, `[MASK]`=4 (ALBERT's layout), no BOS/EOS.
+
+    Args:
+      documents: training text, one document per item.
+      vocab_size: target size; a soft limit, so tiny corpora give a smaller vocabulary rather
+        than an error.
+      output_prefix: writes `{output_prefix}.model` and `.vocab`; parent directories are created.
+      lowercase: case-fold during normalisation (nmt_nfkc_cf instead of nmt_nfkc).
+
+    Returns:
+      The path of the `.model` file.
+    """
+    output_prefix = os.fspath(output_prefix)
+    if output_prefix.endswith(".model"):
+        output_prefix = output_prefix[: -len(".model")]
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    # Sampling of sentences (only when the corpus exceeds input_sentence_size) uses this seed.
+    spm.set_random_generator_seed(0)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(documents), model_prefix=output_prefix,
+        model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False,
+        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+        pad_piece=SENTENCEPIECE_PAD, unk_piece=SENTENCEPIECE_UNK,
+        user_defined_symbols=list(SENTENCEPIECE_SYMBOLS),
+        normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        max_sentence_length=1 << 14, num_threads=os.cpu_count() or 1, minloglevel=2)
+    return output_prefix + ".model"
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Writes via a temporary file, so an interrupted run never leaves a truncated vocab that a
+    later `train_vocab` would reuse."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
