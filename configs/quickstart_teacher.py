@@ -15,6 +15,7 @@ def get_config(preset: str = ""):
     c = base_config()
     c.model = model_config("mini")
     c.model.max_position_embeddings = 128
+    c.model.dtype = "float32"  # CPUs have no fast bfloat16 matmuls.
     c.loss.alpha_ce = 0.0
     c.loss.alpha_cos = 0.0
     c.loss.alpha_mlm = 1.0

@@ -30,10 +30,10 @@ SIZES = {
     "distil6": dict(num_layers=6, hidden_size=768, num_heads=12, intermediate_size=3072,
                     type_vocab_size=0, use_pooler=False, head_style="distilbert"),
     # A BERT-shaped teacher small enough to pretrain on two CPU cores in minutes.
-    "mini": dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024,
+    "mini": dict(num_layers=4, hidden_size=128, num_heads=4, intermediate_size=512,
                  type_vocab_size=2, use_pooler=True, head_style="bert"),
     # Its DistilBERT-shaped student: every other layer.
-    "mini_student": dict(num_layers=2, hidden_size=256, num_heads=4, intermediate_size=1024,
+    "mini_student": dict(num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512,
                          type_vocab_size=0, use_pooler=False, head_style="distilbert"),
     # For unit tests: compiles in a second.
     "tiny": dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,

@@ -1,8 +1,8 @@
 """The training loop: set up mesh, data, teacher and student, then run the jitted step.
 
-`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. The loop
-never waits on the device except every `train.log_every` steps (to write metrics), at
-evaluations and checkpoints.
+`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. The host
+stays at most two steps ahead of the device and copies metrics back only every
+`train.log_every` steps, at evaluations and checkpoints.
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ import optax
 from flax import linen as nn
 
 from distil_flax import config as config_lib
-from distil_flax import data, flops, partitioning, student_init
+from distil_flax import data, flops, hf, partitioning, student_init
 from distil_flax.checkpoint import Checkpointer, restore_params
 from distil_flax.losses import LossSpec
 from distil_flax.masking import MaskingSpec, smoothing_weights
@@ -85,26 +85,41 @@ def abstract_params(model: Encoder, mesh, rules, seq_len: int = 8) -> Any:
 
 
 def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
-    """Loads the teacher named by `teacher.checkpoint`: its own config.json and latest params.
+    """Loads the teacher named by `teacher.checkpoint`, once, into its shardings.
+
+    The checkpoint is either a distil_flax workdir (its config.json and latest params) or a
+    Hugging Face BERT/DistilBERT folder (config.json + safetensors), converted by `hf.py`.
 
     Returns:
       (teacher model, float32 params in their shardings).
     """
     path = epath.Path(c.teacher.checkpoint)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ValueError(
-            f"teacher.checkpoint={c.teacher.checkpoint!r} is not a distil_flax workdir "
-            f"({config_file} is missing)")
-    teacher_config = config_lib.load_json(str(config_file))
-    teacher = make_encoder(teacher_config.model)
+    if hf.is_hf_checkpoint(str(path)):
+        if c.loss.alpha_ce and not hf.has_mlm_head(str(path)):
+            raise ValueError(
+                f"teacher.checkpoint={c.teacher.checkpoint!r} has no MLM head, but loss.alpha_ce "
+                "distils the teacher's MLM distribution: use a *ForMaskedLM checkpoint or set "
+                "loss.alpha_ce=0")
+        teacher_model_config, host_params = hf.load_hf_checkpoint(str(path), seed=c.seed)
+        teacher = make_encoder(teacher_model_config)
+        params = jax.device_put(host_params,
+                                shardings_of(abstract_params(teacher, mesh, rules)))
+        source = "Hugging Face checkpoint"
+    else:
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise ValueError(
+                f"teacher.checkpoint={c.teacher.checkpoint!r} is neither a distil_flax workdir "
+                f"nor a Hugging Face model folder ({config_file} is missing)")
+        teacher = make_encoder(config_lib.load_json(str(config_file)).model)
+        params, step = restore_params(str(path), abstract_params(teacher, mesh, rules))
+        source = f"step {step}"
     if teacher.vocab_size != vocab_size:
         raise ValueError(
-            f"teacher vocab_size {teacher.vocab_size} (from {config_file}) differs from "
-            f"data.tokenizer's {vocab_size}: distil with the teacher's tokenizer")
-    target = abstract_params(teacher, mesh, rules)
-    params, step = restore_params(str(path), target)
-    logging.info("Teacher: %s, step %d, %d layers × %d.", path, step, teacher.num_layers,
+            f"the teacher's vocab_size {teacher.vocab_size} (teacher.checkpoint="
+            f"{c.teacher.checkpoint!r}) differs from data.tokenizer's {vocab_size}: distil with "
+            "the teacher's tokenizer")
+    logging.info("Teacher: %s (%s), %d layers × %d.", path, source, teacher.num_layers,
                  teacher.hidden_size)
     return teacher, params
 
@@ -342,9 +357,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                 batch = partitioning.host_to_global(local, batch_sh)
                 state, metrics = step_fn(state, setup.teacher_params, batch, token_weights)
                 step += 1
+                if history:
+                    # Keep at most two steps in flight: the host still runs ahead of the device,
+                    # but a preemption notice or a checkpoint never waits on a long queue.
+                    history[-1]["loss"].block_until_ready()
                 history.append(metrics)
                 if step % c.train.log_every == 0 or step == num_steps:
-                    scalars = _mean_metrics(history)  # Waits for the device: the only sync.
+                    scalars = _mean_metrics(history)  # Fetches the metrics of the interval.
                     history = []
                     elapsed = time.time() - last_time
                     scalars["step_time_s"] = elapsed / (step - last_step)
