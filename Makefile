@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 quickstart: $(VENV)/.installed
-	$(PY) -m distil_flax.data.train_vocab --source=bundled --kind=wordpiece --vocab_size=8000 \
+	$(PY) -m distil_flax.data.train_vocab --source=bundled --kind=wordpiece --vocab_size=4000 \
 		--output=$(RUN)/vocab.txt
 	$(PY) -m distil_flax.main --config=configs/quickstart_teacher.py --workdir=$(RUN)/teacher
 	$(PY) -m distil_flax.main --config=configs/quickstart.py --workdir=$(RUN)/student

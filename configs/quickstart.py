@@ -22,12 +22,12 @@ def get_config(preset: str = ""):
     c.data.seq_len = 128
     c.train.batch_size = 32
     c.train.micro_batch_size = 0
-    c.train.num_steps = 600
+    c.train.num_steps = 300
     c.train.learning_rate = 1e-3
     c.train.log_every = 50
-    c.train.eval_every = 200
+    c.train.eval_every = 150
     c.train.eval_batches = 10
-    c.train.checkpoint_every = 200
+    c.train.checkpoint_every = 150
     if preset == "tiny":
         c.model = model_config("tiny_student")
         c.model.max_position_embeddings = 32

@@ -25,14 +25,14 @@ def get_config(preset: str = ""):
     c.data.seq_len = 128
     c.train.batch_size = 32
     c.train.micro_batch_size = 0
-    c.train.num_steps = 1200
+    c.train.num_steps = 600
     c.train.learning_rate = 1e-3
     c.train.warmup_fraction = 0.05
     c.train.weight_decay = 0.01
     c.train.log_every = 100
-    c.train.eval_every = 400
+    c.train.eval_every = 300
     c.train.eval_batches = 10
-    c.train.checkpoint_every = 400
+    c.train.checkpoint_every = 300
     if preset == "tiny":
         shrink_for_tests(c)
     elif preset:

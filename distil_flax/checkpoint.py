@@ -21,7 +21,10 @@ ITEMS = ("params", "train", "data")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-    return epath.Path(workdir) / "checkpoints"
+    path = epath.Path(workdir)
+    if "://" not in str(workdir):
+        path = path.absolute()  # Orbax's async writers refuse relative paths.
+    return path / "checkpoints"
 
 
 class Checkpointer:

@@ -63,8 +63,9 @@ def _final_params(workdir):
     return step, jax.device_get(restored["params"]), restored["data"]
 
 
-def test_resume_is_exact(tmp_path, vocab_path, teacher_workdir):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+def test_resume_is_exact(tmp_path, vocab_path, teacher_workdir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Relative workdirs, as users type them.
+    straight, resumed = "straight", "resumed"
     c = _student_config(vocab_path, teacher_workdir, num_steps=8, checkpoint_every=4,
                         eval_every=0, log_every=2)
     train.train_and_evaluate(c, straight)
