@@ -1,12 +1,13 @@
 """The quickstart's student: distils `runs/quickstart/teacher` into a 2-layer student on CPU.
 
+    python -m distil_flax.data.prepare --config=configs/quickstart.py
     python -m distil_flax.main --config=configs/quickstart.py --workdir=runs/quickstart/student
 
 DistilBERT's recipe at toy size: half the teacher's layers (every other one), triple loss with
 T=2 and 5/2/1 weights, L_ce on every real token. `:tiny` is a seconds-long version for tests.
 """
 
-from distil_flax.config import base_config
+from distil_flax.config import base_config, shrink_for_tests
 from distil_flax.model import model_config
 
 
@@ -19,6 +20,7 @@ def get_config(preset: str = ""):
     c.teacher.param_dtype = "float32"
     c.init.layer_map = [0, 2]  # Every other layer of the 4-layer teacher.
     c.data.tokenizer = "runs/quickstart/vocab.txt"
+    c.data.dir = "runs/quickstart/data"  # Prepared by `make quickstart` (the teacher's too).
     c.data.seq_len = 128
     c.train.batch_size = 32
     c.train.micro_batch_size = 0
@@ -29,19 +31,11 @@ def get_config(preset: str = ""):
     c.train.eval_batches = 10
     c.train.checkpoint_every = 150
     if preset == "tiny":
-        c.model = model_config("tiny_student")
-        c.model.max_position_embeddings = 32
-        c.model.dtype = "float32"
+        shrink_for_tests(c, "tiny_student")
+        c.data.dir = ""  # Prepared on first use into data.cache_dir, keyed by the tokenizer.
         c.init.layer_map = [1]
-        c.data.seq_len = 32
-        c.data.eval_every = 20
         c.train.batch_size = 16
         c.train.micro_batch_size = 8  # Exercises gradient accumulation.
-        c.train.num_steps = 20
-        c.train.log_every = 5
-        c.train.eval_every = 10
-        c.train.eval_batches = 2
-        c.train.checkpoint_every = 10
     elif preset:
         raise ValueError(f"unknown preset {preset!r}; known: tiny")
     return c

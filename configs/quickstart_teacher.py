@@ -1,13 +1,14 @@
 """The quickstart's teacher: a small BERT pretrained on the bundled corpus in a few CPU minutes.
 
+    python -m distil_flax.data.prepare --config=configs/quickstart_teacher.py
     python -m distil_flax.main --config=configs/quickstart_teacher.py \
         --workdir=runs/quickstart/teacher
 
-Needs `runs/quickstart/vocab.txt`: `make quickstart` trains it first. `:tiny` is a
-seconds-long version for tests.
+Needs `runs/quickstart/vocab.txt`: `make quickstart` trains it and prepares the bundled corpus
+into `runs/quickstart/data` first. `:tiny` is a seconds-long version for tests.
 """
 
-from distil_flax.config import base_config
+from distil_flax.config import base_config, shrink_for_tests
 from distil_flax.model import model_config
 
 
@@ -22,6 +23,7 @@ def get_config(preset: str = ""):
     c.masking.smoothing = 0.0  # BERT masks uniformly.
     c.init.from_teacher = False
     c.data.tokenizer = "runs/quickstart/vocab.txt"
+    c.data.dir = "runs/quickstart/data"  # Prepared once; the student reads the same shards.
     c.data.seq_len = 128
     c.train.batch_size = 32
     c.train.micro_batch_size = 0
@@ -34,22 +36,10 @@ def get_config(preset: str = ""):
     c.train.eval_batches = 10
     c.train.checkpoint_every = 300
     if preset == "tiny":
-        shrink_for_tests(c)
+        shrink_for_tests(c, "tiny")
+        c.data.dir = ""  # Prepared on first use into data.cache_dir, keyed by the tokenizer.
+        c.train.batch_size = 8
     elif preset:
         raise ValueError(f"unknown preset {preset!r}; known: tiny")
     return c
 
-
-def shrink_for_tests(c):
-    """Seconds on a CPU: a 2-layer model of width 32 on 32-token rows."""
-    c.model = model_config("tiny")
-    c.model.max_position_embeddings = 32
-    c.model.dtype = "float32"
-    c.data.seq_len = 32
-    c.data.eval_every = 20
-    c.train.batch_size = 8
-    c.train.num_steps = 20
-    c.train.log_every = 5
-    c.train.eval_every = 10
-    c.train.eval_batches = 2
-    c.train.checkpoint_every = 10

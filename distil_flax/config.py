@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 
+from etils import epath
 import ml_collections
 
 from distil_flax import partitioning
@@ -39,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.alpha_mlm = 2.0  # Weight of the masked-LM loss on the true tokens.
     c.loss.alpha_cos = 1.0  # Weight of 1 − cos between final hidden states.
     c.loss.restrict_ce_to_mask = False  # L_ce on masked positions only (cheaper; not the released recipe).
+    # Positions per chunk of the fused MLM heads + loss (never materialises all logits at once);
+    # 0: plain logits.
+    c.loss.head_chunk = 128
 
     c.masking = ml_collections.ConfigDict()
     c.masking.mask_prob = 0.15  # Fraction of real, non-special tokens predicted per row.
@@ -46,14 +50,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.masking.replace_with_random = 0.1  # ... to a random token; the rest are kept.
     c.masking.smoothing = 0.7  # Pick tokens ∝ count^-smoothing (DistilBERT's mlm_smoothing); 0: uniform.
 
+    # Data: `python -m distil_flax.data.prepare --config=...` turns the source into token-id
+    # shards in data.dir once; training reads the shards (preparing them first when missing).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "bundled"  # bundled (World English Bible) | text | jsonl.
-    c.data.paths = ""  # Comma-separated files or globs for text/jsonl sources.
-    c.data.jsonl_field = "text"  # Field holding the document in jsonl sources.
+    c.data.source = "bundled"  # bundled (World English Bible) | text | jsonl | parquet | tfds.
+    c.data.paths = ""  # Comma-separated files or globs; for tfds the dataset name or directory.
+    c.data.text_field = "text"  # Field (jsonl, tfds) or column (parquet) holding a document.
+    c.data.tfds_split = "train"  # TFDS split to read.
+    c.data.tfds_data_dir = ""  # TFDS data directory; "" for TFDS's default.
     c.data.tokenizer = ""  # vocab.txt / tokenizer.json (WordPiece) or .model (SentencePiece).
     c.data.lowercase = True  # For vocab.txt tokenizers: uncased BERT normalisation.
-    c.data.seq_len = 512  # Packed row length.
-    c.data.eval_every = 50  # Hold out every n-th document for evaluation (0: no held-out set).
+    c.data.dir = ""  # Prepared shards; "" for cache_dir/<hash of source, tokenizer, options>.
+    c.data.cache_dir = "~/.cache/distil_flax/prepared"  # Where data.dir="" preparations go.
+    c.data.max_len = 2048  # Longest prepared piece; documents are cut at sentence ends.
+    c.data.min_tokens = 10  # Drop documents with fewer tokens (counted in the manifest).
+    c.data.max_unk_fraction = 0.5  # Drop documents with a larger fraction of [UNK] tokens.
+    c.data.max_document_bytes = 16 << 20  # Drop (and count) larger records: corrupt input.
+    c.data.eval_every = 50  # Hold out ~1 in n documents (by a hash of the text); 0: none.
+    c.data.unit_bytes = 64 << 20  # Input bytes per preparation unit (= per output shard).
+    c.data.workers = 0  # Preparation processes; 0: one per core.
+    c.data.seq_len = 512  # Packed row length (the loader cuts longer pieces at token ends).
+    c.data.window = 4096  # Pieces packed together (best-fit): larger pads less.
+    c.data.threads = 2  # Threads reading and packing batches ahead of the training loop.
+    c.data.prefetch = 4  # Batches made ahead.
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 4096  # Global sequences per optimizer update (the paper's 4K).
@@ -73,6 +92,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000  # Steps between checkpoints (async).
     c.train.keep_checkpoints = 3  # Most recent checkpoints kept.
     c.train.async_checkpoints = True
+    # On restart, a latest checkpoint that fails its checksums or cannot be read: False falls
+    # back to the newest intact one (moving the bad ones to corrupt_checkpoints/); True stops.
+    c.train.strict_restore = False
+    # A step whose loss or gradients are not finite is always skipped (no update) and counted;
+    # the run stops after this many such steps in a row (checked when metrics are fetched,
+    # every log_every steps). 0: never stop.
+    c.train.max_consecutive_nonfinite = 20
     c.train.peak_tflops = 0.0  # Device bf16 peak for MFU; 0: look up the device kind.
 
     c.mesh = ml_collections.ConfigDict()
@@ -99,7 +125,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             "loss.alpha_ce/alpha_cos need a teacher but teacher.checkpoint is empty: set "
             "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set both alphas to 0)")
-    if c.teacher.checkpoint and not os.path.exists(c.teacher.checkpoint):
+    if c.teacher.checkpoint and not epath.Path(c.teacher.checkpoint).exists():  # Or gs://.
         raise ValueError(f"teacher.checkpoint={c.teacher.checkpoint!r} does not exist")
     if not c.data.tokenizer:
         raise ValueError("data.tokenizer is empty: set --config.data.tokenizer=PATH (vocab.txt, "
@@ -122,6 +148,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"train.micro_batch_size ({t.micro_batch_size})")
     if t.num_steps <= 0 and t.num_epochs <= 0:
         raise ValueError("set train.num_steps or train.num_epochs to a positive value")
+    for name, low in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
+                      ("eval_every", 0), ("eval_batches", 0), ("micro_batch_size", 0),
+                      ("max_consecutive_nonfinite", 0)):
+        if t[name] < low:
+            raise ValueError(f"train.{name} must be ≥ {low}, got {t[name]}")
     if c.data.seq_len > c.model.max_position_embeddings:
         raise ValueError(
             f"data.seq_len ({c.data.seq_len}) exceeds model.max_position_embeddings "
@@ -144,11 +175,55 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return c
 
 
-def save_json(c: ml_collections.ConfigDict, path: str) -> None:
-    with open(path, "w") as f:
-        f.write(c.to_json_best_effort(indent=2, sort_keys=True))
+def save_json(c: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
+    """Writes `c` as JSON to a local or object-storage path (`gs://...`, through etils.epath).
+
+    Whole or not at all: a local file is written beside and renamed over `path` (objects are
+    atomic already), so a run killed mid-write leaves the previous config.json intact.
+    """
+    text = c.to_json_best_effort(indent=2, sort_keys=True)
+    path = epath.Path(path)
+    if "://" in os.fspath(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-def load_json(path: str) -> ml_collections.ConfigDict:
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+def load_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Reads a config written by `save_json` (a run's `config.json`), local or `gs://`.
+
+    Raises:
+      FileNotFoundError: nothing at `path`.
+      ValueError: the file is not a JSON object.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return ml_collections.ConfigDict(value)
+
+
+def shrink_for_tests(c: ml_collections.ConfigDict, size: str) -> None:
+    """The `:tiny` preset of the quickstart configs: seconds on a CPU, 32-token rows.
+
+    Args:
+      c: the config to change in place.
+      size: a small entry of `model.SIZES` ("tiny" or "tiny_student").
+    """
+    c.model = model_config(size)
+    c.model.max_position_embeddings = 32
+    c.model.dtype = "float32"
+    c.data.seq_len = 32
+    c.data.eval_every = 20
+    c.train.num_steps = 20
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 10

@@ -6,6 +6,10 @@ parameters on the CPU (latest step, or --step), and writes a folder that
 DistilBertForMaskedLM for a DistilBERT-shaped student, else BertForMaskedLM (--head=none: the bare
 encoder). See `distil_flax.hf` for the name maps.
 
+A fine-tuning run (`distil_flax.finetune`) exports its task model from the best checkpoint (or
+--step): DistilBertForSequenceClassification / ForQuestionAnswering / ..., or the Bert ones, with
+id2label and the head's dropout in config.json, loadable by `AutoModelFor<Task>`.
+
     python -m distil_flax.export_hf --workdir=runs/quickstart/student --output=runs/quickstart/hf
 """
 
@@ -16,7 +20,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from distil_flax import checkpoint, hf, partitioning, train
+from distil_flax import checkpoint, finetune_init, hf, partitioning, train
 from distil_flax import config as config_lib
 from distil_flax.model import make_encoder
 
@@ -29,10 +33,12 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
             "workdir", None, "Run directory holding config.json and checkpoints.", required=True),
         "output": flags.DEFINE_string(
             "output", None, "Folder to write (must not exist, or be empty).", required=True),
-        "step": flags.DEFINE_integer("step", None, "Checkpoint step to export; default: latest."),
+        "step": flags.DEFINE_integer(
+            "step", None, "Checkpoint step to export; default: latest (a fine-tuning run: best)."),
         "head": flags.DEFINE_enum(
-            "head", "mlm", ["mlm", "none"],
-            "mlm: *ForMaskedLM; none: the bare BertModel / DistilBertModel."),
+            "head", None, ["mlm", "none", "task"],
+            "mlm: *ForMaskedLM; none: the bare BertModel / DistilBertModel; task: a fine-tuning "
+            "run's task model. Default: task for a fine-tuning run, else mlm."),
         "tokenizer": flags.DEFINE_string(
             "tokenizer", None, "Tokenizer file to ship; default: the run's data.tokenizer."),
         "overwrite": flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output."),
@@ -46,9 +52,13 @@ def _available_steps(workdir: str) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def export_run(workdir: str, output: str, *, step: int | None = None, head: str = "mlm",
+def export_run(workdir: str, output: str, *, step: int | None = None, head: str | None = None,
                tokenizer: str | None = None, overwrite: bool = False) -> list[str]:
     """Exports the parameters of a run's checkpoint; returns the names of the files written.
+
+    Args:
+      head: "mlm", "none", or "task" (fine-tuning runs); None: "task" for a fine-tuning run,
+        else "mlm".
 
     Raises:
       ValueError: missing workdir, config.json, checkpoint step or tokenizer, or a bad head.
@@ -58,6 +68,13 @@ def export_run(workdir: str, output: str, *, step: int | None = None, head: str 
         raise ValueError(f"--workdir={workdir!r} does not exist")
     if not os.path.isfile(config_file):
         raise ValueError(f"--workdir={workdir!r} is not a distil_flax run: no config.json")
+    if finetune_init.is_finetuning_run(workdir):
+        return _export_finetuned(workdir, output, step=step, head=head or "task",
+                                 tokenizer=tokenizer, overwrite=overwrite)
+    head = head or "mlm"
+    if head == "task":
+        raise ValueError(f"--head=task: {workdir!r} is not a fine-tuning run (no "
+                         f"{finetune_init.TASK_MODEL_FILE}); use --head=mlm or --head=none")
     steps = _available_steps(workdir)
     if not steps:
         raise ValueError(f"--workdir={workdir!r} has no checkpoint (nothing under checkpoints/)")
@@ -81,6 +98,22 @@ def export_run(workdir: str, output: str, *, step: int | None = None, head: str 
         logging.warning("The run names no tokenizer: exporting the model only.")
     return hf.export_hf(params, c.model, output, tokenizer_path=tokenizer,
                         lowercase=c.data.get("lowercase", True), head=head, overwrite=overwrite)
+
+
+def _export_finetuned(workdir: str, output: str, *, step: int | None, head: str,
+                      tokenizer: str | None, overwrite: bool) -> list[str]:
+    """A fine-tuning run's task model (best checkpoint, or `step`) as its transformers class."""
+    if head != "task":
+        raise ValueError(f"--head={head}: {workdir!r} is a fine-tuning run, which exports its "
+                         "task model (--head=task)")
+    mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
+    model = finetune_init.load_finetuned(workdir, mesh, partitioning.DEFAULT_RULES, step=step)
+    tokenizer = tokenizer or model.tokenizer or None
+    if tokenizer and not os.path.isfile(tokenizer):
+        raise ValueError(f"tokenizer {tokenizer!r} (the run's) does not exist; pass --tokenizer")
+    return hf.export_task_hf(model.params, model.model_cfg, model.head, output,
+                             tokenizer_path=tokenizer, lowercase=model.lowercase,
+                             overwrite=overwrite)
 
 
 def main(argv, flag_values: dict[str, flags.FlagHolder]):

@@ -17,6 +17,11 @@ Write (`export_hf`): `DistilBertForMaskedLM` for a DistilBERT-shaped model (no t
 pooler, head_style "distilbert"), else `BertForMaskedLM`; or the bare `*Model` with head="none".
 Weights go through `safetensors.numpy`, so exporting needs no torch.
 
+Fine-tuned models (`heads.TaskModel`: the encoder under "encoder" plus a head named as HF names
+it) go both ways through `export_task_hf` and `load_hf_task_checkpoint`: Bert/DistilBert
+ForSequenceClassification, ForQuestionAnswering, ForTokenClassification and ForMultipleChoice
+(`TASK_CLASSES`), with id2label, problem_type and the head's dropout in config.json.
+
 Layout: torch `Linear` weights are [out, in], Flax `Dense` kernels [in, out]: exactly the entries
 of `_TRANSPOSED` are transposed. The MLM decoder is tied to the word embeddings on both sides.
 """
@@ -38,6 +43,7 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors import safe_open
 
+from distil_flax import heads as heads_lib
 from distil_flax import model as model_lib
 from distil_flax.data import tokenizer as tokenizer_lib
 
@@ -48,8 +54,8 @@ TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX)
 
-# Task heads that belong to the fine-tuning module, not to an MLM/encoder export.
-TASK_HEADS = ("seq_cls", "qa", "token_cls")
+# Task heads (`heads.TaskModel`), exported by `export_task_hf`, not by the MLM/encoder export.
+TASK_HEADS = ("seq_cls", "qa", "token_cls", "multiple_choice")
 EXPORT_HEADS = ("mlm", "none")
 
 # Our Encoder hard-codes BERT's LayerNorm epsilon; a checkpoint trained with another would drift.
@@ -612,14 +618,9 @@ def hf_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDic
       ValueError: `params` do not match `model_cfg` (keys and shapes listed), or a bad head.
     """
     _check_head(head)
-    flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params).items()}
+    flat = _float32_flat(params)
     _check_tree(flat, expected_shapes(model_cfg), "params do not match the model config")
     arch = export_architecture(model_cfg)
-    token_types = model_cfg.type_vocab_size > 0
-    if arch is BERT and not token_types:
-        # HF's BERT always adds a token-type embedding: one zero row adds nothing.
-        flat["token_type_embeddings/embedding"] = np.zeros((1, model_cfg.hidden_size), np.float32)
-        logging.info("No token-type embeddings: exporting one zero row (type_vocab_size=1).")
     pooler = bool(model_cfg.use_pooler)
     if pooler and head == "mlm":
         # BertForMaskedLM has no pooler; it would report the keys as unexpected.
@@ -629,16 +630,34 @@ def hf_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDic
     if arch is BERT and head == "none" and not pooler:
         logging.warning("BertModel always has a pooler: transformers will initialise a fresh "
                         "one for this pooler-less model (pooler.dense.* reported missing).")
-    names = name_map(arch, model_cfg.num_layers, prefix=arch.prefix if head == "mlm" else "",
-                     token_types=arch is BERT, pooler=pooler, mlm_head=head == "mlm")
+    return _backbone_state(flat, model_cfg, prefix=arch.prefix if head == "mlm" else "",
+                           pooler=pooler, mlm_head=head == "mlm")
+
+
+def _float32_flat(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(jax.device_get(v), np.float32) for k, v in _flatten(params).items()}
+
+
+def _backbone_state(flat: Mapping[str, np.ndarray], model_cfg: ml_collections.ConfigDict, *,
+                    prefix: str, pooler: bool, mlm_head: bool) -> dict[str, np.ndarray]:
+    """Encoder parameters by our path → HF state dict entries under `prefix`."""
+    arch = export_architecture(model_cfg)
+    flat = dict(flat)
+    if arch is BERT and not model_cfg.type_vocab_size > 0:
+        # HF's BERT always adds a token-type embedding: one zero row adds nothing.
+        flat["token_type_embeddings/embedding"] = np.zeros((1, model_cfg.hidden_size), np.float32)
+        logging.info("No token-type embeddings: exporting one zero row (type_vocab_size=1).")
+    names = name_map(arch, model_cfg.num_layers, prefix=prefix, token_types=arch is BERT,
+                     pooler=pooler, mlm_head=mlm_head)
     return {hf: np.ascontiguousarray(flat[ours].T if is_transposed(ours) else flat[ours])
             for ours, hf in names.items()}
 
 
 def _check_head(head: str) -> None:
     if head in TASK_HEADS:
-        raise ValueError(f"head={head!r}: task heads (seq_cls/qa/token_cls) come with the "
-                         "fine-tuning module; export_hf writes head='mlm' or head='none'")
+        raise ValueError(f"head={head!r}: task heads come with the fine-tuning module "
+                         "(export_task_hf, or export_hf's CLI on a fine-tuning run); export_hf "
+                         "writes head='mlm' or head='none'")
     if head not in EXPORT_HEADS:
         raise ValueError(f"head must be one of {EXPORT_HEADS}, got {head!r}")
 
@@ -670,17 +689,28 @@ def export_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
       FileExistsError: `output_dir` exists, is not empty, and `overwrite` is False.
     """
     _check_head(head)
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    if os.path.exists(output_dir) and not overwrite and (
-            not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True)")
+    output_dir = _check_output_dir(output_dir, overwrite)
     # Everything that can fail on bad inputs happens before anything is written.
     tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path, lowercase=lowercase)
                  if tokenizer_path else None)
     state = hf_state_dict(params, model_cfg, head=head)
-    arch = export_architecture(model_cfg)
     config = hf_config(model_cfg, head=head, pad_token_id=tokenizer.pad_id if tokenizer else 0)
+    return _write_export(output_dir, config, state, tokenizer, model_cfg, lowercase=lowercase)
 
+
+def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> str:
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output_dir) and not overwrite and (
+            not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True)")
+    return output_dir
+
+
+def _write_export(output_dir: str, config: Mapping[str, Any], state: Mapping[str, np.ndarray],
+                  tokenizer: tokenizer_lib.Tokenizer | None,
+                  model_cfg: ml_collections.ConfigDict, *, lowercase: bool) -> list[str]:
+    """Writes config, weights and tokenizer into a temporary folder, then renames it into place."""
+    arch = export_architecture(model_cfg)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = _sibling(output_dir, "tmp")
@@ -766,3 +796,222 @@ def _write_tokenizer(directory: str, tokenizer: tokenizer_lib.Tokenizer, arch: _
         tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
     _write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config)
     _write_json(os.path.join(directory, "special_tokens_map.json"), special)
+
+
+# ----------------------------------------------------------------------------------------------
+# Task heads: fine-tuned models out (`export_task_hf`) and in (`load_hf_task_checkpoint`).
+# ----------------------------------------------------------------------------------------------
+
+# transformers class of each (family, head); the heads' parameter names are HF's module names.
+TASK_CLASSES = {
+    ("bert", "seq_cls"): "BertForSequenceClassification",
+    ("bert", "multiple_choice"): "BertForMultipleChoice",
+    ("bert", "qa"): "BertForQuestionAnswering",
+    ("bert", "token_cls"): "BertForTokenClassification",
+    ("distilbert", "seq_cls"): "DistilBertForSequenceClassification",
+    ("distilbert", "multiple_choice"): "DistilBertForMultipleChoice",
+    ("distilbert", "qa"): "DistilBertForQuestionAnswering",
+    ("distilbert", "token_cls"): "DistilBertForTokenClassification",
+}
+_HEAD_MODULES = {
+    ("bert", "seq_cls"): ("classifier",),
+    ("bert", "multiple_choice"): ("classifier",),
+    ("distilbert", "seq_cls"): ("pre_classifier", "classifier"),
+    ("distilbert", "multiple_choice"): ("pre_classifier", "classifier"),
+    ("bert", "qa"): ("qa_outputs",),
+    ("distilbert", "qa"): ("qa_outputs",),
+    ("bert", "token_cls"): ("classifier",),
+    ("distilbert", "token_cls"): ("classifier",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskHead:
+    """What a fine-tuned model's head is, beside its weights.
+
+    Attributes:
+      head: a kind in `heads.HEADS`.
+      num_labels: outputs of the classifier (1 for regression and multiple choice, 2 for QA).
+      label_names: class names by index (HF's id2label); () when they carry no names.
+      regression: a seq_cls head trained with MSE (STS-B).
+      head_dropout: the dropout before the head (HF's seq_classif_dropout / qa_dropout /
+        classifier_dropout).
+    """
+
+    head: str
+    num_labels: int
+    label_names: tuple[str, ...] = ()
+    regression: bool = False
+    head_dropout: float = 0.1
+
+
+def task_pooling(model_cfg: ml_collections.ConfigDict) -> str:
+    """How a seq_cls / multiple_choice head pools: as the HF family the model exports to does."""
+    return "first_token" if export_architecture(model_cfg) is DISTILBERT else "pooler"
+
+
+def _exports_pooler(arch: _Architecture, head: str) -> bool:
+    # BertForQuestionAnswering / ForTokenClassification build BertModel(add_pooling_layer=False).
+    return arch is BERT and head in ("seq_cls", "multiple_choice")
+
+
+def _task_shapes(model_cfg: ml_collections.ConfigDict, task: TaskHead) -> dict[str, tuple]:
+    model = heads_lib.make_task_model(model_cfg, head=task.head, num_labels=task.num_labels,
+                                      pooling=task_pooling(model_cfg),
+                                      head_dropout=task.head_dropout)
+    abstract = nn.unbox(jax.eval_shape(heads_lib.init_fn(model, length=2),
+                                       jax.random.PRNGKey(0)))
+    return {path: tuple(a.shape) for path, a in _flatten(abstract).items()}
+
+
+def _head_names(arch: _Architecture, head: str) -> dict[str, str]:
+    """Our head parameter paths → HF keys (Dense kernel ↔ Linear weight, transposed)."""
+    names = {}
+    for module in _HEAD_MODULES[(arch.model_type, head)]:
+        names[f"{module}/kernel"] = f"{module}.weight"
+        names[f"{module}/bias"] = f"{module}.bias"
+    return names
+
+
+def hf_task_config(model_cfg: ml_collections.ConfigDict, task: TaskHead, *,
+                   pad_token_id: int = 0) -> dict[str, Any]:
+    """The transformers config.json of a fine-tuned model's export."""
+    arch = export_architecture(model_cfg)
+    config = hf_config(model_cfg, head="none", pad_token_id=pad_token_id)
+    config["architectures"] = [TASK_CLASSES[(arch.model_type, task.head)]]
+    names = task.label_names or tuple(f"LABEL_{i}" for i in range(task.num_labels))
+    if len(names) != task.num_labels:
+        raise ValueError(f"{len(names)} label names for {task.num_labels} labels")
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    if task.head == "seq_cls":
+        config["problem_type"] = ("regression" if task.regression
+                                  else "single_label_classification")
+    if arch is DISTILBERT:
+        if task.head in ("seq_cls", "multiple_choice"):
+            config["seq_classif_dropout"] = float(task.head_dropout)
+        elif task.head == "qa":
+            config["qa_dropout"] = float(task.head_dropout)
+    elif task.head != "qa":
+        config["classifier_dropout"] = float(task.head_dropout)
+    return config
+
+
+def hf_task_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
+                       task: TaskHead) -> dict[str, np.ndarray]:
+    """`heads.TaskModel` parameters → the float32 state dict of the HF *For<Task> model.
+
+    Raises:
+      ValueError: `params` do not match `model_cfg` and `task` (keys and shapes listed).
+    """
+    if task.head not in TASK_HEADS:
+        raise ValueError(f"head must be one of {TASK_HEADS}, got {task.head!r}")
+    flat = _float32_flat(params)
+    _check_tree(flat, _task_shapes(model_cfg, task),
+                f"params do not match the model config and a {task.head} head")
+    arch = export_architecture(model_cfg)
+    pooler = _exports_pooler(arch, task.head)
+    if model_cfg.use_pooler and not pooler:
+        logging.info("%s has no pooler: the pooler is not exported.",
+                     TASK_CLASSES[(arch.model_type, task.head)])
+    encoder = {k[len("encoder/"):]: v for k, v in flat.items() if k.startswith("encoder/")}
+    state = _backbone_state(encoder, model_cfg, prefix=arch.prefix, pooler=pooler,
+                            mlm_head=False)
+    for ours, hf in _head_names(arch, task.head).items():
+        state[hf] = np.ascontiguousarray(flat[ours].T if is_transposed_task(ours) else flat[ours])
+    return state
+
+
+def export_task_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
+                   task: TaskHead, output_dir: str | os.PathLike, *,
+                   tokenizer_path: str | None = None, lowercase: bool = True,
+                   overwrite: bool = False) -> list[str]:
+    """Writes a fine-tuned model as its transformers class (e.g.
+    `DistilBertForSequenceClassification`), loadable with no missing or unexpected keys, with
+    id2label and the head's dropout in config.json. Atomic, as `export_hf`.
+
+    Args:
+      params: `heads.TaskModel` parameters ({"encoder": ..., head modules}).
+      model_cfg: the encoder's model config section (`use_pooler` as trained).
+      task: the head.
+      output_dir, tokenizer_path, lowercase, overwrite: as `export_hf`.
+
+    Returns:
+      Names of the files written, sorted.
+    """
+    output_dir = _check_output_dir(output_dir, overwrite)
+    tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path, lowercase=lowercase)
+                 if tokenizer_path else None)
+    state = hf_task_state_dict(params, model_cfg, task)
+    config = hf_task_config(model_cfg, task, pad_token_id=tokenizer.pad_id if tokenizer else 0)
+    return _write_export(output_dir, config, state, tokenizer, model_cfg, lowercase=lowercase)
+
+
+def load_hf_task_checkpoint(path: str | os.PathLike
+                            ) -> tuple[ml_collections.ConfigDict, TaskHead, dict[str, Any]]:
+    """Reads a fine-tuned HF folder (one of `TASK_CLASSES`, named in config.json's
+    `architectures`) into our model config, its head, and `heads.TaskModel` parameters.
+
+    Raises:
+      FileNotFoundError: no config.json.
+      ValueError: not a supported task class, or missing/mis-shaped keys (listed).
+    """
+    path = os.fspath(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder: no config.json")
+    hf = _read_json(config_file)
+    model_cfg = _model_config(hf, config_file)
+    arch = ARCHITECTURES[model_cfg.head_style]
+    by_class = {cls: head for (family, head), cls in TASK_CLASSES.items()
+                if family == arch.model_type}
+    classes = hf.get("architectures") or []
+    if not classes or classes[0] not in by_class:
+        raise ValueError(f"{config_file}: architectures {classes} is not a fine-tuned "
+                         f"{arch.model_type} model distil_flax reads ({sorted(by_class)})")
+    head = by_class[classes[0]]
+    files = _weight_index(path)
+    keys = set(files)
+    prefix = _backbone_prefix(arch, keys, path)
+    model_cfg.use_pooler = _exports_pooler(arch, head)
+    names = {f"encoder/{ours}": key for ours, key in name_map(
+        arch, model_cfg.num_layers, prefix=prefix, token_types=model_cfg.type_vocab_size > 0,
+        pooler=model_cfg.use_pooler, mlm_head=False).items()}
+    names.update(_head_names(arch, head))
+    missing = sorted(k for k in names.values() if k not in keys)
+    if missing:
+        raise ValueError(f"{path}: {classes[0]} checkpoint lacks key(s) {missing}")
+    _report_unused(arch, keys - set(names.values()), prefix, path)
+    tensors = _read_tensors(files, list(names.values()))
+    flat = {ours: tensors[key].T if is_transposed_task(ours) else tensors[key]
+            for ours, key in names.items()}
+    head_module = _HEAD_MODULES[(arch.model_type, head)][-1]
+    num_labels = {"multiple_choice": 1, "qa": 2}.get(
+        head, int(np.shape(flat[f"{head_module}/bias"])[0]))
+    id2label = hf.get("id2label") or {}
+    label_names = tuple(id2label[str(i)] for i in range(num_labels)) if (
+        head in ("seq_cls", "token_cls") and len(id2label) == num_labels) else ()
+    if arch is DISTILBERT:
+        dropout = hf.get("qa_dropout", 0.1) if head == "qa" else (
+            hf.get("seq_classif_dropout", 0.2) if head != "token_cls" else model_cfg.dropout_rate)
+    else:
+        dropout = 0.0 if head == "qa" else (hf.get("classifier_dropout")
+                                            if hf.get("classifier_dropout") is not None
+                                            else model_cfg.dropout_rate)
+    task = TaskHead(head, num_labels, label_names,
+                    regression=head == "seq_cls" and (hf.get("problem_type") == "regression"
+                                                      or num_labels == 1),
+                    head_dropout=float(dropout))
+    _check_tree(flat, _task_shapes(model_cfg, task), f"{path} does not match its config.json",
+                labels=names)
+    flat = {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
+    logging.info("Read %s (%d layers × %d, %d label(s)) from %s.", classes[0],
+                 model_cfg.num_layers, model_cfg.hidden_size, num_labels, path)
+    return model_cfg, task, _unflatten(flat)
+
+
+def is_transposed_task(path: str) -> bool:
+    """Whether a `TaskModel` parameter path is stored transposed by HF (every Dense kernel)."""
+    if path.startswith("encoder/"):
+        return is_transposed(path[len("encoder/"):])
+    return path.endswith("kernel")

@@ -1,7 +1,12 @@
 """Runs a training job: `python -m distil_flax.main --config=configs/distil6.py --workdir=DIR`.
 
 Flags `--config.a.b=value` override config fields; `configs/x.py:arg` passes `arg` to the
-config's `get_config`. Errors in the config or inputs end the run with one line naming the field.
+config's `get_config`.
+
+Exit status: 0 when the run finished, or when SIGTERM (preemption) stopped it after saving a
+checkpoint — rerun the same command to continue. 1 with one line `error: ...` naming the field,
+file or step when the config, the inputs, the workdir (locked by another run, no intact
+checkpoint, disk full) or the numbers (too many non-finite steps in a row) stop it.
 """
 
 import logging as py_logging
@@ -12,11 +17,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from distil_flax import train
+from distil_flax.workdir_lock import WorkdirLockedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# What a user can fix (a config, an input file, the disk, the learning rate) is told in one line;
+# anything else is a bug and keeps its traceback. CheckpointWriteError is an OSError,
+# CorruptCheckpointError a ValueError, NonFiniteError a FloatingPointError.
+_RUN_ERRORS = (ValueError, OSError, FloatingPointError, WorkdirLockedError)
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -40,7 +51,7 @@ def main(argv):
                  jax.device_count(), jax.devices()[0].platform)
     try:
         train.train_and_evaluate(config, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as error:
+    except _RUN_ERRORS as error:
         logging.debug("Run stopped.", exc_info=True)  # The traceback, with --verbosity=1.
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

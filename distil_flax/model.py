@@ -8,12 +8,14 @@ Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `ml
 `partitioning.py` map them to mesh axes. Activations get logical constraints on the same names.
 """
 
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
+
+if TYPE_CHECKING:  # Imported lazily: the benchmark machines lack ml_collections.
+    import ml_collections
 
 Array = jax.Array
 
@@ -43,8 +45,10 @@ SIZES = {
 }
 
 
-def model_config(size: str) -> ml_collections.ConfigDict:
+def model_config(size: str) -> "ml_collections.ConfigDict":
     """Returns the model section of a config for a size in `SIZES`, with every field explained."""
+    import ml_collections
+
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; known sizes: {sorted(SIZES)}")
     c = ml_collections.ConfigDict()
@@ -54,10 +58,19 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     # Dropout on attention probabilities forces the unfused einsum attention path; flash kernels
     # have no dropout, so it is off by default (modern BERT recipes train without it too).
     c.attention_dropout_rate = 0.0
-    c.attention_impl = "auto"  # auto | xla | cudnn | einsum.
+    # auto | xla | cudnn | splash | einsum. auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16),
+    # the Pallas splash kernel on TPUs, XLA's attention elsewhere (see `select_attention`).
+    c.attention_impl = "auto"
+    # segments: a token attends only within its packed segment (rows hold several documents).
+    # lengths: each row is one sequence followed by padding, so attention needs only the row's
+    # length, which cuDNN runs without a mask (its fastest path). Wrong for packed rows.
+    c.attention_mask = "segments"
     c.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
     c.param_dtype = "float32"  # Storage dtype of parameters (and so of optimizer state).
-    c.remat = False  # Recompute each layer's activations in the backward pass (saves memory).
+    # Recompute layer activations in the backward pass to save memory (large batches): none |
+    # full (keep only layer inputs) | dots_saveable (keep matmul outputs, recompute GELU, LayerNorm
+    # and softmax) | dots_with_no_batch_dims_saveable (also recompute attention-score matmuls).
+    c.remat = "none"
     for key, value in SIZES[size].items():
         setattr(c, key, value)
     return c
@@ -87,8 +100,82 @@ def _gelu(x: Array) -> Array:
     return nn.gelu(x, approximate=False)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "einsum")
+ATTENTION_MASKS = ("segments", "lengths")
+
+# Remat policy by name: what a layer keeps for the backward pass (everything else is recomputed).
+REMAT_POLICIES = {
+    "full": None,  # Only the layer's inputs.
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _platform() -> str:
+    """"cuda", "rocm", "tpu" or "cpu": where the step is compiled for."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    from jax.extend import backend as jax_backend
+
+    version = jax_backend.get_backend().platform_version.lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
+def _splash_available() -> bool:
+    try:
+        from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_attention(requested: str, *, platform: str, dtype: Any, head_dim: int, length: int,
+                     mask: str, dropout: bool) -> str:
+    """The attention kernel to run: "einsum", "xla", "cudnn" or "splash".
+
+    Args:
+      requested: `model.attention_impl`.
+      platform: "cuda", "rocm", "tpu" or "cpu".
+      dtype: compute dtype of queries and keys.
+      head_dim, length: per-head width and row length.
+      mask: `model.attention_mask` ("segments" or "lengths").
+      dropout: whether attention-probability dropout is active (only einsum implements it).
+    """
+    if dropout:
+        return "einsum"
+    if requested == "auto":
+        if platform == "tpu" and length % 128 == 0 and _splash_available():
+            return "splash"  # Its blocks are multiples of 128 tokens.
+        if platform == "cuda" and _cudnn_supports(dtype, head_dim, length, mask):
+            return "cudnn"
+        return "xla"
+    if requested == "cudnn" and platform != "cuda":
+        raise ValueError(
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the step runs on {platform}; "
+            "use 'auto' or 'xla'")
+    if requested == "splash" and platform != "tpu":
+        raise ValueError(
+            f"model.attention_impl='splash' needs a TPU, but the step runs on {platform}; use "
+            "'auto' or 'xla'")
+    return requested
+
+
+def _cudnn_supports(dtype: Any, head_dim: int, length: int, mask: str) -> bool:
+    # cuDNN flash attention: half-precision inputs, head_dim a multiple of 8 up to 128 (256 on
+    # Hopper; 128 is enough here). A boolean mask reaches cuDNN as an additive bias, which its
+    # training kernels accept only for even sequence lengths.
+    return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+            and head_dim <= 128 and (mask == "lengths" or length % 2 == 0))
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention restricted to tokens of the same packed segment."""
+    """Multi-head self-attention restricted to tokens of the same packed segment.
+
+    With `attention_mask="lengths"` the restriction is to the real tokens of the row instead (the
+    same thing when each row holds one sequence), which cuDNN runs without any mask. The kernel
+    is chosen by `select_attention`.
+    """
 
     num_heads: int
     head_dim: int
@@ -97,6 +184,7 @@ class Attention(nn.Module):
     attention_impl: str
     dtype: Any
     param_dtype: Any
+    attention_mask: str = "segments"
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, *, train: bool) -> Array:
@@ -112,15 +200,30 @@ class Attention(nn.Module):
                    for name in ("query", "key", "value"))
         axes = ("batch", "length", "act_heads", "act_kv")
         q, k, v = (nn.with_logical_constraint(t, axes) for t in (q, k, v))
-        # Packed rows hold several documents: a token sees only its own segment. Padding (segment
-        # 0) attends to padding, which keeps every softmax row finite and is never read.
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         use_dropout = train and self.attention_dropout_rate > 0
-        if self.attention_impl == "einsum" or use_dropout:
-            out = self._einsum_attention(q, k, v, mask, use_dropout)
+        impl = select_attention(
+            self.attention_impl, platform=_platform(), dtype=q.dtype, head_dim=self.head_dim,
+            length=x.shape[1], mask=self.attention_mask, dropout=use_dropout)
+        if self.attention_mask == "lengths":
+            # One sequence per row, padding at the end: a key is visible iff it is real.
+            lengths = jnp.sum(segment_ids > 0, axis=-1, dtype=jnp.int32)
+            dense_mask = (jnp.arange(x.shape[1])[None, :] < lengths[:, None])[:, None, None, :]
+            kernel_segments = (segment_ids > 0).astype(jnp.int32)
+            mask_args = dict(key_value_seq_lengths=lengths)
         else:
-            impl = None if self.attention_impl == "auto" else self.attention_impl
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+            # Packed rows hold several documents: a token sees only its own segment. Padding
+            # (segment 0) attends to padding, which keeps every softmax row finite and is never
+            # read. cuDNN receives the boolean mask as an additive bias.
+            dense_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            kernel_segments = segment_ids
+            mask_args = dict(mask=dense_mask)
+        if impl == "einsum":
+            out = self._einsum_attention(q, k, v, dense_mask, use_dropout)
+        elif impl == "splash":
+            out = splash_attention(q, k, v, kernel_segments,
+                                   interpret=jax.default_backend() != "tpu")
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **mask_args)
         out = nn.with_logical_constraint(out, axes)
         return dense(self.hidden_size, ("heads", "embed"), "out")(out.reshape(*out.shape[:2], width))
 
@@ -131,6 +234,52 @@ class Attention(nn.Module):
         if use_dropout:
             probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=False)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *,
+                     interpret: bool = False) -> Array:
+    """Pallas splash attention (TPU) restricted to equal segment ids.
+
+    Args:
+      q, k, v: [batch, length, heads, head_dim]; length a multiple of 128.
+      segment_ids: [batch, length] int32; a token attends to keys with the same id.
+      interpret: run the kernel in the Pallas interpreter (any backend; for tests).
+
+    Returns:
+      [batch, length, heads, head_dim].
+
+    A Pallas kernel cannot be partitioned by XLA, so under a mesh it runs per shard through
+    `shard_map`, with batch and heads split as the logical rules in effect say.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    def local(q, k, v, segment_ids):
+        _, length, heads, head_dim = q.shape
+        block = min(512, length)
+        sizes = splash.BlockSizes(
+            block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+        kernel = splash.make_splash_mha(
+            splash.MultiHeadMask([splash.FullMask((length, length))] * heads),
+            block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+        def run(q, k, v, s):  # One row: [heads, length, head_dim].
+            return kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+
+        heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
+        out = jax.vmap(run)(heads_first(q * head_dim**-0.5), heads_first(k), heads_first(v),
+                            segment_ids)
+        return heads_first(out)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, segment_ids)
+    spec = nn.logical_to_mesh_axes(("batch", "length", "act_heads", "act_kv"))
+    if spec[1] is not None or spec[3] is not None:
+        raise ValueError("splash attention needs whole rows and heads on each device: the mesh "
+                         "rules must not shard `length` or `act_kv`")
+    segment_spec = jax.sharding.PartitionSpec(spec[0], None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, segment_spec),
+                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
 
 
 class EncoderLayer(nn.Module):
@@ -144,6 +293,7 @@ class EncoderLayer(nn.Module):
     attention_impl: str
     dtype: Any
     param_dtype: Any
+    attention_mask: str = "segments"
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, train: bool) -> Array:
@@ -154,8 +304,9 @@ class EncoderLayer(nn.Module):
         attended = Attention(
             num_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
             hidden_size=self.hidden_size, attention_dropout_rate=self.attention_dropout_rate,
-            attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="attention")(x, segment_ids, train=train)
+            attention_impl=self.attention_impl, attention_mask=self.attention_mask,
+            dtype=self.dtype, param_dtype=self.param_dtype, name="attention")(
+                x, segment_ids, train=train)
         x = _layer_norm(self.dtype, self.param_dtype, "attention_norm")(
             x + dropout(attended, deterministic=not train))
         h = _gelu(dense(self.intermediate_size, ("embed", "mlp"), "mlp_in")(x))
@@ -187,10 +338,11 @@ class Encoder(nn.Module):
     head_style: str = "bert"  # bert | distilbert: only the Hugging Face names differ.
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
-    attention_impl: str = "auto"
+    attention_impl: str = "auto"  # See `select_attention`.
+    attention_mask: str = "segments"  # segments | lengths (one sequence per row).
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # A name in REMAT_POLICIES or "none"; True means "full".
 
     def setup(self):
         embed_init = lambda names: nn.with_logical_partitioning(  # noqa: E731
@@ -206,14 +358,18 @@ class Encoder(nn.Module):
                 self.type_vocab_size, ("types", "embed"), "token_type_embeddings")
         self.embeddings_norm = _layer_norm(self.dtype, self.param_dtype, "embeddings_norm")
         self.dropout = nn.Dropout(self.dropout_rate)
-        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+        policy = remat_policy_name(self.remat)
+        layer_cls = EncoderLayer
+        if policy != "none":
+            # static_argnums counts `self`: argument 3 is `train`.
+            layer_cls = nn.remat(EncoderLayer, static_argnums=(3,), policy=REMAT_POLICIES[policy])
         self.layers = [
             layer_cls(
                 num_heads=self.num_heads, hidden_size=self.hidden_size,
                 intermediate_size=self.intermediate_size, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
-                attention_impl=self.attention_impl, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"layers_{i}")
+                attention_impl=self.attention_impl, attention_mask=self.attention_mask,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")
             for i in range(self.num_layers)
         ]
         dense = lambda names, name: nn.Dense(  # noqa: E731
@@ -279,16 +435,53 @@ class Encoder(nn.Module):
 
     def mlm_logits(self, hidden: Array) -> Array:
         """MLM head on hidden states [..., embed] → logits [..., vocab] (decoder tied to embeddings)."""
-        h = self.mlm_norm(_gelu(self.mlm_transform(hidden)))
-        logits = self.word_embeddings.attend(h) + self.mlm_bias.astype(self.dtype)
+        features, _, bias = self.mlm_head_inputs(hidden)
+        logits = self.word_embeddings.attend(features) + bias.astype(self.dtype)
         return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
+    def mlm_head_inputs(self, hidden: Array) -> tuple[Array, Array, Array]:
+        """The MLM head up to its vocabulary projection, for losses that fuse that projection.
 
-def make_encoder(c: ml_collections.ConfigDict, vocab_size: int | None = None) -> Encoder:
+        Call through `model.apply(variables, hidden, method=Encoder.mlm_head_inputs)`.
+
+        Args:
+          hidden: [batch, n, embed] final hidden states (all positions or gathered ones).
+
+        Returns:
+          `features` [batch, n, embed] (compute dtype), `decoder` [vocab, embed] (the tied word
+          embeddings) and `bias` [vocab], with logits = features · decoderᵀ + bias.
+        """
+        features = self.mlm_norm(_gelu(self.mlm_transform(hidden)))
+        features = nn.with_logical_constraint(features, ("batch", "length", "act_embed"))
+        return features, self.word_embeddings.embedding, self.mlm_bias
+
+
+def attention_kernel(model: Encoder, length: int, *, train: bool = False) -> str:
+    """The attention kernel `model` runs on this platform for rows of `length` tokens."""
+    return select_attention(
+        model.attention_impl, platform=_platform(), dtype=model.dtype,
+        head_dim=model.hidden_size // model.num_heads, length=length, mask=model.attention_mask,
+        dropout=train and model.attention_dropout_rate > 0)
+
+
+def remat_policy_name(remat: bool | str) -> str:
+    """Normalises `model.remat` (configs before policies were named stored a bool)."""
+    if remat is True:
+        return "full"
+    if remat is False or remat == "none":
+        return "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"model.remat must be none, {', '.join(REMAT_POLICIES)} (or a bool), got {remat!r}")
+    return remat
+
+
+def make_encoder(c: "ml_collections.ConfigDict", vocab_size: int | None = None) -> Encoder:
     """Builds the encoder described by a config's model section.
 
     Args:
-      c: a model section as returned by `model_config`.
+      c: a model section as returned by `model_config` (fields added since default when a run's
+        saved config.json predates them).
       vocab_size: used when `c.vocab_size` is 0 (taken from the tokenizer).
     """
     vocab = c.vocab_size or vocab_size
@@ -298,9 +491,14 @@ def make_encoder(c: ml_collections.ConfigDict, vocab_size: int | None = None) ->
         raise ValueError(
             f"model.hidden_size ({c.hidden_size}) must be divisible by model.num_heads "
             f"({c.num_heads})")
-    if c.attention_impl not in ("auto", "xla", "cudnn", "einsum"):
-        raise ValueError(
-            f"model.attention_impl must be auto, xla, cudnn or einsum, got {c.attention_impl!r}")
+    if c.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                         f"got {c.attention_impl!r}")
+    attention_mask = getattr(c, "attention_mask", "segments")
+    if attention_mask not in ATTENTION_MASKS:
+        raise ValueError(f"model.attention_mask must be segments or lengths, got "
+                         f"{attention_mask!r}")
+    remat = remat_policy_name(c.remat)
     if c.head_style not in ("bert", "distilbert"):
         raise ValueError(f"model.head_style must be bert or distilbert, got {c.head_style!r}")
     return Encoder(
@@ -309,4 +507,5 @@ def make_encoder(c: ml_collections.ConfigDict, vocab_size: int | None = None) ->
         max_position_embeddings=c.max_position_embeddings, type_vocab_size=c.type_vocab_size,
         use_pooler=c.use_pooler, head_style=c.head_style, dropout_rate=c.dropout_rate,
         attention_dropout_rate=c.attention_dropout_rate, attention_impl=c.attention_impl,
-        dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype), remat=c.remat)
+        attention_mask=attention_mask, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype),
+        remat=remat)

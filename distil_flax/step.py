@@ -25,10 +25,12 @@ Array = jax.Array
 class TrainState:
     """Everything a run needs to continue exactly, except the data position (checkpointed beside)."""
 
-    step: Array  # int32 scalar: optimizer updates done.
+    step: Array  # int32 scalar: steps done (applied or skipped updates).
     params: Any
     opt_state: Any
     rng: Array  # uint32[2] raw PRNG key; each step folds in its step number.
+    skipped_steps: Array  # int32 scalar: updates skipped because loss or gradients were not finite.
+    bad_streak: Array  # int32 scalar: consecutive skipped updates up to the last step.
 
 
 def _gather(x: Array, positions: Array) -> Array:
@@ -40,39 +42,57 @@ def _loss_and_grads(
     params, teacher_params, micro: dict[str, Array], token_weights: Array | None, rng: Array, *,
     student: Encoder, teacher: Encoder | None, masking: MaskingSpec, loss: losses.LossSpec,
 ):
-    """Loss, metrics and gradients of one micro-batch [batch, length]."""
+    """Loss, metrics and gradients of one micro-batch [batch, length].
+
+    With `loss.head_chunk` > 0 the MLM heads stop before their vocabulary projection and
+    `losses.fused_distillation_loss` projects chunk by chunk; with 0 the heads return logits
+    for `losses.distillation_loss`. Both give the same loss, gradients and metrics.
+    """
     mask_rng, dropout_rng = jax.random.split(rng)
     masked = mask_tokens(mask_rng, micro["input_ids"], micro["segment_ids"], masking, token_weights)
     real_tokens = (micro["segment_ids"] > 0).astype(jnp.float32)
     positions = masked["mlm_positions"]
     ce_on_all = loss.alpha_ce > 0 and not loss.restrict_ce_to_mask
-    # The vocab projections run only where a loss reads: all positions, or the gathered 15 %.
-    logits_at = "all" if ce_on_all else positions
-    inputs = (masked["input_ids"], micro["segment_ids"], micro["positions"])
 
-    teacher_logits = teacher_hidden = None
+    def head_rows(hidden):
+        # The vocab projections run only where a loss reads: all positions, or the gathered 15 %.
+        return hidden if ce_on_all else _gather(hidden, positions)
+
+    ce_weights = real_tokens if ce_on_all else masked["mlm_weights"]
+    inputs = (masked["input_ids"], micro["segment_ids"], micro["positions"])
+    fused = loss.head_chunk > 0
+    teacher_vars = {"params": teacher_params}
+
+    # The teacher's head output where L_ce reads: its inputs (fused) or its logits (plain).
+    teacher_head = teacher_hidden = None
     if teacher is not None and loss.needs_teacher:
-        teacher_logits, teacher_out = teacher.apply(
-            {"params": teacher_params}, *inputs, logits_at=logits_at if loss.alpha_ce else None)
-        teacher_logits, teacher_hidden = jax.lax.stop_gradient((teacher_logits,
-                                                                teacher_out["hidden"]))
+        _, teacher_out = teacher.apply(teacher_vars, *inputs)
+        teacher_hidden = teacher_out["hidden"]
+        if loss.alpha_ce:
+            method = Encoder.mlm_head_inputs if fused else Encoder.mlm_logits
+            teacher_head = teacher.apply(teacher_vars, head_rows(teacher_hidden), method=method)
+        teacher_head, teacher_hidden = jax.lax.stop_gradient((teacher_head, teacher_hidden))
 
     def loss_fn(p):
-        student_logits, student_out = student.apply(
-            {"params": p}, *inputs, logits_at=logits_at, train=True, rngs={"dropout": dropout_rng})
-        if ce_on_all:
-            student_mlm, teacher_mlm = _gather(student_logits, positions), _gather(
-                teacher_logits, positions)
-            ce_weights = real_tokens
-        else:
-            student_mlm, teacher_mlm = student_logits, teacher_logits
-            ce_weights = masked["mlm_weights"]
+        _, student_out = student.apply(
+            {"params": p}, *inputs, train=True, rngs={"dropout": dropout_rng})
+        student_hidden = student_out["hidden"]
+        common = dict(mlm_labels=masked["mlm_labels"], mlm_weights=masked["mlm_weights"],
+                      student_hidden=student_hidden, teacher_hidden=teacher_hidden,
+                      token_weights=real_tokens, ce_weights=ce_weights)
+        if fused:
+            return losses.fused_distillation_loss(
+                loss, student_head=student.apply(
+                    {"params": p}, head_rows(student_hidden), method=Encoder.mlm_head_inputs),
+                teacher_head=teacher_head, label_positions=positions if ce_on_all else None,
+                **common)
+        student_logits = student.apply({"params": p}, head_rows(student_hidden),
+                                       method=Encoder.mlm_logits)
+        slots = (lambda x: _gather(x, positions)) if ce_on_all else (lambda x: x)  # noqa: E731
         return losses.distillation_loss(
-            loss, student_logits=student_logits, teacher_logits=teacher_logits,
-            ce_weights=ce_weights, student_mlm_logits=student_mlm, teacher_mlm_logits=teacher_mlm,
-            mlm_labels=masked["mlm_labels"], mlm_weights=masked["mlm_weights"],
-            student_hidden=student_out["hidden"], teacher_hidden=teacher_hidden,
-            token_weights=real_tokens)
+            loss, student_logits=student_logits, teacher_logits=teacher_head,
+            student_mlm_logits=slots(student_logits),
+            teacher_mlm_logits=None if teacher_head is None else slots(teacher_head), **common)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     metrics["real_tokens"] = jnp.sum(real_tokens)
@@ -94,6 +114,9 @@ def distil_step(
 
     Returns:
       The new state and scalar metrics (means over micro-batches; `real_tokens` summed).
+      When the loss or the gradients are not finite the update is skipped: parameters and
+      optimizer state stay as they were (so the optimizer's step count, and with it its learning
+      rate schedule, does not advance), `nonfinite` is 1 and the state's counters go up.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     grads_of = functools.partial(
@@ -118,10 +141,25 @@ def distil_step(
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient (an overflow, a bad batch) must never reach the weights: the
+    # step keeps the old parameters and optimizer state and counts itself, and the host acts on
+    # the counters when it next fetches metrics — no device-to-host sync here. Finite gradients
+    # give finite AdamW updates, so checking loss and gradient norm is enough.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+        (state.params, state.opt_state))
+    skipped = (~finite).astype(jnp.int32)
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        skipped_steps=state.skipped_steps + skipped,
+        bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
     metrics.update(
-        grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
-        param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        grad_norm=grad_norm, update_norm=jnp.where(finite, optax.tree.norm(updates), 0.0),
+        param_norm=optax.tree.norm(params), learning_rate=schedule(state.step),
+        nonfinite=skipped, skipped_steps=new_state.skipped_steps,
+        bad_streak=new_state.bad_streak)
     return new_state, metrics
 
 

@@ -7,8 +7,10 @@ stays at most two steps ahead of the device and copies metrics back only every
 
 import dataclasses
 import functools
+import json
 import math
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -25,7 +27,9 @@ from flax import linen as nn
 
 from distil_flax import config as config_lib
 from distil_flax import data, flops, hf, partitioning, student_init
-from distil_flax.checkpoint import Checkpointer, restore_params
+from distil_flax.checkpoint import (CheckpointWriteError, Checkpointer, checkpoint_dir,
+                                    restore_params)
+from distil_flax.workdir_lock import WorkdirLock, WorkdirLockedError
 from distil_flax.losses import LossSpec
 from distil_flax.masking import MaskingSpec, smoothing_weights
 from distil_flax.metric_writers import MetricWriter
@@ -130,10 +134,8 @@ def build(c: ml_collections.ConfigDict) -> Setup:
     mesh = partitioning.make_mesh(c.mesh)
     rules = partitioning.rules_from_config(c.mesh.rules)
     tokenizer = data.load_tokenizer(c.data.tokenizer, lowercase=c.data.lowercase)
-    train_rows, eval_rows = data.build_datasets(
-        source=c.data.source, paths=[p for p in c.data.paths.split(",") if p],
-        jsonl_field=c.data.jsonl_field, tokenizer=tokenizer, seq_len=c.data.seq_len,
-        eval_every=c.data.eval_every)
+    train_rows, eval_rows = data.build_datasets(c.data, tokenizer,
+                                                process_count=jax.process_count())
     with c.unlocked():
         c.model.vocab_size = c.model.vocab_size or tokenizer.vocab_size
     student = make_encoder(c.model)
@@ -162,7 +164,8 @@ def build(c: ml_collections.ConfigDict) -> Setup:
 def loss_spec(c: ml_collections.ConfigDict) -> LossSpec:
     return LossSpec(alpha_ce=c.loss.alpha_ce, alpha_mlm=c.loss.alpha_mlm,
                     alpha_cos=c.loss.alpha_cos, temperature=c.loss.temperature,
-                    restrict_ce_to_mask=c.loss.restrict_ce_to_mask)
+                    restrict_ce_to_mask=c.loss.restrict_ce_to_mask,
+                    head_chunk=c.loss.head_chunk)
 
 
 def masking_spec(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer") -> MaskingSpec:
@@ -198,7 +201,8 @@ def abstract_state(setup: Setup, optimizer) -> TrainState:
     return TrainState(
         step=scalar(jnp.zeros((), jnp.int32)), params=params,
         opt_state=jax.tree.map(_with_sharding, opt_shapes, opt_shardings),
-        rng=scalar(jax.random.PRNGKey(0)))
+        rng=scalar(jax.random.PRNGKey(0)), skipped_steps=scalar(jnp.zeros((), jnp.int32)),
+        bad_streak=scalar(jnp.zeros((), jnp.int32)))
 
 
 def shardings_of(abstract: Any) -> Any:
@@ -221,9 +225,11 @@ def init_state(setup: Setup, optimizer, abstract: TrainState) -> TrainState:
             _abstract_params(setup.student, 8), param_rng, setup.mesh, setup.rules)
         logging.info("Student initialised randomly.")
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-                      params=params, opt_state=opt_state,
-                      rng=jax.device_put(state_rng, shardings.rng))
+    zero = lambda sharding: jax.device_put(jnp.zeros((), jnp.int32), sharding)  # noqa: E731
+    return TrainState(step=zero(shardings.step), params=params, opt_state=opt_state,
+                      rng=jax.device_put(state_rng, shardings.rng),
+                      skipped_steps=zero(shardings.skipped_steps),
+                      bad_streak=zero(shardings.bad_streak))
 
 
 class _PreemptionFlag:
@@ -243,9 +249,68 @@ class _PreemptionFlag:
         return self.event.is_set()
 
 
-def _mean_metrics(history: list[dict]) -> dict[str, float]:
-    fetched = jax.device_get(history)
-    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+class NonFiniteError(FloatingPointError):
+    """`train.max_consecutive_nonfinite` steps in a row had a non-finite loss or gradient."""
+
+
+# Metrics that say which part of a step went non-finite, in the order a report names them.
+_FINITE_WATCH = ("loss_ce", "loss_mlm", "loss_cos", "loss", "grad_norm")
+_COUNTERS = ("nonfinite", "skipped_steps", "bad_streak")
+
+
+class _NonFiniteMonitor:
+    """Reads the step's non-finite counters when metrics are fetched, and applies the policy.
+
+    The step itself skips every non-finite update (see `step.distil_step`); this only reports
+    them, averages the interval's metrics over the finite steps, and stops the run after
+    `max_consecutive` bad steps in a row (0: never).
+    """
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.first_bad = ""  # What went non-finite first in the current streak.
+
+    def scalars(self, history: list[dict], last_step: int) -> dict[str, float]:
+        """Fetches an interval's metrics (steps `last_step - len(history) + 1` ...) and means them.
+
+        Raises:
+          NonFiniteError: the streak of skipped steps reached `max_consecutive`.
+        """
+        fetched = jax.device_get(history)
+        first_step = last_step - len(fetched) + 1
+        bad = [(first_step + i, m) for i, m in enumerate(fetched) if m["nonfinite"]]
+        good = [m for m in fetched if not m["nonfinite"]] or fetched
+        scalars = {k: float(np.mean([m[k] for m in good])) for k in fetched[0]
+                   if k not in _COUNTERS}
+        scalars["skipped_steps"] = float(fetched[-1]["skipped_steps"])
+        streak = int(fetched[-1]["bad_streak"])
+        if bad:
+            logging.warning("Skipped the update of %d step(s) with non-finite values: %s. %d "
+                            "skipped in total.", len(bad),
+                            "; ".join(self._describe(step, m) for step, m in bad[:5]),
+                            int(scalars["skipped_steps"]))
+        start = last_step - streak + 1  # First step of the current streak.
+        if not streak:
+            self.first_bad = ""
+        elif start >= first_step:
+            self.first_bad = self._describe(start, fetched[start - first_step])
+        elif not self.first_bad:  # The streak began before this process resumed the run.
+            self.first_bad = self._describe(*bad[0])
+        if self.max_consecutive and streak >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{streak} consecutive steps had non-finite values (steps "
+                f"{last_step - streak + 1}-{last_step}; first: {self.first_bad}), reaching "
+                f"train.max_consecutive_nonfinite={self.max_consecutive}. Their updates were "
+                f"skipped, so the parameters and every checkpoint are those of step "
+                f"{last_step - streak} or earlier. Lower train.learning_rate, check the data at "
+                "those steps, or raise the limit (0: skip and continue).")
+        return scalars
+
+    @staticmethod
+    def _describe(step: int, metrics: dict) -> str:
+        terms = [f"{k}={float(metrics[k])}" for k in _FINITE_WATCH
+                 if k in metrics and not np.isfinite(metrics[k])]
+        return f"step {step}: " + ", ".join(terms or ["non-finite gradients"])
 
 
 def evaluate(setup: Setup, params, eval_fn, num_batches: int) -> dict[str, float]:
@@ -286,19 +351,32 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
       workdir: checkpoints, config.json, TensorBoard events and metrics.jsonl go here.
       stop_at_step: save and return at this step, as a preempted run would (the schedule still
         spans the whole run; a later call resumes). Returns {} then.
+
+    Raises:
+      ValueError: a config or input that cannot run, naming the field or file.
+      WorkdirLockedError: another live run holds `workdir`.
+      CorruptCheckpointError: no intact checkpoint to resume from (or, with
+        `train.strict_restore`, the latest one is bad).
+      CheckpointWriteError: a checkpoint could not be written (disk full, permissions).
+      NonFiniteError: `train.max_consecutive_nonfinite` steps in a row had non-finite values.
     """
+    config_lib.validate(c)  # A bad config fails before anything touches the workdir.
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0) as lock:
+        return _train_and_evaluate(c, workdir, lock, stop_at_step)
+
+
+def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock,
+                        stop_at_step: int | None) -> dict[str, float]:
     setup = build(c)
     workdir_path = epath.Path(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir_path.mkdir(parents=True, exist_ok=True)
-        config_lib.save_json(c, str(workdir_path / "config.json"))
+    _check_resumable(c, workdir_path, setup.student)
     logging.info("Config:\n%s", c)
     logging.info("Devices: %d (%d local, process %d of %d); mesh %s.", jax.device_count(),
                  jax.local_device_count(), jax.process_index(), jax.process_count(),
                  dict(setup.mesh.shape))
 
-    num_steps = total_steps(c, len(setup.train_rows["input_ids"]))
+    num_steps = total_steps(c, setup.train_rows.num_rows)
     optimizer, schedule = make_optimizer(c.train, num_steps)
     loss = loss_spec(c)
     masking = masking_spec(c, setup.tokenizer)
@@ -317,14 +395,16 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     iterator = data.BatchIterator(
         setup.train_rows, c.train.batch_size, seed=c.seed, process_index=jax.process_index(),
         process_count=jax.process_count())
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_state = checkpointer.restore(abstract, latest)
-        iterator.set_state(data_state)
+    restored = checkpointer.restore_latest(abstract, strict=c.train.strict_restore)
+    if restored is not None:
+        state, data_state, latest = restored
+        iterator.set_state(data_state)  # Refuses a position of other data or another tokenizer.
         logging.info("Resuming from step %d (checkpoint in %s).", latest, workdir)
     else:
         state = init_state(setup, optimizer, abstract)
     setup.teacher_init = None  # Only needed once; free it.
+    if is_main:  # Only now: a run that cannot start leaves the workdir's config.json as it was.
+        config_lib.save_json(c, str(workdir_path / "config.json"))
     if is_main:
         logging.info("Student parameters:\n%s", parameter_overview.get_parameter_overview(
             state.params, include_stats=False))
@@ -345,6 +425,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     # ------------------------------------------------------------------ loop
     writer = MetricWriter(workdir, enabled=is_main, total_steps=num_steps)
     preempted = _PreemptionFlag()
+    monitor = _NonFiniteMonitor(c.train.max_consecutive_nonfinite)
     history: list[dict] = []
     step = int(jax.device_get(state.step))
     last_time, last_step = time.time(), step
@@ -352,8 +433,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     try:
         with _context(setup.mesh, setup.rules):
             while step < num_steps:
+                if lock.lost.is_set():
+                    raise WorkdirLockedError(
+                        f"another run took over {lock.path} (this one was unresponsive for "
+                        "longer than the lock's heartbeat window); stopping without saving")
                 local = next(iterator)
-                local = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in local.items()}
+                # Micro-batch i is rows i, i + accum, … of the global batch: the same rows (and
+                # masks) whatever the number of hosts, each holding a contiguous slice.
+                local = {k: v.reshape(-1, accum, v.shape[-1]).swapaxes(0, 1)
+                         for k, v in local.items()}
                 batch = partitioning.host_to_global(local, batch_sh)
                 state, metrics = step_fn(state, setup.teacher_params, batch, token_weights)
                 step += 1
@@ -363,7 +451,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                     history[-1]["loss"].block_until_ready()
                 history.append(metrics)
                 if step % c.train.log_every == 0 or step == num_steps:
-                    scalars = _mean_metrics(history)  # Fetches the metrics of the interval.
+                    scalars = monitor.scalars(history, step)  # Fetches the interval's metrics.
                     history = []
                     elapsed = time.time() - last_time
                     scalars["step_time_s"] = elapsed / (step - last_step)
@@ -390,11 +478,51 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
             writer.write_scalars(step, eval_metrics, prefix="eval/")
             _log_summary(eval_metrics)
     finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
         preempted.restore()
+        writer.close()
+        try:
+            checkpointer.close()  # Waits for the last save to commit.
+        except CheckpointWriteError:
+            if sys.exc_info()[0] is None:
+                raise
+            logging.exception("The last checkpoint save failed too.")  # Don't mask the first error.
     return eval_metrics
+
+
+def _check_resumable(c: ml_collections.ConfigDict, workdir: epath.Path, student: Encoder) -> None:
+    """Refuses to resume a workdir's checkpoints with a model of other parameter shapes.
+
+    Other model changes (compute dtype, dropout, attention kernel, remat) are allowed.
+
+    Raises:
+      ValueError: naming the `model.*` fields that differ from the workdir's config.json.
+    """
+    config_file = workdir / "config.json"
+    steps = checkpoint_dir(workdir)
+    if not (config_file.exists() and steps.exists()
+            and any(p.name.isdigit() for p in steps.iterdir())):
+        return  # Nothing to resume.
+    try:
+        theirs = config_lib.load_json(config_file).model
+        saved_model = make_encoder(theirs)
+    except (ValueError, AttributeError, TypeError, KeyError) as error:
+        logging.warning("Cannot read the model of %s (%s): not checking its checkpoints' shapes.",
+                        config_file, error)
+        return
+
+    def shapes(model):
+        boxed = jax.eval_shape(_abstract_params(model, 8), jax.random.PRNGKey(0))
+        return jax.tree.map(lambda x: x.shape, nn.unbox(boxed))
+
+    if shapes(saved_model) == shapes(student):
+        return
+    ours, theirs = json.loads(c.model.to_json_best_effort()), theirs.to_dict()
+    differ = [f"model.{k} is {theirs.get(k)!r} there and {ours.get(k)!r} here"
+              for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    raise ValueError(
+        f"{workdir} holds checkpoints of a model with other parameter shapes (its config.json: "
+        + "; ".join(differ) + "). A run resumes only with the model it started with: use a new "
+        "--workdir, or the original model settings.")
 
 
 def compile_steps(setup: Setup, optimizer, schedule, shardings: TrainState):

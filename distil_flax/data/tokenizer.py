@@ -14,6 +14,7 @@ as in BERT's vocab where [PAD] is 0.
 
 import collections
 from collections.abc import Iterable, Iterator, Sequence
+import hashlib
 import os
 import re
 
@@ -52,9 +53,13 @@ class Tokenizer:
       vocab_size: number of ids (the model's embedding rows must equal it).
       pad_id, unk_id, cls_id, sep_id, mask_id: ids of the special tokens.
       special_ids: sorted ids of every special token (never masked or predicted).
+      fingerprint: identifies what the tokenizer does: a hash of its file and, for vocab.txt,
+        the lowercase flag. Prepared shards record it, so that training with another vocabulary
+        is caught before it reads ids that mean other tokens.
     """
 
-    def __init__(self, path: str, backend: tokenizers.Tokenizer | spm.SentencePieceProcessor):
+    def __init__(self, path: str, backend: tokenizers.Tokenizer | spm.SentencePieceProcessor,
+                 fingerprint: str = ""):
         """Wraps a loaded backend; use `load_tokenizer` rather than calling this directly.
 
         Raises:
@@ -62,6 +67,7 @@ class Tokenizer:
         """
         self.path = path
         self._backend = backend
+        self.fingerprint = fingerprint
         if isinstance(backend, spm.SentencePieceProcessor):
             self.vocab_size = backend.get_piece_size()
             extra = [i for i in range(self.vocab_size)
@@ -98,11 +104,18 @@ class Tokenizer:
                 return i
         return None
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens; parallel in the backend's threads."""
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        """Token ids of each text, without special tokens.
+
+        Args:
+          texts: the texts to encode.
+          num_threads: SentencePiece threads (0: all cores). HF tokenizers use their own pool,
+            sized by RAYON_NUM_THREADS and switched off by TOKENIZERS_PARALLELISM=false.
+        """
         texts = list(texts)
         if isinstance(self._backend, spm.SentencePieceProcessor):
-            return self._backend.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+            return self._backend.encode(texts, out_type=int,
+                                        num_threads=num_threads or os.cpu_count() or 1)
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which we never read.
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         encodings = encode(texts, add_special_tokens=False)
@@ -146,16 +159,19 @@ def load_tokenizer(path: str, lowercase: bool = True) -> Tokenizer:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Tokenizer file {path!r} does not exist.")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
     if path.endswith(".txt"):
-        return Tokenizer(path, _wordpiece_from_vocab(path, lowercase))
+        fingerprint = f"{digest}-{'uncased' if lowercase else 'cased'}"
+        return Tokenizer(path, _wordpiece_from_vocab(path, lowercase), fingerprint)
     if path.endswith(".json"):
         backend = tokenizers.Tokenizer.from_file(path)
         # Rows are packed by us; padding or truncation configured for serving would corrupt them.
         backend.no_padding()
         backend.no_truncation()
-        return Tokenizer(path, backend)
+        return Tokenizer(path, backend, digest)
     if path.endswith(".model"):
-        return Tokenizer(path, spm.SentencePieceProcessor(model_file=path))
+        return Tokenizer(path, spm.SentencePieceProcessor(model_file=path), digest)
     raise ValueError(f"Cannot tell the tokenizer kind of {path!r}: expected a name ending in "
                      f"{', '.join(SUFFIXES)}.")
 

@@ -1,0 +1,27 @@
+"""Downstream tasks for fine-tuning: GLUE, SQuAD v1.1 and IMDb, with their official metrics."""
+
+from distil_flax.tasks.base import Features
+from distil_flax.tasks.base import Split
+from distil_flax.tasks.base import Task
+from distil_flax.tasks.glue import GlueTask
+from distil_flax.tasks.glue import SPECS as GLUE_SPECS
+from distil_flax.tasks.imdb import ImdbTask
+from distil_flax.tasks.squad import SquadTask
+
+TASK_NAMES = (*GLUE_SPECS, "squad", "imdb")
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`: a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli),
+    "squad" (v1.1) or "imdb"."""
+    if name == "squad":
+        return SquadTask()
+    if name == "imdb":
+        return ImdbTask()
+    if name in GLUE_SPECS:
+        return GlueTask(name)
+    raise ValueError(f"task.name={name!r} is unknown; tasks: {list(TASK_NAMES)}")
+
+
+__all__ = ["Features", "GlueTask", "ImdbTask", "Split", "SquadTask", "Task", "TASK_NAMES",
+           "get_task"]

@@ -1,0 +1,674 @@
+"""Fault injection: preemption, kill -9, corrupt checkpoints, NaNs, full disks, bad inputs, and
+two runs on one workdir. Run alone with `pytest -m fault`.
+
+Each fault is injected into the real `train_and_evaluate` (in this process) or the real CLI (in a
+subprocess), and the outcome is compared with an uninterrupted run of the same config, bit for
+bit. In-process runs use the tiny student config on 8 simulated devices; CLI runs use the tiny
+teacher config on one device, which starts in a few seconds. All share one persistent XLA
+compilation cache, so that the many restarts compile each program once.
+
+The moments of the CLI's signals come from DISTIL_FLAX_FAULT_SEED (default 8); run with other
+seeds to try other moments.
+"""
+
+import itertools
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from distil_flax import train
+from distil_flax.checkpoint import (CHECKSUMS, ITEMS, TMP_SUFFIX, CheckpointWriteError,
+                                    CorruptCheckpointError, checkpoint_dir, restore_params,
+                                    verify_step)
+from distil_flax.config import load_config
+from distil_flax.metric_writers import read_metrics
+from distil_flax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
+
+pytestmark = pytest.mark.fault
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8  # In-process runs: checkpoints at 4 and 8 (train.checkpoint_every=4).
+SEED = int(os.environ.get("DISTIL_FLAX_FAULT_SEED", "8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _student_config(vocab_path, teacher_workdir, **train_overrides):
+    c = load_config(os.path.join(ROOT, "configs/quickstart.py:tiny"))
+    c.data.tokenizer = vocab_path
+    c.teacher.checkpoint = teacher_workdir
+    c.train.num_steps = STEPS
+    c.train.checkpoint_every = 4
+    c.train.eval_every = 0
+    c.train.log_every = 2
+    for key, value in train_overrides.items():
+        setattr(c.train, key, value)
+    return c
+
+
+def _checkpoint(workdir, step=None):
+    """(step, params, train item, data item) of a checkpoint, read without a target."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS,
+                               options=options) as manager:
+        step = manager.latest_step() if step is None else step
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(), train=ocp.args.StandardRestore(),
+            data=ocp.args.JsonRestore()))
+    return step, jax.device_get(restored["params"]), jax.device_get(restored["train"]), \
+        restored["data"]
+
+
+def _assert_same_run_state(workdir_a, workdir_b):
+    """Parameters, optimizer state, counters, PRNG key and data position are bit-identical."""
+    step_a, params_a, train_a, data_a = _checkpoint(workdir_a)
+    step_b, params_b, train_b, data_b = _checkpoint(workdir_b)
+    assert step_a == step_b
+    assert data_a == data_b
+    jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+    jax.tree.map(np.testing.assert_array_equal, train_a, train_b)
+
+
+def _steps(workdir):
+    directory = checkpoint_dir(workdir)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _inject(monkeypatch, fault):
+    """Calls `fault(call_index, state, teacher_params, batch, token_weights)` before every step.
+
+    `call_index` counts this process's steps from 1; `fault` returns the step's arguments.
+    """
+    real = train.compile_steps
+
+    def compile_steps(*args, **kwargs):
+        step_fn, eval_fn = real(*args, **kwargs)
+        calls = itertools.count(1)
+
+        def faulty(*step_args):
+            return step_fn(*fault(next(calls), *step_args))
+
+        return faulty, eval_fn
+
+    monkeypatch.setattr(train, "compile_steps", compile_steps)
+
+
+def _largest_file(step_dir, item):
+    files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, item))
+             for n in names]
+    return max(files, key=os.path.getsize)
+
+
+def _garble(path):
+    """Flips 16 bytes in the middle: the size stays, the content does not."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(16)
+        f.seek(-len(data), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _snapshot(workdir):
+    """What a failed run must not change: file names under the workdir and config.json."""
+    names = sorted(os.path.relpath(os.path.join(r, n), workdir)
+                   for r, _, ns in os.walk(workdir) for n in ns)
+    return names, open(os.path.join(workdir, "config.json")).read()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process runs shared by the tests below
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA compilation cache for this module, as a cluster keeps one for restarts.
+
+    Every restart below compiles the same step again; with the cache it is compiled once. The
+    CLI runs get it through JAX_COMPILATION_CACHE_DIR.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    directory = str(tmp_path_factory.mktemp("xla_cache"))
+    previous = (jax.config.jax_compilation_cache_dir,
+                jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cache.reset_cache()
+    yield directory
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, vocab_path, teacher_workdir):
+    """An uninterrupted 8-step distillation run: the reference every faulty run must match."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train.train_and_evaluate(_student_config(vocab_path, teacher_workdir), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, vocab_path, teacher_workdir):
+    """The same run, sent SIGTERM during step 3 (a scheduler's preemption notice)."""
+    workdir = str(tmp_path_factory.mktemp("preempted"))
+    monkeypatch = pytest.MonkeyPatch()
+
+    def sigterm_at_3(call, *args):
+        if call == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return args
+
+    _inject(monkeypatch, sigterm_at_3)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        metrics = train.train_and_evaluate(_student_config(vocab_path, teacher_workdir), workdir)
+    finally:
+        monkeypatch.undo()
+    assert metrics == {}  # Stopped, not finished.
+    assert signal.getsignal(signal.SIGTERM) == handler  # The run's handler is gone again.
+    return workdir
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_bit_identical(
+        preempted, straight, vocab_path, teacher_workdir, tmp_path):
+    assert _steps(preempted) == [3]  # Saved at the step it was in, not at a periodic one.
+    assert not os.path.exists(os.path.join(preempted, LOCK_NAME))  # Released for the restart.
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(preempted, resumed)
+    train.train_and_evaluate(_student_config(vocab_path, teacher_workdir), resumed)
+    assert _steps(resumed) == [3, 4, 8]
+    _assert_same_run_state(straight, resumed)
+    straight_losses = [r["train/loss"] for r in read_metrics(straight) if "train/loss" in r]
+    resumed_losses = [r["train/loss"] for r in read_metrics(resumed) if "train/loss" in r]
+    assert resumed_losses[-2:] == straight_losses[-2:]  # Steps 5-8 after the restart.
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda step_dir: _garble(_largest_file(step_dir, "params")), "does not match its CRC-32"),
+    (lambda step_dir: _truncate(_largest_file(step_dir, "train")), r"bytes, \d+ were written"),
+    (lambda step_dir: os.remove(os.path.join(step_dir, "data", "metadata")), "is missing"),
+    (lambda step_dir: open(os.path.join(step_dir, CHECKSUMS), "w").write("{"), "unreadable"),
+])
+def test_verify_names_the_step_and_file(straight, tmp_path, damage, message):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    directory = checkpoint_dir(workdir)
+    assert verify_step(directory, 8) and verify_step(directory, 4)
+    damage(str(directory / "8"))
+    with pytest.raises(CorruptCheckpointError, match=rf"checkpoint step 8: .*{message}"):
+        verify_step(directory, 8)
+    assert verify_step(directory, 4)  # Other steps are untouched.
+
+
+def test_orbax_alone_restores_a_garbled_file_silently(straight, tmp_path):
+    """Why checksums exist: without them the garbled step reads back as wrong numbers."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    _, params, _, _ = _checkpoint(workdir, 8)
+    _garble(_largest_file(str(checkpoint_dir(workdir) / "8"), "params"))
+    _, garbled, _, _ = _checkpoint(workdir, 8)
+    differ = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), params, garbled))
+    assert any(differ)
+    # The teacher / export path checks them: it refuses rather than loading garbage.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    with pytest.raises(CorruptCheckpointError, match="checkpoint step 8: .*CRC-32"):
+        restore_params(workdir, abstract)
+
+
+def test_corrupt_latest_steps_fall_back_to_the_newest_intact_one(
+        straight, preempted, vocab_path, teacher_workdir, tmp_path, caplog):
+    # Steps 3, 4 and 8 on disk; 8 garbled, 4 truncated: the run must go back to 3.
+    workdir = str(tmp_path / "run")
+    shutil.copytree(preempted, workdir)
+    c = _student_config(vocab_path, teacher_workdir)
+    train.train_and_evaluate(c, workdir)
+    directory = checkpoint_dir(workdir)
+    garbled = _largest_file(str(directory / "8"), "params")
+    _garble(garbled)
+    _truncate(_largest_file(str(directory / "4"), "train"))
+
+    # Strict: stop, name the step and file, move nothing.
+    c.train.strict_restore = True
+    before = _snapshot(workdir)
+    with pytest.raises(CorruptCheckpointError, match=f"checkpoint step 8: {garbled} does not"):
+        train.train_and_evaluate(c, workdir)
+    assert _snapshot(workdir) == before
+
+    # Default: fall back to step 3, move 8 and 4 aside, and finish exactly like the straight run.
+    c.train.strict_restore = False
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(c, workdir)
+    assert "checkpoint step 8" in caplog.text and "checkpoint step 4" in caplog.text
+    assert "Resuming from step 3" in caplog.text
+    moved = sorted(os.listdir(os.path.join(workdir, "corrupt_checkpoints")))
+    assert [name.split("-")[0] for name in moved] == ["4", "8"]
+    assert _steps(workdir) == [3, 4, 8]
+    _assert_same_run_state(straight, workdir)
+
+
+def test_no_intact_checkpoint_stops_and_moves_nothing(preempted, vocab_path, teacher_workdir,
+                                                      tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(preempted, workdir)
+    os.remove(os.path.join(str(checkpoint_dir(workdir) / "3"), "params", "_METADATA"))
+    before = _snapshot(workdir)
+    with pytest.raises(CorruptCheckpointError, match="no checkpoint in .* can be restored"):
+        train.train_and_evaluate(_student_config(vocab_path, teacher_workdir), workdir)
+    assert _snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite steps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(
+        vocab_path, teacher_workdir, tmp_path, monkeypatch, caplog):
+    """A teacher whose MLM bias turns NaN on chosen steps: L_ce goes NaN, L_mlm and L_cos not."""
+    bad = {3, 6, 7, 8}
+
+    def nan_teacher(call, state, teacher_params, batch, token_weights):
+        if call in bad:
+            teacher_params = {**teacher_params, "mlm_bias": teacher_params["mlm_bias"] * jnp.nan}
+        return state, teacher_params, batch, token_weights
+
+    _inject(monkeypatch, nan_teacher)
+    workdir = str(tmp_path / "run")
+    c = _student_config(vocab_path, teacher_workdir, checkpoint_every=1, keep_checkpoints=20,
+                        max_consecutive_nonfinite=3)
+    with caplog.at_level(logging.WARNING), pytest.raises(train.NonFiniteError) as stopped:
+        train.train_and_evaluate(c, workdir)
+    message = str(stopped.value)
+    assert "3 consecutive steps" in message and "steps 6-8" in message
+    # Which terms: L_ce and what depends on it, not L_mlm or L_cos.
+    assert "first: step 6: loss_ce=nan, loss=nan, grad_norm=nan)" in message
+    assert "step 3: loss_ce=nan, loss=nan, grad_norm=nan" in caplog.text  # The lone bad step.
+
+    # Stopped at the fetch of step 8 (the last), before saving it or evaluating; 1-7 were saved.
+    assert _steps(workdir) == list(range(1, 8))
+    params = {step: _checkpoint(workdir, step)[1] for step in range(1, 8)}
+    same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))  # noqa: E731
+    assert same(params[3], params[2])  # Skipped.
+    assert not same(params[4], params[3]) and not same(params[5], params[4])  # Trained on.
+    assert same(params[6], params[5]) and same(params[7], params[5])  # Skipped.
+    assert all(np.isfinite(x).all() for p in params.values() for x in jax.tree.leaves(p))
+    counters = _checkpoint(workdir, 7)[2]
+    assert (counters["skipped_steps"], counters["bad_streak"]) == (3, 2)
+    # Interval means leave the skipped steps out, and report the running count.
+    records = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r}
+    assert np.isfinite(records[4]["train/loss"]) and records[4]["train/skipped_steps"] == 1
+    assert records[6]["train/skipped_steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Full disk
+# ---------------------------------------------------------------------------------------------
+
+
+# Orbax's failed background write leaves TensorStore callbacks aimed at its closed event loop;
+# Python reports them as unraisable when they fire. They are noise, not the run's errors.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_disk_full_while_saving_keeps_the_committed_steps(
+        preempted, straight, vocab_path, teacher_workdir, tmp_path):
+    """RLIMIT_FSIZE makes every write past 200 kB fail (EFBIG), as a full disk fails with ENOSPC.
+
+    Python ignores SIGXFSZ, so the write returns an error instead of killing the process; the
+    limit is lifted before anything but the run writes.
+    """
+    workdir = str(tmp_path / "run")
+    shutil.copytree(preempted, workdir)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        with pytest.raises(CheckpointWriteError) as failed:
+            train.train_and_evaluate(_student_config(vocab_path, teacher_workdir), workdir)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(failed.value)
+    assert f"saving checkpoint step 4 to {checkpoint_dir(workdir)} failed: File too large" \
+        in message
+    assert "committed steps [3] are intact; a restart resumes from step 3" in message
+    assert _steps(workdir) == [3] and verify_step(checkpoint_dir(workdir), 3)
+    assert not os.path.exists(os.path.join(workdir, LOCK_NAME))
+
+    # With space again, the same command finishes the run as if nothing had happened.
+    train.train_and_evaluate(_student_config(vocab_path, teacher_workdir), workdir)
+    _assert_same_run_state(straight, workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one clear error, the workdir untouched
+# ---------------------------------------------------------------------------------------------
+
+
+def _change(section, **fields):
+    def apply(c, tmp_path):
+        for key, value in fields.items():
+            setattr(getattr(c, section), key, value)
+    return apply
+
+
+def _teacher_without_config(c, tmp_path):
+    (tmp_path / "not_a_run").mkdir()
+    c.teacher.checkpoint = str(tmp_path / "not_a_run")
+
+
+def _empty_tokenizer(c, tmp_path):
+    (tmp_path / "vocab.txt").write_text("")
+    c.data.tokenizer = str(tmp_path / "vocab.txt")
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (_change("model", hidden_size=48, num_heads=4, intermediate_size=96), ValueError,
+     r"loss.alpha_cos compares hidden states, but the teacher's hidden size \(32\) differs from "
+     r"model.hidden_size \(48\)"),
+    (_change("model", vocab_size=1999), ValueError,
+     r"model.vocab_size \(1999\) differs from data.tokenizer's \(2000\)"),
+    (_change("mesh", data=3), ValueError, r"mesh shape \(mesh.data=3, mesh.fsdp=1, "
+     r"mesh.tensor=1\) needs 3 devices, but 8 are available"),
+    (_change("train", log_every=0), ValueError, "train.log_every must be ≥ 1, got 0"),
+    (_teacher_without_config, ValueError, "is neither a distil_flax workdir nor a Hugging Face"),
+    (_empty_tokenizer, ValueError, r"vocab.txt lacks special token\(s\) \[PAD\]"),
+])
+def test_bad_inputs_fail_clearly_and_leave_the_workdir_untouched(
+        straight, vocab_path, teacher_workdir, tmp_path, change, error, message):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    before = _snapshot(workdir)
+    c = _student_config(vocab_path, teacher_workdir)
+    change(c, tmp_path)
+    with pytest.raises(error, match=message):
+        train.train_and_evaluate(c, workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_resuming_with_another_model_names_the_fields(straight, vocab_path, teacher_workdir,
+                                                      tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    before = _snapshot(workdir)
+    c = _student_config(vocab_path, teacher_workdir)
+    c.model.intermediate_size = 96
+    c.init.from_teacher = False  # Else the teacher's layers (width 64) refuse to fit first.
+    with pytest.raises(ValueError, match=r"checkpoints of a model with other parameter shapes "
+                                         r"\(.*model.intermediate_size is 64 there and 96 here\)"):
+        train.train_and_evaluate(c, workdir)
+    assert _snapshot(workdir) == before
+    c = _student_config(vocab_path, teacher_workdir, num_steps=STEPS)
+    c.model.dropout_rate = 0.0  # Not a shape: resuming is allowed (and there is nothing to do).
+    train.train_and_evaluate(c, workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter inputs: a Hugging Face teacher folder, damaged; an export of a corrupt checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_teacher(tmp_path_factory, teacher_workdir):
+    """The tiny teacher exported as a BertForMaskedLM folder (what `teacher.checkpoint` reads)."""
+    from distil_flax import export_hf
+
+    folder = str(tmp_path_factory.mktemp("hf") / "teacher")
+    export_hf.export_run(teacher_workdir, folder)
+    return folder
+
+
+def _truncate_weights(folder):
+    _truncate(os.path.join(folder, "model.safetensors"))
+
+
+def _other_architecture(folder):
+    path = os.path.join(folder, "config.json")
+    config = json.load(open(path))
+    json.dump(config | {"model_type": "gpt2"}, open(path, "w"))
+
+
+def _drop_a_tensor(folder):
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["bert.encoder.layer.1.output.dense.bias"]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_truncate_weights, "model.safetensors is not a readable safetensors file"),
+    (_other_architecture, "model_type 'gpt2' is not supported"),
+    (_drop_a_tensor, r"lacks key\(s\) \['bert.encoder.layer.1.output.dense.bias'\]"),
+])
+def test_damaged_hugging_face_teacher_is_refused(hf_teacher, straight, vocab_path,
+                                                 teacher_workdir, tmp_path, damage, message):
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(hf_teacher, teacher)
+    damage(teacher)
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    before = _snapshot(workdir)
+    c = _student_config(vocab_path, teacher_workdir)
+    c.teacher.checkpoint = teacher
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(c, workdir)
+    assert _snapshot(workdir) == before
+
+
+def test_export_of_a_corrupt_checkpoint_writes_nothing(straight, tmp_path):
+    from distil_flax import export_hf
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    _truncate(_largest_file(str(checkpoint_dir(workdir) / "8"), "params"))
+    output = tmp_path / "exported"
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 8: .* \(truncated\?\)"):
+        export_hf.export_run(workdir, str(output))
+    assert not output.exists() and os.listdir(tmp_path) == ["run"]
+    export_hf.export_run(workdir, str(output), step=4)  # An intact step still exports.
+    assert (output / "model.safetensors").exists()
+
+
+def test_cli_wrong_type_names_the_field(tmp_path, vocab_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "distil_flax.main", "--config=configs/quickstart_teacher.py:tiny",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.tokenizer={vocab_path}",
+         "--config.train.batch_size=eight"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode != 0
+    assert "train.batch_size" in result.stderr and "eight" in result.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# The workdir lock
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_lock(workdir, **owner):
+    os.makedirs(workdir, exist_ok=True)
+    record = {"host": socket.gethostname(), "pid": 0, "start": "", "heartbeat": time.time(),
+              "started": "earlier"} | owner
+    with open(os.path.join(workdir, LOCK_NAME), "w") as f:
+        json.dump(record, f)
+
+
+def test_a_live_owner_on_this_host_is_refused(straight, vocab_path, teacher_workdir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(workdir, pid=owner.pid)
+        before = _snapshot(workdir)
+        with pytest.raises(WorkdirLockedError, match=f"is in use by pid {owner.pid} on host "):
+            train.train_and_evaluate(_student_config(vocab_path, teacher_workdir), workdir)
+        assert _snapshot(workdir) == before  # Its lock and checkpoints stay as they were.
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_dead_owner_on_this_host_is_taken_over(tmp_path, caplog):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _write_lock(str(tmp_path), pid=gone.pid)
+    with caplog.at_level(logging.WARNING), WorkdirLock(tmp_path) as lock:
+        assert f"from pid {gone.pid}" in caplog.text and "no longer running" in caplog.text
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not lock.path.exists()  # Released.
+
+
+def test_another_hosts_lock_is_judged_by_its_heartbeat(tmp_path):
+    _write_lock(str(tmp_path), host="elsewhere", pid=1)
+    path = tmp_path / LOCK_NAME
+    stop = threading.Event()
+
+    def beat():  # The owner on the other host, alive.
+        while not stop.wait(0.05):
+            _write_lock(str(tmp_path), host="elsewhere", pid=1)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        with pytest.raises(WorkdirLockedError, match="in use by pid 1 on host elsewhere"):
+            WorkdirLock(tmp_path, heartbeat_s=0.2).acquire()
+    finally:
+        stop.set()
+        beating.join()
+    # The owner died: its heartbeat stops, and the lock is taken after 2.5 intervals.
+    with WorkdirLock(tmp_path, heartbeat_s=0.2):
+        assert json.loads(path.read_text())["host"] == socket.gethostname()
+
+
+def test_a_run_whose_lock_was_taken_notices(tmp_path):
+    lock = WorkdirLock(tmp_path, heartbeat_s=0.05)
+    with lock:
+        _write_lock(str(tmp_path), host="elsewhere", pid=1)
+        assert lock.lost.wait(2.0)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "elsewhere"  # Not removed.
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI killed with SIGKILL at random moments, and a second run on a busy workdir
+# ---------------------------------------------------------------------------------------------
+
+CLI_STEPS = 16
+
+
+def _cli(workdir, vocab_path, log, *flags):
+    """Starts the CLI on the tiny teacher config, one device, a checkpoint every step.
+
+    Its output goes to the file `log` (a pipe nobody reads would block a long run).
+    """
+    command = [sys.executable, "-m", "distil_flax.main",
+               "--config=configs/quickstart_teacher.py:tiny", f"--workdir={workdir}",
+               f"--config.data.tokenizer={vocab_path}", f"--config.train.num_steps={CLI_STEPS}",
+               "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
+               "--config.train.log_every=4", "--config.train.eval_every=0",
+               "--config.train.eval_batches=1", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_for_step(workdir, above, process, timeout=120):
+    """Waits until a step > `above` is committed; returns it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isdir(checkpoint_dir(workdir)):
+            steps = _steps(workdir)
+            if steps and steps[-1] > above:
+                return steps[-1]
+        assert process.poll() is None, f"the run ended with status {process.returncode}"
+        time.sleep(0.02)
+    raise TimeoutError(f"no checkpoint past step {above} in {workdir}")
+
+
+@pytest.fixture(scope="module")
+def prepared_teacher_data(vocab_path):
+    """Prepares the tiny teacher config's data once, so that CLI runs only read it."""
+    from distil_flax import data
+
+    c = load_config(os.path.join(ROOT, "configs/quickstart_teacher.py:tiny"))
+    c.data.tokenizer = vocab_path
+    data.build_datasets(c.data, data.load_tokenizer(vocab_path, lowercase=c.data.lowercase))
+
+
+def test_kill_9_and_sigterm_at_random_moments_then_resume_bit_identically(
+        prepared_teacher_data, vocab_path, tmp_path):
+    """kill -9, SIGTERM, kill -9 at seeded random moments of a run saving every step."""
+    reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    logs = iter(str(tmp_path / f"run{i}.log") for i in itertools.count())
+    read = lambda path: open(path).read()  # noqa: E731
+    uninterrupted = _cli(reference, vocab_path, reference_log := next(logs))
+
+    # A second run on the busy workdir is refused, and does not disturb the first.
+    _wait_for_step(reference, 0, uninterrupted)
+    second = _cli(reference, vocab_path, log := next(logs))
+    assert second.wait(timeout=120) == 1
+    assert read(log).strip().splitlines()[-1].startswith(
+        f"error: workdir {reference} is in use by pid {uninterrupted.pid} on host ")
+
+    rng = random.Random(SEED)
+    latest = 0
+    outcomes = []
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGKILL):
+        process = _cli(interrupted, vocab_path, log := next(logs))
+        committed = _wait_for_step(interrupted, latest, process)
+        time.sleep(rng.uniform(0.0, 0.3))  # Anywhere in a step or a save.
+        process.send_signal(sig)
+        process.wait(timeout=120)
+        steps = _steps(interrupted)
+        partial = [p for p in os.listdir(checkpoint_dir(interrupted)) if TMP_SUFFIX in p]
+        outcomes.append((sig.name, committed, steps, partial, process.returncode))
+        # What was committed before the signal survives, and every step on disk is complete:
+        # an older step goes only after a newer one is committed (keep_checkpoints=2, and a
+        # third stays until the deletion that follows the commit).
+        assert steps and steps[-1] >= committed and len(steps) <= 3, outcomes
+        assert all(verify_step(checkpoint_dir(interrupted), s) for s in steps)
+        if sig == signal.SIGTERM:  # Saves the step it is in and exits 0.
+            assert process.returncode == 0, read(log)
+            assert f"Stopping at step {steps[-1]} (SIGTERM)" in read(log)
+        else:
+            assert process.returncode == -signal.SIGKILL
+        latest = steps[-1]
+
+    final = _cli(interrupted, vocab_path, log := next(logs))
+    assert final.wait(timeout=300) == 0, read(log)
+    assert f"Resuming from step {latest}" in read(log)
+    assert "no longer running" in read(log)  # The killed run's lock was taken over.
+    assert uninterrupted.wait(timeout=300) == 0, read(reference_log)
+    _assert_same_run_state(reference, interrupted)
+    print("signal, step committed before it, steps on disk after, half-written steps left, "
+          "exit status:", outcomes)

@@ -1,0 +1,251 @@
+"""Multi-host for real, on one machine: two JAX processes on localhost train one model together.
+
+The test starts two copies of this file as processes that meet through
+`jax.distributed.initialize(coordinator_address="127.0.0.1:PORT", ...)`, each with two simulated
+CPU devices, so the mesh spans 4 devices over 2 hosts, every step all-reduces across processes,
+and each host reads only its half of every batch. Both run the tiny student config through the
+real `train_and_evaluate`, stop at a checkpoint, resume from it, and finish; then each restores the
+final checkpoint and writes the copies of the parameters it holds. The parent checks that every
+copy on both hosts is identical and that the run matches a single-process run of the same config
+(which fails if the hosts read the same or the wrong rows, or if a restore lost state).
+
+Run as a script (`python tests/test_multihost.py --process_id=0 ...`) it is one of those hosts.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES = 2
+LOCAL_DEVICES = 2
+TIMEOUT_S = 300  # The whole two-process run; on 2 shared cores it takes well under a minute.
+
+
+def _student_config(vocab_path: str, teacher_workdir: str):
+    from distil_flax.config import load_config
+
+    c = load_config(os.path.join(ROOT, "configs/quickstart.py:tiny"))
+    c.data.tokenizer = vocab_path
+    c.teacher.checkpoint = teacher_workdir
+    c.train.num_steps = 8
+    c.train.checkpoint_every = 4
+    c.train.log_every = 2
+    c.train.eval_every = 0
+    # Gradients accumulated over 2 micro-batches of 8: with 2 hosts, each holds half of every
+    # micro-batch, which must still hold the same rows as in a one-process run.
+    c.train.batch_size = 16
+    c.train.micro_batch_size = 8
+    return c
+
+
+def _flat(tree) -> dict:
+    import jax
+
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _restore_final_params(c, workdir: str):
+    """The latest checkpoint's parameters, read into `c`'s mesh over all processes' devices."""
+    from distil_flax import partitioning, train
+    from distil_flax.checkpoint import restore_params
+    from distil_flax.model import make_encoder
+
+    mesh = partitioning.make_mesh(c.mesh)
+    rules = partitioning.rules_from_config(c.mesh.rules)
+    abstract = train.abstract_params(make_encoder(c.model), mesh, rules)
+    params, step = restore_params(workdir, abstract)
+    return params, step, mesh
+
+
+# ---------------------------------------------------------------------------------- one host
+
+
+def _host(args: argparse.Namespace) -> None:
+    """One process of the 2-host run; writes what it holds to `args.out/process_{i}.*`."""
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO)  # The log is shown if a host fails.
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=NUM_PROCESSES, process_id=args.process_id,
+                               initialization_timeout=120)
+    from distil_flax import train
+
+    c = _student_config(args.vocab, args.teacher)
+    # Preempted at step 4 (checkpoint written by both hosts), then resumed from it on both.
+    assert train.train_and_evaluate(c, args.workdir, stop_at_step=4) == {}
+    final = train.train_and_evaluate(c, args.workdir)
+
+    params, step, mesh = _restore_final_params(c, args.workdir)
+    copies = {}
+    for name, leaf in _flat(params).items():
+        for shard in leaf.addressable_shards:
+            copies[f"{name}@{shard.device.id}"] = np.asarray(shard.data)
+    prefix = os.path.join(args.out, f"process_{args.process_id}")
+    np.savez(prefix + ".npz", **copies)
+    with open(prefix + ".json", "w") as f:
+        json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
+                   "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+                   "mesh": dict(mesh.shape), "step": step, "final": final}, f)
+    jax.distributed.shutdown()
+
+
+# ---------------------------------------------------------------------------------- the test
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def _start_hosts(tmp_path, vocab_path, teacher_workdir) -> list[tuple[subprocess.Popen, str]]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           # Not the 8 devices the test process simulates: each host has its own two.
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+           # The resumed run compiles the same programs again: read them from disk instead.
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "compilation_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    coordinator = f"127.0.0.1:{_free_port()}"
+    hosts = []
+    for i in range(NUM_PROCESSES):
+        log = str(tmp_path / f"process_{i}.log")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), f"--process_id={i}",
+                 f"--coordinator={coordinator}", f"--vocab={vocab_path}",
+                 f"--teacher={teacher_workdir}", f"--workdir={tmp_path / 'run'}",
+                 f"--out={tmp_path}"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        hosts.append((proc, log))
+    return hosts
+
+
+def _wait(hosts, deadline: float) -> None:
+    """Waits for every host; the first failure or the deadline ends all of them."""
+    try:
+        while any(proc.poll() is None for proc, _ in hosts):
+            failed = [(p, log) for p, log in hosts if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                reason = "failed" if failed else f"did not finish within {TIMEOUT_S} s"
+                logs = "\n".join(f"--- {log}\n{_tail(log)}" for _, log in (failed or hosts))
+                raise AssertionError(f"a host {reason}:\n{logs}")
+            time.sleep(0.2)
+        for proc, log in hosts:
+            assert proc.returncode == 0, f"{log}:\n{_tail(log)}"
+    finally:
+        for proc, _ in hosts:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_two_processes_train_identical_replicas_and_match_one_process(
+        tmp_path, vocab_path, teacher_workdir):
+    import jax
+
+    from distil_flax import train
+    from distil_flax.metric_writers import read_metrics
+
+    deadline = time.monotonic() + TIMEOUT_S
+    hosts = _start_hosts(tmp_path, vocab_path, teacher_workdir)
+    try:
+        # The same run in this process (8 local devices, no interruption), while the hosts work.
+        reference = str(tmp_path / "reference")
+        c = _student_config(vocab_path, teacher_workdir)
+        expected_final = train.train_and_evaluate(c, reference)
+        params, _, _ = _restore_final_params(c, reference)
+        expected = _flat(jax.device_get(params))
+    finally:
+        _wait(hosts, deadline)
+
+    infos = []
+    for i in range(NUM_PROCESSES):
+        with open(tmp_path / f"process_{i}.json") as f:
+            infos.append(json.load(f))
+    for i, info in enumerate(infos):
+        assert info["process_index"] == i and info["process_count"] == NUM_PROCESSES
+        assert info["local_devices"] == LOCAL_DEVICES
+        assert info["devices"] == NUM_PROCESSES * LOCAL_DEVICES
+        assert info["mesh"] == {"data": NUM_PROCESSES * LOCAL_DEVICES, "fsdp": 1, "tensor": 1}
+        assert info["step"] == 8
+        with open(tmp_path / f"process_{i}.log") as f:
+            assert "Resuming from step 4" in f.read()  # Both hosts restored the checkpoint.
+    # Evaluation is one global computation: both hosts report the same numbers.
+    assert infos[0]["final"] == infos[1]["final"]
+
+    # Every copy of every parameter, on every device of both hosts, is the same array.
+    copies = [dict(np.load(tmp_path / f"process_{i}.npz")) for i in range(NUM_PROCESSES)]
+    assert set(copies[0]).isdisjoint(copies[1])  # Each host saw only its own devices.
+    by_param: dict[str, list[np.ndarray]] = {}
+    for host_copies in copies:
+        for key, value in host_copies.items():
+            by_param.setdefault(key.rsplit("@", 1)[0], []).append(value)
+    assert set(by_param) == set(expected)
+    for name, values in by_param.items():
+        assert len(values) == NUM_PROCESSES * LOCAL_DEVICES, name
+        for value in values[1:]:
+            np.testing.assert_array_equal(value, values[0], err_msg=name)
+        # The 2-host run (with a restart) trained on the same global batches as one process:
+        # only the order of the cross-device sums differs.
+        np.testing.assert_allclose(values[0], expected[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+
+    # Only process 0 writes metrics, once per log step, though both ran the loop.
+    losses = [r["train/loss"] for r in read_metrics(str(tmp_path / "run")) if "train/loss" in r]
+    expected_losses = [r["train/loss"] for r in read_metrics(reference) if "train/loss" in r]
+    assert len(losses) == len(expected_losses) == 4
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    for key, value in expected_final.items():
+        assert np.isclose(infos[0]["final"][key], value, rtol=1e-4), key
+
+
+def test_run_config_and_teacher_workdir_on_object_storage(tmp_path, vocab_path):
+    """Pod runs keep workdirs on GCS: config.json and the teacher check go through etils.epath."""
+    import pytest
+    from etils.epath import testing as epath_testing
+
+    from distil_flax import config as config_lib
+
+    def local(path) -> str:  # gs://bucket/x → tmp_path/bucket/x: a stand-in object store.
+        return os.fspath(path).replace("gs://", f"{tmp_path}/", 1)
+
+    (tmp_path / "bucket" / "run").mkdir(parents=True)
+    (tmp_path / "bucket" / "teacher").mkdir()
+    c = _student_config(vocab_path, "gs://bucket/teacher")
+    with epath_testing.mock_epath(open=lambda fn, p, mode: fn(local(p), mode),
+                                  exists=lambda fn, p: fn(local(p))):
+        config_lib.validate(c)
+        config_lib.save_json(c, "gs://bucket/run/config.json")
+        loaded = config_lib.load_json("gs://bucket/run/config.json")
+        assert loaded.to_dict() == json.loads(c.to_json_best_effort())  # Tuples become lists.
+        with pytest.raises(FileNotFoundError, match="gs://bucket/run/missing.json"):
+            config_lib.load_json("gs://bucket/run/missing.json")
+        (tmp_path / "bucket" / "run" / "truncated.json").write_text('{"seed": ')
+        with pytest.raises(ValueError, match="gs://bucket/run/truncated.json is not valid JSON"):
+            config_lib.load_json("gs://bucket/run/truncated.json")
+        c.teacher.checkpoint = "gs://bucket/no_teacher"
+        with pytest.raises(ValueError, match="teacher.checkpoint='gs://bucket/no_teacher'"):
+            config_lib.validate(c)
+    assert (tmp_path / "bucket" / "run" / "config.json").is_file()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag in ("coordinator", "vocab", "teacher", "workdir", "out"):
+        parser.add_argument(f"--{flag}", required=True)
+    parser.add_argument("--process_id", type=int, required=True)
+    _host(parser.parse_args())
