@@ -316,13 +316,15 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(
 
     # Stopped at the fetch of step 8 (the last), before saving it or evaluating; 1-7 were saved.
     assert _steps(workdir) == list(range(1, 8))
-    params = {step: _checkpoint(workdir, step)[1] for step in range(1, 8)}
+    saved = {step: _checkpoint(workdir, step) for step in range(1, 8)}
+    # Parameters and optimizer state of each step.
+    states = {step: (params, item["opt_state"]) for step, (_, params, item, _) in saved.items()}
     same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))  # noqa: E731
-    assert same(params[3], params[2])  # Skipped.
-    assert not same(params[4], params[3]) and not same(params[5], params[4])  # Trained on.
-    assert same(params[6], params[5]) and same(params[7], params[5])  # Skipped.
-    assert all(np.isfinite(x).all() for p in params.values() for x in jax.tree.leaves(p))
-    counters = _checkpoint(workdir, 7)[2]
+    assert same(states[3], states[2])  # Skipped.
+    assert not same(states[4], states[3]) and not same(states[5], states[4])  # Trained on.
+    assert same(states[6], states[5]) and same(states[7], states[5])  # Skipped.
+    assert all(np.isfinite(x).all() for s in states.values() for x in jax.tree.leaves(s))
+    counters = saved[7][2]
     assert (counters["skipped_steps"], counters["bad_streak"]) == (3, 2)
     # Interval means leave the skipped steps out, and report the running count.
     records = {r["step"]: r for r in read_metrics(workdir) if "train/loss" in r}
@@ -559,12 +561,12 @@ def test_another_hosts_lock_is_judged_by_its_heartbeat(tmp_path):
     beating.start()
     try:
         with pytest.raises(WorkdirLockedError, match="in use by pid 1 on host elsewhere"):
-            WorkdirLock(tmp_path, heartbeat_s=0.2).acquire()
+            WorkdirLock(tmp_path, heartbeat_s=0.4).acquire()
     finally:
         stop.set()
         beating.join()
     # The owner died: its heartbeat stops, and the lock is taken after 2.5 intervals.
-    with WorkdirLock(tmp_path, heartbeat_s=0.2):
+    with WorkdirLock(tmp_path, heartbeat_s=0.4):
         assert json.loads(path.read_text())["host"] == socket.gethostname()
 
 
