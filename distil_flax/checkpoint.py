@@ -31,8 +31,8 @@ import zlib
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 

@@ -470,6 +470,7 @@ def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, lock: Workdi
                     logging.warning("Stopping at step %d (%s): saving a checkpoint.", step,
                                     "SIGTERM" if preempted else "stop_at_step")
                     checkpointer.save(step, state, iterator.get_state(), force=True)
+                    eval_metrics = {}  # Stopped, not finished: no mid-run evaluation as final.
                     break
         if step >= num_steps:
             checkpointer.save(step, state, iterator.get_state(), force=True)

@@ -385,6 +385,18 @@ def _teacher_without_config(c, tmp_path):
     c.teacher.checkpoint = str(tmp_path / "not_a_run")
 
 
+def _data_of_another_tokenizer(c, tmp_path):
+    """The run's prepared data, read with a vocab of the same size whose last two tokens swap."""
+    from distil_flax import data
+    from distil_flax.data import prepare
+
+    prepared = prepare.default_directory(c.data, data.load_tokenizer(c.data.tokenizer))
+    lines = open(c.data.tokenizer).read().splitlines()
+    lines[-2:] = lines[-1], lines[-2]
+    (tmp_path / "vocab.txt").write_text("\n".join(lines) + "\n")
+    c.data.tokenizer, c.data.dir = str(tmp_path / "vocab.txt"), prepared
+
+
 def _empty_tokenizer(c, tmp_path):
     (tmp_path / "vocab.txt").write_text("")
     c.data.tokenizer = str(tmp_path / "vocab.txt")
@@ -401,6 +413,8 @@ def _empty_tokenizer(c, tmp_path):
     (_change("train", log_every=0), ValueError, "train.log_every must be ≥ 1, got 0"),
     (_teacher_without_config, ValueError, "is neither a distil_flax workdir nor a Hugging Face"),
     (_empty_tokenizer, ValueError, r"vocab.txt lacks special token\(s\) \[PAD\]"),
+    (_data_of_another_tokenizer, ValueError, r"The prepared data in .* was tokenized with .*"
+     r"its ids would mean other tokens"),
 ])
 def test_bad_inputs_fail_clearly_and_leave_the_workdir_untouched(
         straight, vocab_path, teacher_workdir, tmp_path, change, error, message):
