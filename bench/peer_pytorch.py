@@ -29,6 +29,9 @@ import time
 import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shape_args import add_shape_args, comma_list  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -41,22 +44,12 @@ MASK_PROB, TEMPERATURE = 0.15, 2.0
 ALPHA_CE, ALPHA_MLM, ALPHA_COS = 5.0, 2.0, 1.0
 
 
-def _list(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    shape = p.add_argument_group("model shapes (defaults: BERT-base teacher, DistilBERT student)")
-    shape.add_argument("--vocab", type=int, default=30522)
-    shape.add_argument("--hidden", type=int, default=768)
-    shape.add_argument("--heads", type=int, default=12)
-    shape.add_argument("--intermediate", type=int, default=3072)
-    shape.add_argument("--teacher_layers", type=int, default=12)
-    shape.add_argument("--student_layers", type=int, default=6)
-    p.add_argument("--batch", type=_list(int), default=[64])
-    p.add_argument("--seq", type=_list(int), default=[512])
-    p.add_argument("--mode", type=_list(str), default=["all", "masked"])
+    add_shape_args(p)
+    p.add_argument("--batch", type=comma_list(int), default=[64])
+    p.add_argument("--seq", type=comma_list(int), default=[512])
+    p.add_argument("--mode", type=comma_list(str), default=["all", "masked"])
     p.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
     p.add_argument("--compile_mode", default="default",
                    help="torch.compile mode: default | max-autotune-no-cudagraphs | ...")

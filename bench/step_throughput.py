@@ -31,6 +31,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from shape_args import add_shape_args, comma_list  # noqa: E402
 
 import flax  # noqa: E402
 import jax  # noqa: E402
@@ -47,32 +50,22 @@ from distil_flax.step import TrainState, distil_step  # noqa: E402
 GIB = 2**30
 
 
-def _list(kind):
-    return lambda text: [kind(v) for v in text.split(",") if v]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    shape = p.add_argument_group("model shapes (defaults: BERT-base teacher, DistilBERT student)")
-    shape.add_argument("--vocab", type=int, default=30522)
-    shape.add_argument("--hidden", type=int, default=768)
-    shape.add_argument("--heads", type=int, default=12)
-    shape.add_argument("--intermediate", type=int, default=3072)
-    shape.add_argument("--teacher_layers", type=int, default=12)
-    shape.add_argument("--student_layers", type=int, default=6)
+    add_shape_args(p)
     sweep = p.add_argument_group("swept (comma-separated lists)")
-    sweep.add_argument("--batch", type=_list(int), default=[64], help="sequences per step")
-    sweep.add_argument("--seq", type=_list(int), default=[512])
-    sweep.add_argument("--mode", type=_list(str), default=["all", "masked"],
+    sweep.add_argument("--batch", type=comma_list(int), default=[64], help="sequences per step")
+    sweep.add_argument("--seq", type=comma_list(int), default=[512])
+    sweep.add_argument("--mode", type=comma_list(str), default=["all", "masked"],
                        help="all: L_ce on every token (released recipe); masked: on the 15%%")
-    sweep.add_argument("--attention", type=_list(str), default=["auto"],
+    sweep.add_argument("--attention", type=comma_list(str), default=["auto"],
                        help="model.attention_impl: auto|xla|cudnn|splash|einsum")
-    sweep.add_argument("--attention_mask", type=_list(str), default=["lengths"],
+    sweep.add_argument("--attention_mask", type=comma_list(str), default=["lengths"],
                        help="model.attention_mask: lengths (rows are one sequence, as here) | "
                             "segments (packed rows)")
-    sweep.add_argument("--head_chunk", type=_list(int), default=[128],
+    sweep.add_argument("--head_chunk", type=comma_list(int), default=[128],
                        help="loss.head_chunk: positions per chunk of the fused head; 0: plain")
-    sweep.add_argument("--remat", type=_list(str), default=["none"],
+    sweep.add_argument("--remat", type=comma_list(str), default=["none"],
                        help="model.remat: none|full|dots_saveable|dots_with_no_batch_dims_saveable")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of both models")
     p.add_argument("--teacher_dtype", default="bfloat16", help="teacher parameter dtype")
