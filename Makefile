@@ -35,6 +35,8 @@ clean-quickstart:
 # Speed (bench/README.md): our step beside the PyTorch peer, on this machine's accelerator, then
 # a comparison table. Needs jax (for GPUs: jax[cuda12]), flax, optax, torch and transformers; runs
 # from the checkout (PYTHONPATH=.) without installing the package. The parts run on their own too.
+# A sweep records a failing configuration and goes on, then exits 1; the leading "-" lets make go
+# on too, so that the table (which lists the failures) is always printed.
 BENCH_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 BENCH_OUT ?= runs/bench
 # JAX may take 90 % of GPU memory (default 75 %), as PyTorch may take all of it.
@@ -48,18 +50,18 @@ bench: bench-jax bench-peer-eager bench-peer-compile bench-table
 
 bench-jax:
 	mkdir -p $(BENCH_OUT)
-	$(BENCH) bench/step_throughput.py $(BENCH_SHAPES) > $(BENCH_OUT)/distil_flax.jsonl
-	$(BENCH) bench/step_throughput.py $(BENCH_SHAPES_128) >> $(BENCH_OUT)/distil_flax.jsonl
+	-$(BENCH) bench/step_throughput.py $(BENCH_SHAPES) > $(BENCH_OUT)/distil_flax.jsonl
+	-$(BENCH) bench/step_throughput.py $(BENCH_SHAPES_128) >> $(BENCH_OUT)/distil_flax.jsonl
 
 bench-peer-eager:
 	mkdir -p $(BENCH_OUT)
-	$(BENCH) bench/peer_pytorch.py $(BENCH_SHAPES) > $(BENCH_OUT)/peer_eager.jsonl
-	$(BENCH) bench/peer_pytorch.py $(BENCH_SHAPES_128) >> $(BENCH_OUT)/peer_eager.jsonl
+	-$(BENCH) bench/peer_pytorch.py $(BENCH_SHAPES) > $(BENCH_OUT)/peer_eager.jsonl
+	-$(BENCH) bench/peer_pytorch.py $(BENCH_SHAPES_128) >> $(BENCH_OUT)/peer_eager.jsonl
 
 bench-peer-compile:
 	mkdir -p $(BENCH_OUT)
-	$(BENCH) bench/peer_pytorch.py --compile $(BENCH_SHAPES) > $(BENCH_OUT)/peer_compile.jsonl
-	$(BENCH) bench/peer_pytorch.py --compile $(BENCH_SHAPES_128) >> $(BENCH_OUT)/peer_compile.jsonl
+	-$(BENCH) bench/peer_pytorch.py --compile $(BENCH_SHAPES) > $(BENCH_OUT)/peer_compile.jsonl
+	-$(BENCH) bench/peer_pytorch.py --compile $(BENCH_SHAPES_128) >> $(BENCH_OUT)/peer_compile.jsonl
 
 bench-table:
 	$(BENCH) bench/compare.py $(BENCH_OUT)/distil_flax.jsonl $(BENCH_OUT)/peer_eager.jsonl \
@@ -68,13 +70,13 @@ bench-table:
 # Each lever on and off, where step time goes, and the largest batch that fits.
 bench-levers:
 	mkdir -p $(BENCH_OUT)
-	$(BENCH) bench/step_throughput.py --seq=512 --batch=64 --mode=all,masked \
+	-$(BENCH) bench/step_throughput.py --seq=512 --batch=64 --mode=all,masked \
 		--attention=xla,cudnn --head_chunk=0,128 > $(BENCH_OUT)/levers.jsonl
-	$(BENCH) bench/step_throughput.py --seq=512 --batch=64 --mode=all \
+	-$(BENCH) bench/step_throughput.py --seq=512 --batch=64 --mode=all \
 		--attention=xla,cudnn --attention_mask=segments --segments=4 >> $(BENCH_OUT)/levers.jsonl
-	$(BENCH) bench/step_throughput.py --seq=512 --batch=64 --mode=all,masked \
+	-$(BENCH) bench/step_throughput.py --seq=512 --batch=64 --mode=all,masked \
 		--breakdown >> $(BENCH_OUT)/levers.jsonl
-	$(BENCH) bench/step_throughput.py --seq=512 --batch=64 \
+	-$(BENCH) bench/step_throughput.py --seq=512 --batch=64 \
 		--mode=all,masked --head_chunk=0,128 --remat=none,dots_saveable --find_max_batch \
 		>> $(BENCH_OUT)/levers.jsonl
 	$(BENCH) bench/compare.py $(BENCH_OUT)/levers.jsonl $(BENCH_OUT)/peer_compile.jsonl \

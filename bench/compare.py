@@ -4,7 +4,8 @@
 
 One row per distil_flax configuration, beside the PyTorch peer (eager and compiled) at the same
 mode, sequence length and batch, with the ratio to the compiled peer and the issue's target; then
-the step-time breakdowns and the largest batches found, if the files hold any.
+the step-time breakdowns, the largest batches found and the configurations that failed, if the
+files hold any.
 """
 
 import json
@@ -81,7 +82,7 @@ def comparison_table(records: list[dict]) -> str:
 
 
 def breakdown_table(records: list[dict]) -> str:
-    rows = [r for r in records if r.get("kind") == "breakdown"]
+    rows = [r for r in records if r.get("kind") == "breakdown" and "error" not in r]
     if not rows:
         return ""
     parts = list(rows[0]["parts_ms"])
@@ -97,7 +98,7 @@ def breakdown_table(records: list[dict]) -> str:
 
 
 def max_batch_table(records: list[dict]) -> str:
-    rows = [r for r in records if r.get("kind") == "max_batch"]
+    rows = [r for r in records if r.get("kind") == "max_batch" and "error" not in r]
     if not rows:
         return ""
     lines = ["| mode | seq | head_chunk | remat | largest batch that ran | first that failed |",
@@ -108,13 +109,30 @@ def max_batch_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def failures_table(records: list[dict]) -> str:
+    """Every configuration that did not run, with its error (out of memory included)."""
+    rows = [r for r in records if "error" in r]
+    if not rows:
+        return ""
+    skip = {"system", "device", "error", "kind"}
+    lines = ["| system | configuration | error |", "|---|---|---|"]
+    for r in rows:
+        config = ", ".join(f"{k}={v}" for k, v in r.items() if k not in skip)
+        error = r["error"].replace("|", "\\|")
+        lines.append(f"| {r['system']}{' ' + r['kind'] if 'kind' in r else ''} | {config} | "
+                     f"{error} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit("usage: python bench/compare.py FILE.jsonl [FILE.jsonl ...]")
     records = read_records(argv)
     devices = sorted({r["device"] for r in records if "device" in r})
     print(f"Device: {', '.join(devices) or 'unknown'}\n")
-    for table in (comparison_table(records), breakdown_table(records), max_batch_table(records)):
+    tables = (comparison_table(records), breakdown_table(records), max_batch_table(records),
+              failures_table(records))
+    for table in tables:
         if table:
             print(table + "\n")
 

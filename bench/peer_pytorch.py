@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -225,25 +226,34 @@ def measure(args, config: dict, device) -> dict:
     }
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Runs the sweep; returns 1 if a configuration failed other than by running out of memory."""
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (loss) on tensor cores.
+    failed = False
     for batch, seq, mode in itertools.product(args.batch, args.seq, args.mode):
         config = {"batch": batch, "seq": seq, "mode": mode}
         try:
             record = measure(args, config, device)
-        except torch.cuda.OutOfMemoryError as error:  # Report it and go on with the sweep.
+        except Exception as error:  # noqa: BLE001 — recorded, and the sweep goes on.
+            out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
+            if not out_of_memory:
+                traceback.print_exc()
+                failed = True
+            reason = "out of memory: " if out_of_memory else f"{type(error).__name__}: "
             record = {"system": "pytorch-compile" if args.compile else "pytorch-eager",
-                      "device": torch.cuda.get_device_name(device), **config,
-                      "error": "out of memory: " + str(error).splitlines()[0][:200]}
+                      "device": torch.cuda.get_device_name(device)
+                      if device.type == "cuda" else "cpu", **config,
+                      "error": reason + (str(error).splitlines() or [""])[0][:300]}
         print(json.dumps(record), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if args.compile:
             torch._dynamo.reset()
+    return int(failed)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

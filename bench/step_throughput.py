@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -442,36 +443,56 @@ def breakdown(bench: Bench, args) -> dict:
             "sum_ms": sum(result.values())}
 
 
-def main(argv=None):
+def _failure(config: dict, error: Exception, kind: str | None) -> dict:
+    """The record of a configuration that did not run; the sweep goes on without it."""
+    first_line = (str(error).splitlines() or [""])[0][:300]
+    reason = "out of memory: " if not _fits(error) else f"{type(error).__name__}: "
+    return {"system": "distil_flax", **({"kind": kind} if kind else {}),
+            "device": jax.devices()[0].device_kind, **config, "error": reason + first_line}
+
+
+def main(argv=None) -> int:
+    """Runs the sweep; returns 1 if a configuration failed other than by running out of memory.
+
+    A failing configuration (a kernel this GPU's cuDNN lacks, say) is recorded with its error
+    and the sweep continues: one bad configuration must not cost the rest of a GPU session.
+    """
     args = parse_args(argv)
     keys = ("batch", "seq", "mode", "attention", "attention_mask", "head_chunk", "remat")
+    kind = "max_batch" if args.find_max_batch else "compile_only" if args.compile_only else None
+    failed = False
     for values in itertools.product(*(getattr(args, k) for k in keys)):
         config = dict(zip(keys, values))
         if config["batch"] % args.accum:
             raise SystemExit(f"--batch={config['batch']} is not a multiple of --accum={args.accum}")
-        if args.find_max_batch:
-            print(json.dumps(find_max_batch(args, config)), flush=True)
-            continue
-        if args.compile_only:
-            print(json.dumps(compile_only(args, config)), flush=True)
-            continue
+        bench = None
         try:
-            bench = Bench(args, **config)
-            record = measure(bench, args)
-        except Exception as error:  # noqa: BLE001 — an OOM must not end the sweep.
+            if args.find_max_batch:
+                record = find_max_batch(args, config)
+            elif args.compile_only:
+                record = compile_only(args, config)
+            else:
+                bench = Bench(args, **config)
+                record = measure(bench, args)
+        except Exception as error:  # noqa: BLE001 — recorded, and the sweep goes on.
             if _fits(error):
-                raise
-            record = {"system": "distil_flax", "device": jax.devices()[0].device_kind,
-                      **config, "error": "out of memory: " + str(error).splitlines()[0][:200]}
-            bench = None
+                traceback.print_exc()
+                failed = True
+            record, bench = _failure(config, error, kind), None
         print(json.dumps(record), flush=True)
         if args.breakdown and bench is not None:
-            parts = breakdown(bench, args)
-            parts["step_ms"] = record["step_ms"] / args.accum  # One micro-batch's share.
+            try:
+                parts = breakdown(bench, args)
+                parts["step_ms"] = record["step_ms"] / args.accum  # One micro-batch's share.
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                failed = True
+                parts = _failure(config, error, "breakdown")
             print(json.dumps(parts), flush=True)
         bench = None
         gc.collect()
+    return int(failed)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

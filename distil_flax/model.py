@@ -220,8 +220,7 @@ class Attention(nn.Module):
         if impl == "einsum":
             out = self._einsum_attention(q, k, v, dense_mask, use_dropout)
         elif impl == "splash":
-            out = splash_attention(q, k, v, kernel_segments,
-                                   interpret=jax.default_backend() != "tpu")
+            out = splash_attention(q, k, v, kernel_segments)  # Selected only on TPUs.
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **mask_args)
         out = nn.with_logical_constraint(out, axes)

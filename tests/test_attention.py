@@ -1,15 +1,22 @@
-"""Attention kernel selection per platform, the mask each kernel receives, and remat policies."""
+"""Attention kernel selection per platform, the mask each kernel receives, the kernels the
+training step compiles to on GPUs and TPUs, and remat policies."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
 from distil_flax import model as model_lib
 from distil_flax import partitioning
+from distil_flax.losses import LossSpec
+from distil_flax.masking import MaskingSpec
 from distil_flax.model import make_encoder, model_config, select_attention
+from distil_flax.step import TrainState, distil_step
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -155,7 +162,7 @@ def test_tpu_auto_runs_splash_under_a_mesh_and_matches_einsum(monkeypatch):
 
     def recording(q, k, v, segment_ids, **kwargs):
         calls.append(dict(mesh=jax.sharding.get_abstract_mesh(), **kwargs))
-        return original(q, k, v, segment_ids, **kwargs)
+        return original(q, k, v, segment_ids, interpret=True)  # No TPU here: interpret it.
 
     monkeypatch.setattr(model_lib, "_platform", lambda: "tpu")
     monkeypatch.setattr(model_lib, "splash_attention", recording)
@@ -168,7 +175,7 @@ def test_tpu_auto_runs_splash_under_a_mesh_and_matches_einsum(monkeypatch):
     mesh = partitioning.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
     with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
         got = _hidden(_encoder("auto", length=length), params, rows)
-    assert len(calls) == 1 and calls[0]["interpret"]  # No TPU here: the interpreter ran it.
+    assert len(calls) == 1
     assert dict(calls[0]["mesh"].shape) == {"data": 2, "fsdp": 1, "tensor": 2}
     np.testing.assert_allclose(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
@@ -215,3 +222,73 @@ def test_model_fields_are_validated_and_old_configs_still_load():
     c.attention_impl = "flash"
     with pytest.raises(ValueError, match="model.attention_impl must be one of"):
         make_encoder(c)
+
+
+def _lowered_training_step(monkeypatch, platform: str, mask: str) -> str:
+    """The StableHLO of `distil_step` (2-layer teacher → 1-layer student) lowered for `platform`.
+
+    Lowering needs no accelerator: this checks, on a CPU, that the program a GPU or TPU would
+    compile calls the fused kernels in every layer, forward and backward, as `auto` promises.
+    """
+    monkeypatch.setattr(model_lib, "_platform", lambda: platform)
+    if platform == "cuda":
+        # Lowering asks the cuDNN library for its version and the GPU for its compute capability:
+        # answer as an H100 with cuDNN 9.10 would. JAX's layout, dtype and shape checks still run.
+        fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+        monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+        monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+
+    def encoder(size, layers):
+        c = model_config(size)
+        c.update(num_layers=layers, hidden_size=64, num_heads=HEADS, intermediate_size=128,
+                 vocab_size=256, attention_mask=mask)  # bf16, auto: the training defaults.
+        return make_encoder(c)
+
+    teacher, student = encoder("base", 2), encoder("distil6", 1)
+    optimizer = optax.adamw(1e-4)
+
+    def abstract_params(model, dtype=None):
+        ids = jnp.zeros((1, LENGTH), jnp.int32)
+        shapes = jax.eval_shape(
+            lambda: nn.unbox(model.init(jax.random.PRNGKey(0), ids, ids + 1, ids,
+                                         logits_at="all"))["params"])
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype), shapes)
+
+    params = abstract_params(student)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    state = TrainState(step=scalar, params=params, opt_state=jax.eval_shape(optimizer.init, params),
+                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped_steps=scalar,
+                       bad_streak=scalar)
+    batch = {k: jax.ShapeDtypeStruct((1, BATCH, LENGTH), jnp.int32)
+             for k in ("input_ids", "segment_ids", "positions")}
+    step = functools.partial(
+        distil_step, student=student, teacher=teacher, optimizer=optimizer,
+        schedule=optax.constant_schedule(1e-4), loss=LossSpec(head_chunk=64),
+        masking=MaskingSpec(mask_id=4, vocab_size=256, special_ids=(0, 1, 2, 3, 4)))
+    traced = jax.jit(step).trace(state, abstract_params(teacher, jnp.bfloat16), batch, None)
+    return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+HEADS, BATCH, LENGTH = 2, 4, 256
+# Attention probabilities [batch, heads, length, length]: what a fused kernel never materialises.
+SCORES = f"tensor<{BATCH}x{HEADS}x{LENGTH}x{LENGTH}x"
+
+
+@pytest.mark.parametrize("platform, mask, forward, backward", [
+    ("cuda", "segments", "__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward("),
+    ("cuda", "lengths", "__cudnn$fmhaSoftmax(", "__cudnn$fmhaSoftmaxBackward("),
+    ("tpu", "segments", "tpu_custom_call(", None),
+])
+def test_training_step_lowers_to_fused_attention_kernels(monkeypatch, platform, mask, forward,
+                                                         backward):
+    text = _lowered_training_step(monkeypatch, platform, mask)
+    if backward is None:  # Splash: one Mosaic call per layer forward, one per student backward.
+        assert text.count(forward) == 2 + 1 + 1
+    else:  # Teacher and student forward in every layer; the student's backward in its one layer.
+        assert text.count(forward) == 2 + 1 and text.count(backward) == 1
+    assert SCORES not in text
+
+
+def test_xla_attention_would_materialise_the_scores(monkeypatch):
+    # The check above can fail: XLA's own attention (CPU here) holds the [b, h, l, l] scores.
+    assert SCORES in _lowered_training_step(monkeypatch, "cpu", "segments")

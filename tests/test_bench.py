@@ -48,23 +48,28 @@ def _start(script, *args) -> subprocess.Popen:
                             text=True)
 
 
-def _records(process: subprocess.Popen) -> list[dict]:
+def _records(process: subprocess.Popen, returncode: int = 0) -> list[dict]:
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == returncode, stderr[-3000:]
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
 def records():
-    ours = _start("step_throughput.py", *TINY, "--mode=all", "--dtype=float32")
+    # cuDNN attention cannot run on a CPU: that configuration fails, is recorded, and the sweep
+    # goes on to the next one, then exits 1.
+    ours = _start("step_throughput.py", *TINY, "--mode=all", "--dtype=float32",
+                  "--attention=cudnn,xla")
     peer = _start("peer_pytorch.py", *TINY, "--mode=all,masked")
-    return _records(ours), _records(peer)
+    return _records(ours, returncode=1), _records(peer)
 
 
 def test_both_benchmarks_report_the_same_fields_and_flops(records):
     ours, peer = records
-    steps = [r for r in ours if "kind" not in r]
-    assert [r["mode"] for r in steps] == ["all"]
+    failed, *steps = [r for r in ours if "kind" not in r]
+    assert failed["attention"] == "cudnn" and "error" in failed and "tokens_per_s" not in failed
+    assert "model.attention_impl='cudnn' needs an NVIDIA GPU" in failed["error"]
+    assert [(r["mode"], r["attention"]) for r in steps] == [("all", "xla")]
     assert [r["mode"] for r in peer] == ["all", "masked"]
     for r in steps + peer:
         assert FIELDS <= set(r), FIELDS - set(r)
@@ -86,13 +91,17 @@ def test_both_benchmarks_report_the_same_fields_and_flops(records):
 def test_comparison_table_reads_both_and_states_the_ratio(records, tmp_path):
     ours, peer = records
     compiled = [dict(r, system="pytorch-compile", tokens_per_s=r["tokens_per_s"] / 2) for r in ours
-                if "kind" not in r]
+                if "tokens_per_s" in r]
     for name, rows in (("ours", ours), ("peer", peer), ("compiled", compiled)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     compare = _load("compare")
     table = compare.comparison_table(compare.read_records(
         [str(tmp_path / f"{n}.jsonl") for n in ("ours", "peer", "compiled")]))
     rows = [line for line in table.splitlines() if line.startswith("| all")]
-    assert len(rows) == 1
+    assert len(rows) == 2
     # Twice the compiled peer meets the ratio; the 640 k floor at seq 512 does not apply at 32.
-    assert all("2.00×" in row and "met" in row and "not met" not in row for row in rows)
+    ran = [row for row in rows if "2.00×" in row]
+    assert len(ran) == 1 and "met" in ran[0] and "not met" not in ran[0]
+    assert "failed" in next(row for row in rows if row not in ran)
+    failures = compare.failures_table(ours).splitlines()
+    assert len(failures) == 3 and "attention=cudnn" in failures[2] and "NVIDIA GPU" in failures[2]

@@ -252,6 +252,11 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "vocab.bin").write_text("x")
     with pytest.raises(ValueError, match=r"\.txt, \.json, \.model"):
         data.load_tokenizer(str(tmp_path / "vocab.bin"))
+    # A file of the right name and the wrong content: the error names the file and its kind.
+    for name, kind in (("tokenizer.json", "tokenizer.json"), ("spiece.model", "SentencePiece")):
+        (tmp_path / name).write_text('{"not": "a tokenizer"}')
+        with pytest.raises(ValueError, match=f"{name}' is not a .*{kind}"):
+            data.load_tokenizer(str(tmp_path / name))
 
 
 def test_sentencepiece_train_and_load(tmp_path):

@@ -154,7 +154,8 @@ def load_tokenizer(path: str, lowercase: bool = True) -> Tokenizer:
 
     Raises:
       FileNotFoundError: if `path` does not exist.
-      ValueError: unknown suffix, or a vocabulary without the BERT special tokens.
+      ValueError: unknown suffix, a file its backend cannot parse, or a vocabulary without the
+        BERT special tokens.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -165,13 +166,20 @@ def load_tokenizer(path: str, lowercase: bool = True) -> Tokenizer:
         fingerprint = f"{digest}-{'uncased' if lowercase else 'cased'}"
         return Tokenizer(path, _wordpiece_from_vocab(path, lowercase), fingerprint)
     if path.endswith(".json"):
-        backend = tokenizers.Tokenizer.from_file(path)
+        try:
+            backend = tokenizers.Tokenizer.from_file(path)
+        except Exception as error:  # The Rust library raises a bare Exception.
+            raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json: {error}") from None
         # Rows are packed by us; padding or truncation configured for serving would corrupt them.
         backend.no_padding()
         backend.no_truncation()
         return Tokenizer(path, backend, digest)
     if path.endswith(".model"):
-        return Tokenizer(path, spm.SentencePieceProcessor(model_file=path), digest)
+        try:
+            backend = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as error:
+            raise ValueError(f"{path!r} is not a SentencePiece model: {error}") from None
+        return Tokenizer(path, backend, digest)
     raise ValueError(f"Cannot tell the tokenizer kind of {path!r}: expected a name ending in "
                      f"{', '.join(SUFFIXES)}.")
 
