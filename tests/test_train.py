@@ -63,12 +63,23 @@ def _final_params(workdir):
     return step, jax.device_get(restored["params"]), restored["data"]
 
 
-def test_resume_is_exact(tmp_path, vocab_path, teacher_workdir, monkeypatch):
+def _resume_config(vocab_path, teacher_workdir):
+    return _student_config(vocab_path, teacher_workdir, num_steps=8, checkpoint_every=4,
+                           eval_every=0, log_every=2)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, vocab_path, teacher_workdir):
+    """An uninterrupted 8-step run on the default mesh (data parallel over 8 devices)."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    train.train_and_evaluate(_resume_config(vocab_path, teacher_workdir), workdir)
+    return workdir
+
+
+def test_resume_is_exact(straight, tmp_path, vocab_path, teacher_workdir, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Relative workdirs, as users type them.
-    straight, resumed = "straight", "resumed"
-    c = _student_config(vocab_path, teacher_workdir, num_steps=8, checkpoint_every=4,
-                        eval_every=0, log_every=2)
-    train.train_and_evaluate(c, straight)
+    resumed = "resumed"
+    c = _resume_config(vocab_path, teacher_workdir)
     assert train.train_and_evaluate(c, resumed, stop_at_step=4) == {}
     assert Checkpointer(resumed, save_every=4, keep=3).latest_step() == 4
     train.train_and_evaluate(c, resumed)
@@ -80,6 +91,30 @@ def test_resume_is_exact(tmp_path, vocab_path, teacher_workdir, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
     # Same losses after the restart as in the uninterrupted run.
     assert _series(straight, "train/loss")[2:] == _series(resumed, "train/loss")[2:]
+
+
+def test_resume_on_another_mesh_continues_the_run(straight, tmp_path, vocab_path,
+                                                  teacher_workdir):
+    # Stopped on 8 data-parallel devices, resumed on data 2 × fsdp 2 × tensor 2: the checkpoint
+    # is resharded into the new layout and the run goes on from the same step and data position.
+    # Reductions run in another order, so the result is close to the straight run, not identical.
+    c = _resume_config(vocab_path, teacher_workdir)
+    moved = str(tmp_path / "moved")
+    train.train_and_evaluate(c, moved, stop_at_step=4)
+    _, params_at_4, _ = _final_params(moved)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    train.train_and_evaluate(c, moved)
+
+    step_a, params_a, data_a = _final_params(straight)
+    step_b, params_b, data_b = _final_params(moved)
+    assert step_a == step_b == 8 and data_a == data_b
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 params_a, params_b)
+    # The comparison can fail: four more steps moved the weights well beyond that tolerance.
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(params_a), jax.tree.leaves(params_at_4))) > 1e-3
+    np.testing.assert_allclose(_series(moved, "train/loss")[2:],
+                               _series(straight, "train/loss")[2:], rtol=1e-4)
 
 
 def test_config_errors_name_the_field(tmp_path, vocab_path, teacher_workdir):
