@@ -225,6 +225,11 @@ def test_model_fields_are_validated_and_old_configs_still_load():
         make_encoder(c)
 
 
+HEADS, BATCH, LENGTH = 2, 4, 256
+# Attention probabilities [batch, heads, length, length]: what a fused kernel never materialises.
+SCORES = f"tensor<{BATCH}x{HEADS}x{LENGTH}x{LENGTH}x"
+
+
 def _lowered_training_step(monkeypatch, platform: str, mask: str) -> str:
     """The StableHLO of `distil_step` (2-layer teacher → 1-layer student) lowered for `platform`.
 
@@ -268,11 +273,6 @@ def _lowered_training_step(monkeypatch, platform: str, mask: str) -> str:
         masking=MaskingSpec(mask_id=4, vocab_size=256, special_ids=(0, 1, 2, 3, 4)))
     traced = jax.jit(step).trace(state, abstract_params(teacher, jnp.bfloat16), batch, None)
     return traced.lower(lowering_platforms=(platform,)).as_text()
-
-
-HEADS, BATCH, LENGTH = 2, 4, 256
-# Attention probabilities [batch, heads, length, length]: what a fused kernel never materialises.
-SCORES = f"tensor<{BATCH}x{HEADS}x{LENGTH}x{LENGTH}x"
 
 
 def _kernel_calls(text: str, target: str) -> int:
