@@ -17,7 +17,7 @@ with this config) trains with α·T²·KL(teacher ‖ student) + (1 − α)·CE.
 `:task=mrpc,preset=tiny` is a seconds-long version for tests.
 """
 
-from distil_flax import finetune_config
+from distil_flax.downstream import config as finetune_config
 
 
 def get_config(arg: str = "task=sst2"):

@@ -10,7 +10,7 @@ on the 25k test reviews (the DistilBERT paper: 92.82; BERT-base 93.46). `:preset
 tests.
 """
 
-from distil_flax import finetune_config
+from distil_flax.downstream import config as finetune_config
 
 
 def get_config(arg: str = ""):

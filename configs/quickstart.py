@@ -18,7 +18,7 @@ def get_config(preset: str = ""):
     c.model.dtype = "float32"  # CPUs have no fast bfloat16 matmuls.
     c.teacher.checkpoint = "runs/quickstart/teacher"
     c.teacher.param_dtype = "float32"
-    c.init.layer_map = [0, 2]  # Every other layer of the 4-layer teacher.
+    c.init.layer_map = (0, 2)  # Every other layer of the 4-layer teacher.
     c.data.tokenizer = "runs/quickstart/vocab.txt"
     c.data.dir = "runs/quickstart/data"  # Prepared by `make quickstart` (the teacher's too).
     c.data.seq_len = 128
@@ -33,7 +33,7 @@ def get_config(preset: str = ""):
     if preset == "tiny":
         shrink_for_tests(c, "tiny_student")
         c.data.dir = ""  # Prepared on first use into data.cache_dir, keyed by the tokenizer.
-        c.init.layer_map = [1]
+        c.init.layer_map = (1,)
         c.train.batch_size = 16
         c.train.micro_batch_size = 8  # Exercises gradient accumulation.
     elif preset:

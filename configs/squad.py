@@ -14,7 +14,7 @@ fine-tuned with this config): loss = α·T²·KL over the start and end distribu
 α = 0.5, T = 2 (the reference `run_squad_w_distillation.py`). `:preset=tiny` is for tests.
 """
 
-from distil_flax import finetune_config
+from distil_flax.downstream import config as finetune_config
 
 
 def get_config(arg: str = ""):

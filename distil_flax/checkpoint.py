@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from distil_flax.step import TrainState
+from distil_flax.train_state import TrainState
 
 ITEMS = ("params", "train", "data")
 CHECKSUMS = "checksums.json"
@@ -245,6 +245,38 @@ class Checkpointer:
             self.wait()
         return started
 
+    def save_params(self, step: int, params: Any, record: dict) -> None:
+        """Saves only `params`, with `record` (JSON) as the data item, and waits for the commit.
+
+        For a best-evaluation checkpoint: the record (step, score, metrics) commits atomically
+        with the parameters it describes.
+
+        Raises:
+          CheckpointWriteError: the save failed.
+        """
+        self.wait()
+        self._empty_trash()
+        self._saving = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), data=ocp.args.JsonSave(record)), force=True)
+        except Exception as error:  # noqa: BLE001
+            raise self._write_error(step, error) from error
+        self.wait()
+
+    def read_record(self, step: int) -> dict:
+        """The data item of `step` (checked against its checksums first)."""
+        verify_step(self.directory, step, items=("data",))
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+            "data"]
+
+    def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the `params` item of `step` by path ("encoder/layers_0/...")."""
+        metadata = self.manager.item_metadata(step)["params"]
+        flat = jax.tree_util.tree_flatten_with_path(
+            metadata, is_leaf=lambda x: hasattr(x, "shape"))[0]
+        return {_path(p): tuple(leaf.shape) for p, leaf in flat}
+
     def _empty_trash(self) -> None:
         """Removes the old steps Orbax renamed into `deleted/` (none is being renamed now)."""
         trash = self.directory / TRASH
@@ -328,8 +360,8 @@ class Checkpointer:
             else:
                 try:
                     state, data_state = self._restore(abstract_state, step)
-                except (ValueError, OSError, KeyError) as error:
-                    if verified:
+                except Exception as error:  # noqa: BLE001 — Orbax raises bare Exceptions too.
+                    if verified and isinstance(error, (ValueError, OSError, KeyError)):
                         raise  # The files are as written: not corruption.
                     problem = f"checkpoint step {step} cannot be read: {_reason(error)}"
                 else:
@@ -388,6 +420,10 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 — the failed save's error was raised already.
                 if not self._failed:
                     raise
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
 
 
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:

@@ -5,12 +5,14 @@ Config files in `configs/` call `base_config()` and change fields. Every field i
 
 import importlib.util
 import json
+import math
 import os
 
 from etils import epath
 import ml_collections
 
 from distil_flax import partitioning
+from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.model import model_config
 
 RELEASED_LAYER_MAP = (0, 2, 4, 7, 9, 11)  # The layers the released DistilBERT took from BERT-base.
@@ -32,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Order on start: a checkpoint in the workdir wins; else teacher layers (if from_teacher and a
     # teacher is given); else random init.
     c.init.from_teacher = True
-    c.init.layer_map = list(RELEASED_LAYER_MAP)  # Teacher layer for each student layer.
+    # Teacher layer for each student layer; a tuple, so that `--config.init.layer_map=(0,3,5)`
+    # can set it (config_flags cannot override lists).
+    c.init.layer_map = RELEASED_LAYER_MAP
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 2.0  # Softmax temperature of L_ce; the term is scaled by T².
@@ -105,14 +109,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # Data-parallel size; -1: all devices not used by other axes.
     c.mesh.fsdp = 1  # Parameter/optimizer sharding (ZeRO-3 style) size.
     c.mesh.tensor = 1  # Tensor-parallel size (heads, MLP and vocab split).
-    c.mesh.rules = [list(r) for r in partitioning.DEFAULT_RULES]  # Logical axis → mesh axes.
+    # Logical axis → mesh axes, as (name, axes) pairs; a tuple for the same reason as layer_map.
+    c.mesh.rules = partitioning.DEFAULT_RULES
 
     c.distributed = False  # Call jax.distributed.initialize() (multi-host; auto-detects TPU/SLURM).
     return c
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field when a config cannot run."""
+    """Raises ValueError naming the field when a config cannot run.
+
+    Runs before a run touches its workdir, so it checks what can be checked without the data or
+    the teacher: the tokenizer is loaded (a damaged vocabulary fails here) and the batch sizes
+    are checked against the mesh on `jax.device_count()` devices.
+    """
     loss = c.loss
     if min(loss.alpha_ce, loss.alpha_mlm, loss.alpha_cos) < 0:
         raise ValueError("loss.alpha_ce, loss.alpha_mlm and loss.alpha_cos must be ≥ 0")
@@ -134,6 +144,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"data.tokenizer={c.data.tokenizer!r} does not exist; train one with `python -m "
             "distil_flax.data.train_vocab --output=...` or point data.tokenizer at a vocab")
+    try:
+        tokenizer_lib.load_tokenizer(c.data.tokenizer, c.data.lowercase)
+    except FileNotFoundError:  # It exists: a directory.
+        raise ValueError(f"data.tokenizer={c.data.tokenizer!r} is not a file") from None
     m = c.masking
     if not 0 < m.mask_prob < 1:
         raise ValueError(f"masking.mask_prob must be in (0, 1), got {m.mask_prob}")
@@ -148,11 +162,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"train.micro_batch_size ({t.micro_batch_size})")
     if t.num_steps <= 0 and t.num_epochs <= 0:
         raise ValueError("set train.num_steps or train.num_epochs to a positive value")
+    # A NaN or infinite rate passes every later check and turns every parameter into NaN.
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        raise ValueError(f"train.learning_rate must be finite and > 0, got {t.learning_rate}")
     for name, low in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
                       ("eval_every", 0), ("eval_batches", 0), ("micro_batch_size", 0),
                       ("max_consecutive_nonfinite", 0)):
         if t[name] < low:
             raise ValueError(f"train.{name} must be ≥ {low}, got {t[name]}")
+    partitioning.check_rules(c.mesh.rules)
+    # Also resolves the mesh sizes: a mesh that does not fit the devices fails here.
+    partitioning.check_batch_divides(c.mesh, "train.batch_size", t.batch_size)
+    if t.micro_batch_size:
+        partitioning.check_batch_divides(c.mesh, "train.micro_batch_size", t.micro_batch_size)
+    if c.model.num_layers < 1:
+        raise ValueError(f"model.num_layers must be ≥ 1, got {c.model.num_layers}")
+    if needs_teacher and c.init.from_teacher and len(c.init.layer_map) != c.model.num_layers:
+        raise ValueError(
+            f"init.layer_map {tuple(c.init.layer_map)} has {len(c.init.layer_map)} entries but "
+            f"model.num_layers is {c.model.num_layers}: give one teacher layer per student layer")
     if c.data.seq_len > c.model.max_position_embeddings:
         raise ValueError(
             f"data.seq_len ({c.data.seq_len}) exceeds model.max_position_embeddings "

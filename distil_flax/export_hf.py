@@ -20,7 +20,9 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from distil_flax import checkpoint, finetune_init, hf, partitioning, train
+from distil_flax import checkpoint, hf, partitioning
+from distil_flax import model as model_lib
+from distil_flax.downstream import init as finetune_init
 from distil_flax import config as config_lib
 from distil_flax.model import make_encoder
 
@@ -91,7 +93,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None, head: str 
     model = make_encoder(c.model)
     # One CPU device: the export never needs an accelerator, whatever the run was sharded on.
     mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices("cpu")[:1])
-    abstract = train.abstract_params(model, mesh, partitioning.DEFAULT_RULES)
+    abstract = partitioning.abstract_params(model_lib.init_fn(model), mesh,
+                                            partitioning.DEFAULT_RULES)
     params, restored_step = checkpoint.restore_params(workdir, abstract, step)
     logging.info("Restored step %d of %s.", restored_step, workdir)
     if not tokenizer:

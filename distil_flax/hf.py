@@ -43,7 +43,7 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors import safe_open
 
-from distil_flax import heads as heads_lib
+from distil_flax.downstream import heads as heads_lib
 from distil_flax import model as model_lib
 from distil_flax.data import tokenizer as tokenizer_lib
 

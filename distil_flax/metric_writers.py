@@ -1,7 +1,15 @@
 """Metrics to the console, to TensorBoard event files (tensorboardX: no TensorFlow needed), and
-to `metrics.jsonl` in the workdir (one JSON object a write, for notebooks and scripts)."""
+to `metrics.jsonl` in the workdir (one JSON object a write, for notebooks and scripts).
+
+`metrics.jsonl` survives what a checkpoint survives: each record is flushed and fsync'ed when it
+is written, before the loop's next checkpoint save can commit, so no kill loses the records of a
+committed step. A run that resumes from step N drops the records past N that its killed
+predecessor wrote (they are written again, with the same values), and a record cut short by a
+full disk or a kill is dropped on reopening and skipped by `read_metrics`.
+"""
 
 import json
+import os
 import time
 from typing import Mapping
 
@@ -23,7 +31,8 @@ def _format(value: float) -> str:
 class MetricWriter:
     """Writes scalars; only the main process (process 0) writes anything."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, total_steps: int | None = None):
+    def __init__(self, workdir: str, *, enabled: bool = True, total_steps: int | None = None,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self._tb = None
@@ -34,7 +43,10 @@ class MetricWriter:
             # tensorboardX writes to local paths and, through its own file system layer, gs://.
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
-            self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")
+            path = epath.Path(workdir) / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                _keep_records(path, resume_step)
+            self._jsonl = path.open("a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -43,6 +55,9 @@ class MetricWriter:
             self._tb.add_scalar(f"{prefix}{name}", float(value), step)
         record = {"step": step, **{f"{prefix}{k}": float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if hasattr(self._jsonl, "fileno"):  # A local file (gs:// objects are written whole).
+            os.fsync(self._jsonl.fileno())
         logging.info("%s", self.console_line(step, scalars, prefix))
 
     def console_line(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> str:
@@ -66,11 +81,37 @@ class MetricWriter:
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
-            self._jsonl.close()
+            try:
+                self._tb.close()
+            finally:
+                self._jsonl.close()
+
+
+def _parse(lines: list[str]) -> list[dict]:
+    """Records of whole lines; a last line cut short (a kill, a full disk) is dropped."""
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if index < len(lines) - 1:
+                raise
+    return records
+
+
+def _keep_records(path: epath.Path, last_step: int) -> None:
+    """Rewrites `path` without a torn last line and without the records past `last_step`."""
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    kept = [r for r in _parse(lines) if r.get("step", 0) <= last_step]
+    if len(kept) == len(lines) and text.endswith("\n"):
+        return
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
     """The records of a run's `metrics.jsonl`, in order (for notebooks and tests)."""
     path = epath.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse([line for line in path.read_text().splitlines() if line.strip()])

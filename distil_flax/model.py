@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from distil_flax import attention
+
 if TYPE_CHECKING:  # Imported lazily: the benchmark machines lack ml_collections.
     import ml_collections
 
@@ -59,7 +61,7 @@ def model_config(size: str) -> "ml_collections.ConfigDict":
     # have no dropout, so it is off by default (modern BERT recipes train without it too).
     c.attention_dropout_rate = 0.0
     # auto | xla | cudnn | splash | einsum. auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16),
-    # the Pallas splash kernel on TPUs, XLA's attention elsewhere (see `select_attention`).
+    # the Pallas splash kernel on TPUs, XLA's attention elsewhere (see `attention.select_attention`).
     c.attention_impl = "auto"
     # segments: a token attends only within its packed segment (rows hold several documents).
     # lengths: each row is one sequence followed by padding, so attention needs only the row's
@@ -100,73 +102,12 @@ def _gelu(x: Array) -> Array:
     return nn.gelu(x, approximate=False)
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "einsum")
-ATTENTION_MASKS = ("segments", "lengths")
-
 # Remat policy by name: what a layer keeps for the backward pass (everything else is recomputed).
 REMAT_POLICIES = {
     "full": None,  # Only the layer's inputs.
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def _platform() -> str:
-    """"cuda", "rocm", "tpu" or "cpu": where the step is compiled for."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return backend
-    from jax.extend import backend as jax_backend
-
-    version = jax_backend.get_backend().platform_version.lower()
-    return "rocm" if "rocm" in version else "cuda"
-
-
-def _splash_available() -> bool:
-    try:
-        from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def select_attention(requested: str, *, platform: str, dtype: Any, head_dim: int, length: int,
-                     mask: str, dropout: bool) -> str:
-    """The attention kernel to run: "einsum", "xla", "cudnn" or "splash".
-
-    Args:
-      requested: `model.attention_impl`.
-      platform: "cuda", "rocm", "tpu" or "cpu".
-      dtype: compute dtype of queries and keys.
-      head_dim, length: per-head width and row length.
-      mask: `model.attention_mask` ("segments" or "lengths").
-      dropout: whether attention-probability dropout is active (only einsum implements it).
-    """
-    if dropout:
-        return "einsum"
-    if requested == "auto":
-        if platform == "tpu" and length % 128 == 0 and _splash_available():
-            return "splash"  # Its blocks are multiples of 128 tokens.
-        if platform == "cuda" and _cudnn_supports(dtype, head_dim, length, mask):
-            return "cudnn"
-        return "xla"
-    if requested == "cudnn" and platform != "cuda":
-        raise ValueError(
-            f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the step runs on {platform}; "
-            "use 'auto' or 'xla'")
-    if requested == "splash" and platform != "tpu":
-        raise ValueError(
-            f"model.attention_impl='splash' needs a TPU, but the step runs on {platform}; use "
-            "'auto' or 'xla'")
-    return requested
-
-
-def _cudnn_supports(dtype: Any, head_dim: int, length: int, mask: str) -> bool:
-    # cuDNN flash attention: half-precision inputs, head_dim a multiple of 8 up to 128 (256 on
-    # Hopper; 128 is enough here). A boolean mask reaches cuDNN as an additive bias, which its
-    # training kernels accept only for even sequence lengths.
-    return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-            and head_dim <= 128 and (mask == "lengths" or length % 2 == 0))
 
 
 class Attention(nn.Module):
@@ -201,8 +142,8 @@ class Attention(nn.Module):
         axes = ("batch", "length", "act_heads", "act_kv")
         q, k, v = (nn.with_logical_constraint(t, axes) for t in (q, k, v))
         use_dropout = train and self.attention_dropout_rate > 0
-        impl = select_attention(
-            self.attention_impl, platform=_platform(), dtype=q.dtype, head_dim=self.head_dim,
+        impl = attention.select_attention(
+            self.attention_impl, platform=attention.platform(), dtype=q.dtype, head_dim=self.head_dim,
             length=x.shape[1], mask=self.attention_mask, dropout=use_dropout)
         if self.attention_mask == "lengths":
             # One sequence per row, padding at the end: a key is visible iff it is real.
@@ -220,7 +161,7 @@ class Attention(nn.Module):
         if impl == "einsum":
             out = self._einsum_attention(q, k, v, dense_mask, use_dropout)
         elif impl == "splash":
-            out = splash_attention(q, k, v, kernel_segments)  # Selected only on TPUs.
+            out = attention.splash_attention(q, k, v, kernel_segments)  # Selected only on TPUs.
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **mask_args)
         out = nn.with_logical_constraint(out, axes)
@@ -233,52 +174,6 @@ class Attention(nn.Module):
         if use_dropout:
             probs = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=False)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *,
-                     interpret: bool = False) -> Array:
-    """Pallas splash attention (TPU) restricted to equal segment ids.
-
-    Args:
-      q, k, v: [batch, length, heads, head_dim]; length a multiple of 128.
-      segment_ids: [batch, length] int32; a token attends to keys with the same id.
-      interpret: run the kernel in the Pallas interpreter (any backend; for tests).
-
-    Returns:
-      [batch, length, heads, head_dim].
-
-    A Pallas kernel cannot be partitioned by XLA, so under a mesh it runs per shard through
-    `shard_map`, with batch and heads split as the logical rules in effect say.
-    """
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
-    def local(q, k, v, segment_ids):
-        _, length, heads, head_dim = q.shape
-        block = min(512, length)
-        sizes = splash.BlockSizes(
-            block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-        kernel = splash.make_splash_mha(
-            splash.MultiHeadMask([splash.FullMask((length, length))] * heads),
-            block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-        def run(q, k, v, s):  # One row: [heads, length, head_dim].
-            return kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
-
-        heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
-        out = jax.vmap(run)(heads_first(q * head_dim**-0.5), heads_first(k), heads_first(v),
-                            segment_ids)
-        return heads_first(out)
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return local(q, k, v, segment_ids)
-    spec = nn.logical_to_mesh_axes(("batch", "length", "act_heads", "act_kv"))
-    if spec[1] is not None or spec[3] is not None:
-        raise ValueError("splash attention needs whole rows and heads on each device: the mesh "
-                         "rules must not shard `length` or `act_kv`")
-    segment_spec = jax.sharding.PartitionSpec(spec[0], None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, segment_spec),
-                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
 
 
 class EncoderLayer(nn.Module):
@@ -337,7 +232,7 @@ class Encoder(nn.Module):
     head_style: str = "bert"  # bert | distilbert: only the Hugging Face names differ.
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
-    attention_impl: str = "auto"  # See `select_attention`.
+    attention_impl: str = "auto"  # See `attention.select_attention`.
     attention_mask: str = "segments"  # segments | lengths (one sequence per row).
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.float32
@@ -455,12 +350,15 @@ class Encoder(nn.Module):
         return features, self.word_embeddings.embedding, self.mlm_bias
 
 
-def attention_kernel(model: Encoder, length: int, *, train: bool = False) -> str:
-    """The attention kernel `model` runs on this platform for rows of `length` tokens."""
-    return select_attention(
-        model.attention_impl, platform=_platform(), dtype=model.dtype,
-        head_dim=model.hidden_size // model.num_heads, length=length, mask=model.attention_mask,
-        dropout=train and model.attention_dropout_rate > 0)
+def init_fn(model: Encoder, length: int = 8):
+    """`rng → logically-boxed params` of `model` on a dummy row (for `jax.eval_shape` and
+    `partitioning.sharded_init`); the MLM head is built too (`logits_at="all"`)."""
+
+    def init(rng):
+        ids = jnp.zeros((1, length), jnp.int32)
+        return model.init(rng, ids, jnp.ones_like(ids), ids, logits_at="all")["params"]
+
+    return init
 
 
 def remat_policy_name(remat: bool | str) -> str:
@@ -490,11 +388,11 @@ def make_encoder(c: "ml_collections.ConfigDict", vocab_size: int | None = None) 
         raise ValueError(
             f"model.hidden_size ({c.hidden_size}) must be divisible by model.num_heads "
             f"({c.num_heads})")
-    if c.attention_impl not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+    if c.attention_impl not in attention.IMPLS:
+        raise ValueError(f"model.attention_impl must be one of {', '.join(attention.IMPLS)}, "
                          f"got {c.attention_impl!r}")
     attention_mask = getattr(c, "attention_mask", "segments")
-    if attention_mask not in ATTENTION_MASKS:
+    if attention_mask not in attention.MASKS:
         raise ValueError(f"model.attention_mask must be segments or lengths, got "
                          f"{attention_mask!r}")
     remat = remat_policy_name(c.remat)

@@ -9,28 +9,16 @@ teacher or an MLM-only student.
 import functools
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from distil_flax import losses
+from distil_flax import losses, partitioning
 from distil_flax.masking import MaskingSpec, mask_tokens
 from distil_flax.model import Encoder
+from distil_flax.train_state import TrainState, apply_update, step_rng
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue exactly, except the data position (checkpointed beside)."""
-
-    step: Array  # int32 scalar: steps done (applied or skipped updates).
-    params: Any
-    opt_state: Any
-    rng: Array  # uint32[2] raw PRNG key; each step folds in its step number.
-    skipped_steps: Array  # int32 scalar: updates skipped because loss or gradients were not finite.
-    bad_streak: Array  # int32 scalar: consecutive skipped updates up to the last step.
 
 
 def _gather(x: Array, positions: Array) -> Array:
@@ -118,7 +106,7 @@ def distil_step(
       optimizer state stay as they were (so the optimizer's step count, and with it its learning
       rate schedule, does not advance), `nonfinite` is 1 and the state's counters go up.
     """
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = step_rng(state)
     grads_of = functools.partial(
         _loss_and_grads, state.params, teacher_params, token_weights=token_weights,
         student=student, teacher=teacher, masking=masking, loss=loss)
@@ -139,28 +127,7 @@ def distil_step(
         grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
         metrics["real_tokens"] = real_tokens
 
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    # A non-finite loss or gradient (an overflow, a bad batch) must never reach the weights: the
-    # step keeps the old parameters and optimizer state and counts itself, and the host acts on
-    # the counters when it next fetches metrics — no device-to-host sync here. Finite gradients
-    # give finite AdamW updates, so checking loss and gradient norm is enough.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state),
-        (state.params, state.opt_state))
-    skipped = (~finite).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state,
-        skipped_steps=state.skipped_steps + skipped,
-        bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
-    metrics.update(
-        grad_norm=grad_norm, update_norm=jnp.where(finite, optax.tree.norm(updates), 0.0),
-        param_norm=optax.tree.norm(params), learning_rate=schedule(state.step),
-        nonfinite=skipped, skipped_steps=new_state.skipped_steps,
-        bad_streak=new_state.bad_streak)
-    return new_state, metrics
+    return apply_update(state, grads, metrics, optimizer=optimizer, schedule=schedule)
 
 
 def eval_step(
@@ -190,3 +157,30 @@ def eval_step(
         sums["teacher_nll"], sums["teacher_correct"], teacher_top1 = score(teacher, teacher_params)
         sums["agreement"] = jnp.sum((student_top1 == teacher_top1) * weights)
     return sums
+
+
+def jit_steps(*, student: Encoder, teacher: Encoder | None, optimizer: optax.GradientTransformation,
+              schedule: optax.Schedule, masking: MaskingSpec, loss: losses.LossSpec,
+              mesh: jax.sharding.Mesh, rules, state_shardings: Any, teacher_shardings: Any):
+    """The jitted training step (state donated) and evaluation step, with explicit shardings.
+
+    Training and the benchmark both build their step here. Call the steps inside
+    `partitioning.mesh_context(mesh, rules)` so that activation constraints apply.
+
+    Returns:
+      (train_step(state, teacher_params, batch [accum, batch, length], token_weights),
+       eval_step(params, teacher_params, batch [batch, length], rng)).
+    """
+    replicated = partitioning.replicated(mesh)
+    train_step = jax.jit(
+        functools.partial(distil_step, student=student, teacher=teacher, optimizer=optimizer,
+                          schedule=schedule, masking=masking, loss=loss),
+        in_shardings=(state_shardings, teacher_shardings,
+                      partitioning.batch_sharding(mesh, rules, leading_dims=1), replicated),
+        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    evaluate = jax.jit(
+        functools.partial(eval_step, student=student, teacher=teacher, masking=masking),
+        in_shardings=(state_shardings.params, teacher_shardings,
+                      partitioning.batch_sharding(mesh, rules), replicated),
+        out_shardings=replicated)
+    return train_step, evaluate

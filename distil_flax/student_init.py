@@ -43,11 +43,12 @@ def init_from_teacher(teacher_params: Mapping[str, Any], student_params: Mapping
     layer_map = [int(i) for i in layer_map]
     if len(layer_map) != len(student_layers):
         raise ValueError(
-            f"student.layer_map {layer_map} has {len(layer_map)} entries but the student has "
+            f"init.layer_map {layer_map} has {len(layer_map)} entries but the student has "
             f"{len(student_layers)} layers")
     if any(not 0 <= i < teacher_layers for i in layer_map):
         raise ValueError(
-            f"student.layer_map {layer_map} names layers outside the teacher's 0..{teacher_layers - 1}")
+            f"init.layer_map {layer_map} names layers outside the teacher's "
+            f"0..{teacher_layers - 1}")
 
     params: dict[str, Any] = {}
     problems: list[str] = []

@@ -1,18 +1,14 @@
-"""The training loop: set up mesh, data, teacher and student, then run the jitted step.
+"""Distillation (and MLM pretraining of a teacher) on the one run loop (`loop.py`).
 
-`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. The host
-stays at most two steps ahead of the device and copies metrics back only every
-`train.log_every` steps, at evaluations and checkpoints.
+`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. This module
+says what distillation adds: the teacher, the student's state (from teacher layers or random),
+the jitted step (`step.py`), held-out MLM metrics, and the workdir's config.json. Checkpoints,
+signals, the non-finite policy, logging and the cadence are the loop's.
 """
 
 import dataclasses
-import functools
 import json
 import math
-import signal
-import sys
-import threading
-import time
 from typing import Any
 
 import jax
@@ -20,22 +16,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import parameter_overview
 from etils import epath
-import optax
 from flax import linen as nn
 
 from distil_flax import config as config_lib
-from distil_flax import data, flops, hf, partitioning, student_init
-from distil_flax.checkpoint import (CheckpointWriteError, Checkpointer, checkpoint_dir,
-                                    restore_params)
-from distil_flax.workdir_lock import WorkdirLock, WorkdirLockedError
+from distil_flax import data, flops, hf, loop, partitioning, student_init, train_state
+from distil_flax import model as model_lib
+from distil_flax.checkpoint import restore_params
 from distil_flax.losses import LossSpec
 from distil_flax.masking import MaskingSpec, smoothing_weights
-from distil_flax.metric_writers import MetricWriter
 from distil_flax.model import Encoder, make_encoder
 from distil_flax.optim import make_optimizer
-from distil_flax.step import TrainState, distil_step, eval_step
+from distil_flax.step import jit_steps
+from distil_flax.train_state import TrainState
+
+# A fine-tuning workdir holds this file (`downstream/init.py`); it is not a teacher for MLM
+# distillation.
+_TASK_MODEL_FILE = "task_model.json"
 
 
 @dataclasses.dataclass
@@ -52,40 +49,6 @@ class Setup:
     teacher: Encoder | None
     teacher_params: Any
     teacher_init: Any  # Student parameters taken from teacher layers, before the teacher's cast.
-
-
-def _context(mesh, rules):
-    """Mesh and logical rules in effect while a step is traced (for activation constraints)."""
-    return _Both(jax.set_mesh(mesh), nn.logical_axis_rules(rules))
-
-
-class _Both:
-    def __init__(self, *managers):
-        self.managers = managers
-
-    def __enter__(self):
-        for m in self.managers:
-            m.__enter__()
-
-    def __exit__(self, *exc):
-        for m in reversed(self.managers):
-            m.__exit__(*exc)
-
-
-def _abstract_params(model: Encoder, seq_len: int):
-    """`init` of `model` on a dummy row (returns logically-boxed params) and its rng argument."""
-    def init(rng):
-        ids = jnp.zeros((1, seq_len), jnp.int32)
-        return model.init(rng, ids, jnp.ones_like(ids), ids, logits_at="all")["params"]
-    return init
-
-
-def abstract_params(model: Encoder, mesh, rules, seq_len: int = 8) -> Any:
-    """`model`'s parameters as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`."""
-    abstract = jax.eval_shape(_abstract_params(model, seq_len), jax.random.PRNGKey(0))
-    shardings = partitioning.logical_to_shardings(nn.get_partition_spec(abstract), mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(abstract), shardings)
 
 
 def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
@@ -106,17 +69,24 @@ def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
                 "loss.alpha_ce=0")
         teacher_model_config, host_params = hf.load_hf_checkpoint(str(path), seed=c.seed)
         teacher = make_encoder(teacher_model_config)
-        params = jax.device_put(host_params,
-                                shardings_of(abstract_params(teacher, mesh, rules)))
+        params = jax.device_put(host_params, train_state.shardings_of(
+            partitioning.abstract_params(model_lib.init_fn(teacher), mesh, rules)))
         source = "Hugging Face checkpoint"
     else:
         config_file = path / "config.json"
+        if (path / _TASK_MODEL_FILE).exists():
+            raise ValueError(
+                f"teacher.checkpoint={c.teacher.checkpoint!r} is a fine-tuning run (it holds "
+                f"{_TASK_MODEL_FILE}): distillation needs a pretrained encoder with its MLM "
+                "head; a fine-tuned teacher distils on its task (distil_flax.finetune with "
+                "--config.distill.teacher)")
         if not config_file.exists():
             raise ValueError(
                 f"teacher.checkpoint={c.teacher.checkpoint!r} is neither a distil_flax workdir "
                 f"nor a Hugging Face model folder ({config_file} is missing)")
         teacher = make_encoder(config_lib.load_json(str(config_file)).model)
-        params, step = restore_params(str(path), abstract_params(teacher, mesh, rules))
+        params, step = restore_params(
+            str(path), partitioning.abstract_params(model_lib.init_fn(teacher), mesh, rules))
         source = f"step {step}"
     if teacher.vocab_size != vocab_size:
         raise ValueError(
@@ -151,7 +121,7 @@ def build(c: ml_collections.ConfigDict) -> Setup:
                 f"loss.alpha_cos compares hidden states, but the teacher's hidden size "
                 f"({teacher.hidden_size}) differs from model.hidden_size ({student.hidden_size})")
         if c.init.from_teacher:
-            abstract = jax.eval_shape(_abstract_params(student, 8), jax.random.PRNGKey(0))
+            abstract = jax.eval_shape(model_lib.init_fn(student), jax.random.PRNGKey(0))
             teacher_init = student_init.init_from_teacher(
                 teacher_params, nn.unbox(abstract), c.init.layer_map)
         dtype = jnp.dtype(c.teacher.param_dtype)
@@ -182,135 +152,30 @@ def total_steps(c: ml_collections.ConfigDict, num_rows: int) -> int:
     return max(1, math.ceil(c.train.num_epochs * num_rows / c.train.batch_size))
 
 
-def _with_sharding(shape, sharding) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
-
-
 def abstract_state(setup: Setup, optimizer) -> TrainState:
-    """The student's TrainState as `jax.ShapeDtypeStruct`s carrying shardings.
-
-    Optimizer moments take their parameter's sharding; scalars are replicated.
-    """
-    params = abstract_params(setup.student, setup.mesh, setup.rules)
-    replicated = partitioning.replicated(setup.mesh)
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, p: p.sharding, opt_shapes, params,
-        transform_non_params=lambda _: replicated)
-    scalar = lambda x: _with_sharding(jax.eval_shape(lambda: x), replicated)  # noqa: E731
-    return TrainState(
-        step=scalar(jnp.zeros((), jnp.int32)), params=params,
-        opt_state=jax.tree.map(_with_sharding, opt_shapes, opt_shardings),
-        rng=scalar(jax.random.PRNGKey(0)), skipped_steps=scalar(jnp.zeros((), jnp.int32)),
-        bad_streak=scalar(jnp.zeros((), jnp.int32)))
-
-
-def shardings_of(abstract: Any) -> Any:
-    return jax.tree.map(lambda a: a.sharding, abstract)
+    """The student's TrainState as `jax.ShapeDtypeStruct`s carrying shardings."""
+    params = partitioning.abstract_params(model_lib.init_fn(setup.student), setup.mesh,
+                                          setup.rules)
+    return train_state.abstract_state(params, optimizer, partitioning.replicated(setup.mesh))
 
 
 def init_state(setup: Setup, optimizer, abstract: TrainState) -> TrainState:
     """A fresh state: student params from teacher layers when configured, else random."""
     c = setup.config
     param_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.seed))
-    shardings = shardings_of(abstract)
+    shardings = train_state.shardings_of(abstract)
     if setup.teacher_init is not None:
         dtype = jnp.dtype(c.model.param_dtype)
         # A jitted copy: the step donates these buffers, which must not be the teacher's.
         params = jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, dtype), p),
                          out_shardings=shardings.params)(setup.teacher_init)
+        setup.teacher_init = None  # Only needed once; free it.
         logging.info("Student initialised from teacher layers %s.", list(c.init.layer_map))
     else:
         params, _ = partitioning.sharded_init(
-            _abstract_params(setup.student, 8), param_rng, setup.mesh, setup.rules)
+            model_lib.init_fn(setup.student), param_rng, setup.mesh, setup.rules)
         logging.info("Student initialised randomly.")
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    zero = lambda sharding: jax.device_put(jnp.zeros((), jnp.int32), sharding)  # noqa: E731
-    return TrainState(step=zero(shardings.step), params=params, opt_state=opt_state,
-                      rng=jax.device_put(state_rng, shardings.rng),
-                      skipped_steps=zero(shardings.skipped_steps),
-                      bad_streak=zero(shardings.bad_streak))
-
-
-class _PreemptionFlag:
-    """Set by SIGTERM (what schedulers send before preempting) so the loop saves and exits."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
-
-    def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def __bool__(self):
-        return self.event.is_set()
-
-
-class NonFiniteError(FloatingPointError):
-    """`train.max_consecutive_nonfinite` steps in a row had a non-finite loss or gradient."""
-
-
-# Metrics that say which part of a step went non-finite, in the order a report names them.
-_FINITE_WATCH = ("loss_ce", "loss_mlm", "loss_cos", "loss", "grad_norm")
-_COUNTERS = ("nonfinite", "skipped_steps", "bad_streak")
-
-
-class _NonFiniteMonitor:
-    """Reads the step's non-finite counters when metrics are fetched, and applies the policy.
-
-    The step itself skips every non-finite update (see `step.distil_step`); this only reports
-    them, averages the interval's metrics over the finite steps, and stops the run after
-    `max_consecutive` bad steps in a row (0: never).
-    """
-
-    def __init__(self, max_consecutive: int):
-        self.max_consecutive = max_consecutive
-        self.first_bad = ""  # What went non-finite first in the current streak.
-
-    def scalars(self, history: list[dict], last_step: int) -> dict[str, float]:
-        """Fetches an interval's metrics (steps `last_step - len(history) + 1` ...) and means them.
-
-        Raises:
-          NonFiniteError: the streak of skipped steps reached `max_consecutive`.
-        """
-        fetched = jax.device_get(history)
-        first_step = last_step - len(fetched) + 1
-        bad = [(first_step + i, m) for i, m in enumerate(fetched) if m["nonfinite"]]
-        good = [m for m in fetched if not m["nonfinite"]] or fetched
-        scalars = {k: float(np.mean([m[k] for m in good])) for k in fetched[0]
-                   if k not in _COUNTERS}
-        scalars["skipped_steps"] = float(fetched[-1]["skipped_steps"])
-        streak = int(fetched[-1]["bad_streak"])
-        if bad:
-            logging.warning("Skipped the update of %d step(s) with non-finite values: %s. %d "
-                            "skipped in total.", len(bad),
-                            "; ".join(self._describe(step, m) for step, m in bad[:5]),
-                            int(scalars["skipped_steps"]))
-        start = last_step - streak + 1  # First step of the current streak.
-        if not streak:
-            self.first_bad = ""
-        elif start >= first_step:
-            self.first_bad = self._describe(start, fetched[start - first_step])
-        elif not self.first_bad:  # The streak began before this process resumed the run.
-            self.first_bad = self._describe(*bad[0])
-        if self.max_consecutive and streak >= self.max_consecutive:
-            raise NonFiniteError(
-                f"{streak} consecutive steps had non-finite values (steps "
-                f"{last_step - streak + 1}-{last_step}; first: {self.first_bad}), reaching "
-                f"train.max_consecutive_nonfinite={self.max_consecutive}. Their updates were "
-                f"skipped, so the parameters and every checkpoint are those of step "
-                f"{last_step - streak} or earlier. Lower train.learning_rate, check the data at "
-                "those steps, or raise the limit (0: skip and continue).")
-        return scalars
-
-    @staticmethod
-    def _describe(step: int, metrics: dict) -> str:
-        terms = [f"{k}={float(metrics[k])}" for k in _FINITE_WATCH
-                 if k in metrics and not np.isfinite(metrics[k])]
-        return f"step {step}: " + ", ".join(terms or ["non-finite gradients"])
+    return train_state.fresh_state(params, optimizer, abstract, state_rng)
 
 
 def evaluate(setup: Setup, params, eval_fn, num_batches: int) -> dict[str, float]:
@@ -342,6 +207,86 @@ def evaluate(setup: Setup, params, eval_fn, num_batches: int) -> dict[str, float
     return metrics
 
 
+def compile_steps(setup: Setup, optimizer, schedule, shardings: TrainState):
+    """The jitted training and evaluation steps (`step.jit_steps`) of this setup."""
+    return jit_steps(
+        student=setup.student, teacher=setup.teacher, optimizer=optimizer, schedule=schedule,
+        masking=masking_spec(setup.config, setup.tokenizer), loss=loss_spec(setup.config),
+        mesh=setup.mesh, rules=setup.rules, state_shardings=shardings,
+        teacher_shardings=train_state.shardings_of(setup.teacher_params))
+
+
+def _explain_shapes(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """The `model.*` fields in which the workdir's config.json differs from `c`."""
+    try:
+        theirs = config_lib.load_json(epath.Path(workdir) / "config.json").model.to_dict()
+    except (OSError, ValueError, AttributeError, KeyError):
+        return []
+    ours = json.loads(c.model.to_json_best_effort())
+    return [f"model.{k} is {theirs.get(k)!r} there and {ours.get(k)!r} here"
+            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+
+
+def make_trainer(setup: Setup, workdir: str) -> loop.Trainer:
+    """Distillation as the loop runs it: the student's state, the step, held-out MLM metrics."""
+    c = setup.config
+    num_steps = total_steps(c, setup.train_rows.num_rows)
+    optimizer, schedule = make_optimizer(c.train, num_steps)
+    abstract = abstract_state(setup, optimizer)
+    step_fn, eval_fn = compile_steps(setup, optimizer, schedule,
+                                     train_state.shardings_of(abstract))
+    token_weights = None
+    if c.masking.smoothing:
+        masking = masking_spec(c, setup.tokenizer)
+        counts = data.token_counts(setup.train_rows, setup.tokenizer.vocab_size)
+        token_weights = jax.device_put(
+            smoothing_weights(counts, c.masking.smoothing, masking.special_ids),
+            partitioning.replicated(setup.mesh))
+    batch_sharding = partitioning.batch_sharding(setup.mesh, setup.rules, leading_dims=1)
+    accum = c.train.batch_size // (c.train.micro_batch_size or c.train.batch_size)
+
+    def step(state, local):
+        # Micro-batch i is rows i, i + accum, … of the global batch: the same rows (and masks)
+        # whatever the number of hosts, each holding a contiguous slice.
+        local = {k: v.reshape(-1, accum, v.shape[-1]).swapaxes(0, 1) for k, v in local.items()}
+        batch = partitioning.host_to_global(local, batch_sharding)
+        return step_fn(state, setup.teacher_params, batch, token_weights)
+
+    loss = loss_spec(c)
+    ce_fraction = 1.0 if (loss.alpha_ce and not loss.restrict_ce_to_mask) else c.masking.mask_prob
+    flops_per_token = flops.step_flops_per_token(
+        setup.student, setup.teacher, c.data.seq_len, ce_fraction,
+        ce_fraction if loss.alpha_ce else 0.0)
+    peak = flops.peak_flops(override_tflops=c.train.peak_tflops)
+
+    def throughput(step: int, steps: int, seconds: float) -> dict[str, float]:
+        tokens_per_s = c.train.batch_size * c.data.seq_len * steps / seconds
+        scalars = {"step_time_s": seconds / steps, "tokens_per_s": tokens_per_s}
+        if peak:
+            scalars["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+        return scalars
+
+    def on_start(state) -> None:
+        if jax.process_index() == 0:
+            config_lib.save_json(c, str(epath.Path(workdir) / "config.json"))
+
+    return loop.Trainer(
+        mesh=setup.mesh, rules=setup.rules, abstract=abstract,
+        init_state=lambda: init_state(setup, optimizer, abstract), step=step,
+        batches=data.BatchIterator(setup.train_rows, c.train.batch_size, seed=c.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()),
+        num_steps=num_steps, cadence=loop.Cadence(
+            log_every=c.train.log_every, eval_every=c.train.eval_every,
+            checkpoint_every=c.train.checkpoint_every, keep_checkpoints=c.train.keep_checkpoints,
+            async_checkpoints=c.train.async_checkpoints, strict_restore=c.train.strict_restore,
+            max_consecutive_nonfinite=c.train.max_consecutive_nonfinite),
+        evaluate=lambda state, step: loop.Evaluation(
+            evaluate(setup, state.params, eval_fn, c.train.eval_batches)),
+        throughput=throughput, on_start=on_start,
+        explain_shapes=lambda: _explain_shapes(c, workdir))
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
                        stop_at_step: int | None = None) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir` and returns the final held-out metrics.
@@ -350,7 +295,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
       c: the run's config.
       workdir: checkpoints, config.json, TensorBoard events and metrics.jsonl go here.
       stop_at_step: save and return at this step, as a preempted run would (the schedule still
-        spans the whole run; a later call resumes). Returns {} then.
+        spans the whole run; a later call resumes). Returns {} then, as after SIGTERM or Ctrl-C.
 
     Raises:
       ValueError: a config or input that cannot run, naming the field or file.
@@ -361,194 +306,18 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
       NonFiniteError: `train.max_consecutive_nonfinite` steps in a row had non-finite values.
     """
     config_lib.validate(c)  # A bad config fails before anything touches the workdir.
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0) as lock:
-        return _train_and_evaluate(c, workdir, lock, stop_at_step)
-
-
-def _train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock,
-                        stop_at_step: int | None) -> dict[str, float]:
-    setup = build(c)
-    workdir_path = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    _check_resumable(c, workdir_path, setup.student)
-    logging.info("Config:\n%s", c)
-    logging.info("Devices: %d (%d local, process %d of %d); mesh %s.", jax.device_count(),
-                 jax.local_device_count(), jax.process_index(), jax.process_count(),
-                 dict(setup.mesh.shape))
-
-    num_steps = total_steps(c, setup.train_rows.num_rows)
-    optimizer, schedule = make_optimizer(c.train, num_steps)
-    loss = loss_spec(c)
-    masking = masking_spec(c, setup.tokenizer)
-    abstract = abstract_state(setup, optimizer)
-    shardings = shardings_of(abstract)
-    replicated = partitioning.replicated(setup.mesh)
-    token_weights = None
-    if c.masking.smoothing:
-        counts = data.token_counts(setup.train_rows, setup.tokenizer.vocab_size)
-        token_weights = jax.device_put(
-            smoothing_weights(counts, c.masking.smoothing, masking.special_ids), replicated)
-
-    # ------------------------------------------------------------------ state: resume or init
-    checkpointer = Checkpointer(workdir, save_every=c.train.checkpoint_every,
-                                keep=c.train.keep_checkpoints, async_save=c.train.async_checkpoints)
-    iterator = data.BatchIterator(
-        setup.train_rows, c.train.batch_size, seed=c.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    restored = checkpointer.restore_latest(abstract, strict=c.train.strict_restore)
-    if restored is not None:
-        state, data_state, latest = restored
-        iterator.set_state(data_state)  # Refuses a position of other data or another tokenizer.
-        logging.info("Resuming from step %d (checkpoint in %s).", latest, workdir)
-    else:
-        state = init_state(setup, optimizer, abstract)
-    setup.teacher_init = None  # Only needed once; free it.
-    if is_main:  # Only now: a run that cannot start leaves the workdir's config.json as it was.
-        config_lib.save_json(c, str(workdir_path / "config.json"))
-    if is_main:
-        logging.info("Student parameters:\n%s", parameter_overview.get_parameter_overview(
-            state.params, include_stats=False))
-
-    # ------------------------------------------------------------------ compiled programs
-    micro = c.train.micro_batch_size or c.train.batch_size
-    accum = c.train.batch_size // micro
-    step_fn, eval_fn = compile_steps(setup, optimizer, schedule, shardings)
-    batch_sh = partitioning.batch_sharding(setup.mesh, setup.rules, leading_dims=1)
-
-    ce_fraction = 1.0 if (loss.alpha_ce and not loss.restrict_ce_to_mask) else c.masking.mask_prob
-    flops_per_token = flops.step_flops_per_token(
-        setup.student, setup.teacher, c.data.seq_len, ce_fraction,
-        ce_fraction if loss.alpha_ce else 0.0)
-    peak = flops.peak_flops(override_tflops=c.train.peak_tflops)
-    tokens_per_step = c.train.batch_size * c.data.seq_len
-
-    # ------------------------------------------------------------------ loop
-    writer = MetricWriter(workdir, enabled=is_main, total_steps=num_steps)
-    preempted = _PreemptionFlag()
-    monitor = _NonFiniteMonitor(c.train.max_consecutive_nonfinite)
-    history: list[dict] = []
-    step = int(jax.device_get(state.step))
-    last_time, last_step = time.time(), step
-    eval_metrics: dict[str, float] = {}
-    try:
-        with _context(setup.mesh, setup.rules):
-            while step < num_steps:
-                if lock.lost.is_set():
-                    raise WorkdirLockedError(
-                        f"another run took over {lock.path} (this one was unresponsive for "
-                        "longer than the lock's heartbeat window); stopping without saving")
-                local = next(iterator)
-                # Micro-batch i is rows i, i + accum, … of the global batch: the same rows (and
-                # masks) whatever the number of hosts, each holding a contiguous slice.
-                local = {k: v.reshape(-1, accum, v.shape[-1]).swapaxes(0, 1)
-                         for k, v in local.items()}
-                batch = partitioning.host_to_global(local, batch_sh)
-                state, metrics = step_fn(state, setup.teacher_params, batch, token_weights)
-                step += 1
-                if history:
-                    # Keep at most two steps in flight: the host still runs ahead of the device,
-                    # but a preemption notice or a checkpoint never waits on a long queue.
-                    history[-1]["loss"].block_until_ready()
-                history.append(metrics)
-                if step % c.train.log_every == 0 or step == num_steps:
-                    scalars = monitor.scalars(history, step)  # Fetches the interval's metrics.
-                    history = []
-                    elapsed = time.time() - last_time
-                    scalars["step_time_s"] = elapsed / (step - last_step)
-                    scalars["tokens_per_s"] = tokens_per_step * (step - last_step) / elapsed
-                    if peak:
-                        scalars["mfu"] = (scalars["tokens_per_s"] * flops_per_token
-                                          / (peak * jax.device_count()))
-                    writer.write_scalars(step, scalars, prefix="train/")
-                    last_time, last_step = time.time(), step
-                if c.train.eval_every and step % c.train.eval_every == 0 and step < num_steps:
-                    eval_metrics = evaluate(setup, state.params, eval_fn, c.train.eval_batches)
-                    writer.write_scalars(step, eval_metrics, prefix="eval/")
-                    last_time = time.time()  # Evaluation time is not training throughput.
-                checkpointer.save(step, state, iterator.get_state())
-                if preempted or step == stop_at_step:
-                    logging.warning("Stopping at step %d (%s): saving a checkpoint.", step,
-                                    "SIGTERM" if preempted else "stop_at_step")
-                    checkpointer.save(step, state, iterator.get_state(), force=True)
-                    eval_metrics = {}  # Stopped, not finished: no mid-run evaluation as final.
-                    break
-        if step >= num_steps:
-            checkpointer.save(step, state, iterator.get_state(), force=True)
-            with _context(setup.mesh, setup.rules):
-                eval_metrics = evaluate(setup, state.params, eval_fn, c.train.eval_batches)
-            writer.write_scalars(step, eval_metrics, prefix="eval/")
-            _log_summary(eval_metrics)
-    finally:
-        preempted.restore()
-        writer.close()
-        try:
-            checkpointer.close()  # Waits for the last save to commit.
-        except CheckpointWriteError:
-            if sys.exc_info()[0] is None:
-                raise
-            logging.exception("The last checkpoint save failed too.")  # Don't mask the first error.
-    return eval_metrics
-
-
-def _check_resumable(c: ml_collections.ConfigDict, workdir: epath.Path, student: Encoder) -> None:
-    """Refuses to resume a workdir's checkpoints with a model of other parameter shapes.
-
-    Other model changes (compute dtype, dropout, attention kernel, remat) are allowed.
-
-    Raises:
-      ValueError: naming the `model.*` fields that differ from the workdir's config.json.
-    """
-    config_file = workdir / "config.json"
-    steps = checkpoint_dir(workdir)
-    if not (config_file.exists() and steps.exists()
-            and any(p.name.isdigit() for p in steps.iterdir())):
-        return  # Nothing to resume.
-    try:
-        theirs = config_lib.load_json(config_file).model
-        saved_model = make_encoder(theirs)
-    except (ValueError, AttributeError, TypeError, KeyError) as error:
-        logging.warning("Cannot read the model of %s (%s): not checking its checkpoints' shapes.",
-                        config_file, error)
-        return
-
-    def shapes(model):
-        boxed = jax.eval_shape(_abstract_params(model, 8), jax.random.PRNGKey(0))
-        return jax.tree.map(lambda x: x.shape, nn.unbox(boxed))
-
-    if shapes(saved_model) == shapes(student):
-        return
-    ours, theirs = json.loads(c.model.to_json_best_effort()), theirs.to_dict()
-    differ = [f"model.{k} is {theirs.get(k)!r} there and {ours.get(k)!r} here"
-              for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
-    raise ValueError(
-        f"{workdir} holds checkpoints of a model with other parameter shapes (its config.json: "
-        + "; ".join(differ) + "). A run resumes only with the model it started with: use a new "
-        "--workdir, or the original model settings.")
-
-
-def compile_steps(setup: Setup, optimizer, schedule, shardings: TrainState):
-    """The jitted training step (state donated) and evaluation step, with explicit shardings.
-
-    Call them inside `_context(setup.mesh, setup.rules)` so activation constraints apply.
-    """
-    replicated = partitioning.replicated(setup.mesh)
-    loss = loss_spec(setup.config)
-    masking = masking_spec(setup.config, setup.tokenizer)
-    teacher_sh = jax.tree.map(lambda x: x.sharding, setup.teacher_params)
-    step_fn = jax.jit(
-        functools.partial(distil_step, student=setup.student, teacher=setup.teacher,
-                          optimizer=optimizer, schedule=schedule, masking=masking, loss=loss),
-        in_shardings=(shardings, teacher_sh,
-                      partitioning.batch_sharding(setup.mesh, setup.rules, leading_dims=1),
-                      replicated),
-        out_shardings=(shardings, replicated), donate_argnums=(0,))
-    eval_fn = jax.jit(
-        functools.partial(eval_step, student=setup.student, teacher=setup.teacher,
-                          masking=masking),
-        in_shardings=(shardings.params, teacher_sh,
-                      partitioning.batch_sharding(setup.mesh, setup.rules), replicated),
-        out_shardings=replicated)
-    return step_fn, eval_fn
+    with loop.exclusive(workdir) as session:
+        setup = build(c)
+        logging.info("Config:\n%s", c)
+        logging.info("Devices: %d (%d local, process %d of %d); mesh %s.", jax.device_count(),
+                     jax.local_device_count(), jax.process_index(), jax.process_count(),
+                     dict(setup.mesh.shape))
+        outcome = loop.run(make_trainer(setup, workdir), workdir, session,
+                           stop_at_step=stop_at_step)
+    if not outcome.finished:
+        return {}
+    _log_summary(outcome.evaluation.scalars)
+    return outcome.evaluation.scalars
 
 
 def _log_summary(metrics: dict[str, float]) -> None:

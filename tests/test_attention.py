@@ -12,11 +12,13 @@ import optax
 import pytest
 from flax import linen as nn
 
+from distil_flax import attention as attention_lib
 from distil_flax import model as model_lib
 from distil_flax import partitioning
 from distil_flax.losses import LossSpec
 from distil_flax.masking import MaskingSpec
-from distil_flax.model import make_encoder, model_config, select_attention
+from distil_flax.attention import select_attention
+from distil_flax.model import make_encoder, model_config
 from distil_flax.step import TrainState, distil_step
 
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -56,14 +58,14 @@ def test_attention_kernel_reads_the_model_and_the_platform(monkeypatch):
     c = model_config("distil6")
     c.vocab_size = 30522
     student = make_encoder(c)  # bf16, 12 heads of 64.
-    monkeypatch.setattr(model_lib, "_platform", lambda: "cuda")
-    assert model_lib.attention_kernel(student, 512) == "cudnn"
-    assert model_lib.attention_kernel(student.clone(attention_dropout_rate=0.1), 512,
+    monkeypatch.setattr(attention_lib, "platform", lambda: "cuda")
+    assert attention_lib.attention_kernel(student, 512) == "cudnn"
+    assert attention_lib.attention_kernel(student.clone(attention_dropout_rate=0.1), 512,
                                       train=True) == "einsum"
-    monkeypatch.setattr(model_lib, "_platform", lambda: "tpu")
-    assert model_lib.attention_kernel(student, 512) == "splash"
-    monkeypatch.setattr(model_lib, "_platform", lambda: "cpu")
-    assert model_lib.attention_kernel(student, 512) == "xla"
+    monkeypatch.setattr(attention_lib, "platform", lambda: "tpu")
+    assert attention_lib.attention_kernel(student, 512) == "splash"
+    monkeypatch.setattr(attention_lib, "platform", lambda: "cpu")
+    assert attention_lib.attention_kernel(student, 512) == "xla"
 
 
 def _encoder(impl: str, mask: str = "segments", length: int = 16, remat: str = "none"):
@@ -135,7 +137,7 @@ def test_cudnn_receives_the_mask_form_it_supports(monkeypatch, mask):
         calls.append(kwargs)
         return original(q, k, v, **{**kwargs, "implementation": "xla"})
 
-    monkeypatch.setattr(model_lib, "_platform", lambda: "cuda")
+    monkeypatch.setattr(attention_lib, "platform", lambda: "cuda")
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
     rows = _rows(16, packed=mask == "segments")
     model = _encoder("cudnn", mask)
@@ -159,14 +161,14 @@ def test_tpu_auto_runs_splash_under_a_mesh_and_matches_einsum(monkeypatch):
     # Pretend to compile for a TPU: `auto` picks splash attention, which runs here in the Pallas
     # interpreter, per shard of a data × tensor mesh (batch and heads split).
     calls = []
-    original = model_lib.splash_attention
+    original = attention_lib.splash_attention
 
     def recording(q, k, v, segment_ids, **kwargs):
         calls.append(dict(mesh=jax.sharding.get_abstract_mesh(), **kwargs))
         return original(q, k, v, segment_ids, interpret=True)  # No TPU here: interpret it.
 
-    monkeypatch.setattr(model_lib, "_platform", lambda: "tpu")
-    monkeypatch.setattr(model_lib, "splash_attention", recording)
+    monkeypatch.setattr(attention_lib, "platform", lambda: "tpu")
+    monkeypatch.setattr(attention_lib, "splash_attention", recording)
     length = 128
     rows = _rows(length, packed=True)
     reference = _encoder("einsum", length=length)
@@ -236,7 +238,7 @@ def _lowered_training_step(monkeypatch, platform: str, mask: str) -> str:
     Lowering needs no accelerator: this checks, on a CPU, that the program a GPU or TPU would
     compile calls the fused kernels in every layer, forward and backward, as `auto` promises.
     """
-    monkeypatch.setattr(model_lib, "_platform", lambda: platform)
+    monkeypatch.setattr(attention_lib, "platform", lambda: platform)
     if platform == "cuda":
         # Lowering asks the cuDNN library for its version and the GPU for its compute capability:
         # answer as an H100 with cuDNN 9.10 would. JAX's layout, dtype and shape checks still run.

@@ -15,11 +15,12 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 
-from distil_flax import export_hf, finetune, finetune_init, partitioning  # noqa: E402
+from distil_flax import export_hf, partitioning  # noqa: E402
+from distil_flax.downstream import init as finetune_init, train as finetune  # noqa: E402
 from distil_flax.checkpoint import ITEMS, checkpoint_dir  # noqa: E402
 from distil_flax.config import load_config  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
-from distil_flax.finetune_step import LossSpec, task_loss  # noqa: E402
+from distil_flax.downstream.step import LossSpec, task_loss  # noqa: E402
 from distil_flax.metric_writers import read_metrics  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="export checks need torch: pip install -e '.[test]'")

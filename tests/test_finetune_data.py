@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from distil_flax import data, finetune_config
+from distil_flax import data
+from distil_flax.downstream import config as finetune_config
 from distil_flax.config import load_config
-from distil_flax.tasks import base, get_task, squad, text, tfds_source
+from distil_flax.downstream.tasks import base, get_task, squad, text, tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -366,7 +367,7 @@ def test_task_configs_load_and_validate(tmp_path):
 
 
 def test_epoch_batches_shuffle_split_among_hosts_and_resume():
-    from distil_flax.tasks import batching
+    from distil_flax.downstream.tasks import batching
 
     rows = {"input_ids": np.arange(10)[:, None] * np.ones((1, 3), np.int32),
             "labels": np.arange(10)}

@@ -11,7 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from distil_flax import finetune_init, heads, hf  # noqa: E402
+from distil_flax import hf  # noqa: E402
+from distil_flax.downstream import heads, init as finetune_init  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="HF interop tests need torch: pip install -e '.[test]'")
 transformers = pytest.importorskip("transformers")

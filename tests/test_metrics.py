@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from distil_flax.tasks import metrics as m
+from distil_flax.downstream.tasks import metrics as m
 
 # Two classes: TP = 2 (rows 0, 4), FP = 1 (row 1), TN = 2 (rows 2, 3), FN = 1 (row 5).
 PREDICTIONS = [1, 1, 0, 0, 1, 0]

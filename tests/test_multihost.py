@@ -54,13 +54,14 @@ def _flat(tree) -> dict:
 
 def _restore_final_params(c, workdir: str):
     """The latest checkpoint's parameters, read into `c`'s mesh over all processes' devices."""
-    from distil_flax import partitioning, train
+    from distil_flax import model as model_lib
+    from distil_flax import partitioning
     from distil_flax.checkpoint import restore_params
     from distil_flax.model import make_encoder
 
     mesh = partitioning.make_mesh(c.mesh)
     rules = partitioning.rules_from_config(c.mesh.rules)
-    abstract = train.abstract_params(make_encoder(c.model), mesh, rules)
+    abstract = partitioning.abstract_params(model_lib.init_fn(make_encoder(c.model)), mesh, rules)
     params, step = restore_params(workdir, abstract)
     return params, step, mesh
 

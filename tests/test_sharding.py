@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distil_flax import model as model_lib
 from distil_flax import partitioning, train
+from distil_flax.train_state import shardings_of
 from distil_flax.config import base_config
 from distil_flax.model import make_encoder, model_config
 from distil_flax.optim import make_optimizer
@@ -45,9 +47,9 @@ def _teacher():
 
 
 def _host_params(model, seed):
-    abstract = train.abstract_params(model, partitioning.make_mesh(
+    init = model_lib.init_fn(model)
+    abstract = partitioning.abstract_params(init, partitioning.make_mesh(
         {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]), partitioning.DEFAULT_RULES)
-    init = train._abstract_params(model, 8)
     from flax import linen as nn
     params = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.PRNGKey(seed))
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
@@ -71,7 +73,8 @@ def _run(mesh_shape, devices, steps=2):
     student = make_encoder(c.model)
     teacher_host = _host_params(teacher, 0)
     teacher_params = jax.device_put(
-        teacher_host, train.shardings_of(train.abstract_params(teacher, mesh, rules)))
+        teacher_host, shardings_of(partitioning.abstract_params(model_lib.init_fn(teacher), mesh,
+                                                                 rules)))
     from distil_flax import student_init
     setup = train.Setup(
         config=c, mesh=mesh, rules=rules, tokenizer=_Tokenizer(), train_rows={}, eval_rows={},
@@ -81,11 +84,11 @@ def _run(mesh_shape, devices, steps=2):
     optimizer, schedule = make_optimizer(c.train, 10)
     abstract = train.abstract_state(setup, optimizer)
     state = train.init_state(setup, optimizer, abstract)
-    step_fn, _ = train.compile_steps(setup, optimizer, schedule, train.shardings_of(abstract))
+    step_fn, _ = train.compile_steps(setup, optimizer, schedule, shardings_of(abstract))
     batch_sharding = partitioning.batch_sharding(mesh, rules, leading_dims=1)
     rng = np.random.default_rng(0)
     metrics = []
-    with train._context(mesh, rules):
+    with partitioning.mesh_context(mesh, rules):
         for _ in range(steps):
             batch = partitioning.host_to_global(_batch(rng), batch_sharding)
             state, m = step_fn(state, teacher_params, batch, None)

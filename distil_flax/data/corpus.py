@@ -13,7 +13,8 @@ Nothing a corpus can contain stops a read: empty documents, blank lines, invalid
 with U+FFFD in place of the bad bytes), lines that are not JSON, records without the text field
 and records over `max_document_bytes` are counted in a `Tally` — with the first place each
 happened — and logged, never silently dropped. Errors are only for what a person must fix: an
-unknown source, a pattern that matches no file, a TFDS dataset that is not there.
+unknown source, a pattern that matches no file, a TFDS dataset that is not there, a corpus with
+no text at all (an empty file among others is only logged).
 
 A corpus is read as a list of `Unit`s (a byte range of a file, a row-group range of a Parquet
 file, an index range of a TFDS split, a chapter range of the bundled corpus). Units partition
@@ -155,7 +156,7 @@ def read_documents(
       tally: receives the counts of what was read and skipped (a fresh one if None).
 
     Raises:
-      ValueError: unknown source, or no paths for a source that needs them.
+      ValueError: unknown source, no paths for a source that needs them, or nothing to read.
       FileNotFoundError: a pattern that matches no file, or a TFDS dataset that is not prepared.
     """
     spec = SourceSpec(source, paths, text_field, tfds_split, tfds_data_dir, max_document_bytes)
@@ -187,18 +188,33 @@ def plan_units(spec: SourceSpec, unit_bytes: int | None) -> list[Unit]:
     """Cuts a corpus into units of about `unit_bytes` of input each (None: one per file).
 
     Cutting only seeks and reads a little past each cut point, so planning is fast for any size.
+
+    Raises:
+      ValueError: a corpus with nothing to read (every file empty, a TFDS split without
+        examples): no unit, so nothing downstream could report what was dropped and why.
+      FileNotFoundError: as `expand_paths`, or a TFDS dataset that is not prepared.
     """
     limit = unit_bytes or (1 << 62)
     if spec.source == "bundled":
         return _plan_bundled(limit)
     if spec.source == "tfds":
-        return _plan_tfds(spec, limit)
-    units = []
+        units = _plan_tfds(spec, limit)
+        if not units:
+            raise ValueError(f"data.paths: TFDS dataset {spec.paths[0]!r} has no examples in "
+                             f"split {spec.tfds_split!r} (data.tfds_split)")
+        return units
+    units, empty = [], []
     for path in expand_paths(spec.paths):
-        if spec.source == "parquet":
-            units.extend(_plan_parquet(path, limit))
-        else:
-            units.extend(_plan_file(spec.source, path, limit))
+        planned = (_plan_parquet(path, limit) if spec.source == "parquet"
+                   else _plan_file(spec.source, path, limit))
+        if not planned:
+            empty.append(path)
+        units.extend(planned)
+    if not units:
+        raise ValueError(f"data.paths: {', '.join(empty)} hold{'s' if len(empty) == 1 else ''} "
+                         "no text")
+    for path in empty:  # One empty file among others (a shard of a split job) is not an error.
+        logging.warning("%s holds no text (data.paths); skipped.", path)
     return units
 
 

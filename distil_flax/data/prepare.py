@@ -23,9 +23,13 @@ What happens to a document, in a pool of `data.workers` processes (one unit of t
      duplicates of a held-out document are held out too), else to train.
 
 Restartable: each unit's shards are renamed into place and then marked done; a rerun skips done
-units and a killed run loses only the units in flight. A request file pins what is being
-prepared: rerunning with another source, tokenizer or option into the same directory is an
-error (or, with --overwrite, starts over).
+units and a killed run loses only the units in flight. Workers die with the process that started
+them, even one killed with SIGKILL, and a rerun first removes the temporary files that killed
+processes left. A request file pins what is being prepared: rerunning with another source,
+tokenizer or option into the same directory is an error (or, with --overwrite, starts over).
+
+Exit status: 0 when the data is prepared; 1 with one line `error: ...` naming the field, file or
+step when the config, an input, the output directory or a worker stops it.
 
 Beyond one machine: the expensive part of a corpus like Wikipedia is parsing the dump, which
 TFDS's builders do on Apache Beam (Dataflow, Spark or Flink): `tfds build wikipedia/20230601.en
@@ -38,12 +42,16 @@ directory, and one last run without it merges the manifest.
 """
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -196,7 +204,7 @@ class _SplitWriter:
 
         self.name = records.shard_name(split, index)
         self.path = os.path.join(directory, self.name)
-        self.tmp = f"{self.path}.tmp{os.getpid()}"
+        self.tmp = records.temp_path(self.path)
         self.writer = array_record_module.ArrayRecordWriter(self.tmp, records.WRITER_OPTIONS)
         self.dtype = dtype
         self.documents = self.records = self.tokens = 0
@@ -221,8 +229,9 @@ class _SplitWriter:
         self.writer.close()
         if self.records:
             lengths_path = records.lengths_path(self.path)
-            np.save(f"{lengths_path}.tmp.npy", np.asarray(self.lengths, records.LENGTH_DTYPE))
-            os.replace(f"{lengths_path}.tmp.npy", lengths_path)
+            tmp = records.temp_path(lengths_path, ".npy")
+            np.save(tmp, np.asarray(self.lengths, records.LENGTH_DTYPE))
+            os.replace(tmp, lengths_path)
             os.replace(self.tmp, self.path)
         else:
             os.remove(self.tmp)
@@ -279,16 +288,47 @@ def prepare_unit(job: _Job) -> dict[str, Any]:
                # CPU time of the worker (all its threads): tokens per CPU-second is what one
                # core delivers, whatever else shares the machine.
                "cpu_seconds": time.process_time() - cpu_start}
-    np.save(f"{_counts_path(job.directory, job.index)}.tmp.npy", counts)
-    os.replace(f"{_counts_path(job.directory, job.index)}.tmp.npy",
-               _counts_path(job.directory, job.index))
+    tmp = records.temp_path(_counts_path(job.directory, job.index), ".npy")
+    np.save(tmp, counts)
+    os.replace(tmp, _counts_path(job.directory, job.index))
     records.write_json_atomically(_done_path(job.directory, job.index), summary)
     return summary
 
 
-def _init_worker() -> None:
+_PR_SET_PDEATHSIG = 1  # From <linux/prctl.h>.
+
+
+def _init_worker(parent: int) -> None:
+    """Sets up a pool worker; `parent` is the pid of the preparing process."""
     # One process per core: the tokenizer's own thread pool would only oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # A parent killed with SIGKILL shuts no pool down: without this its workers would tokenize
+    # on, and idle ones wait for work, forever.
+    if not _die_with_parent():
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # It died before the request above took effect.
+        os._exit(1)
+
+
+def _die_with_parent() -> bool:
+    """Asks Linux to SIGKILL this process when its parent exits; False where it cannot.
+
+    The parent is the thread that started the worker: `_run`'s caller, which outlives the pool.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Elsewhere: polls for the parent (an orphan is handed to another one, so its ppid changes)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 # ------------------------------------------------------------------------------ a corpus
@@ -388,6 +428,11 @@ def prepare(
     wanted = request(data_config, tokenizer)
     _make_writable(directory)
     _check_request(directory, wanted, overwrite)
+    # What killed runs left half-written (never data: only renamed files and summaries count).
+    stale = records.remove_stale_temp_files(directory)
+    if stale:
+        logging.info("Removed %d temporary file(s) of stopped runs from %s: %s", len(stale),
+                     directory, ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else ""))
     if os.path.isfile(os.path.join(directory, records.MANIFEST)):
         logging.info("Data in %s is already prepared.", directory)
         return directory
@@ -432,11 +477,20 @@ def _run(jobs: list[_Job], workers: int):
         return
     # Spawned, not forked: the parent may hold tokenizer thread pools, which do not survive fork.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                initializer=_init_worker) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
+    try:
         futures = [pool.submit(prepare_unit, job) for job in jobs]
         for future in concurrent.futures.as_completed(futures):
             yield future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise ChildProcessError(
+            "A data preparation worker died (killed, or out of memory: try fewer data.workers or "
+            "a smaller data.unit_bytes); finished units are kept, rerun to continue.") from None
+    finally:
+        # On an error, units not yet started are dropped: the error shows without waiting for
+        # the rest of the corpus.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, Any],
@@ -499,15 +553,36 @@ def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, A
 # ------------------------------------------------------------------------------ CLI
 
 
+# What a user can fix (the config, an input file, the output directory, a worker killed for its
+# memory) is told in one line, as by `distil_flax.main`; anything else is a bug and keeps its
+# traceback.
+_RUN_ERRORS = (ValueError, OSError)
+
+
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
     del argv
-    flags_ = flags.FLAGS
-    units = None
-    if flags_.units:
-        k, _, n = flags_.units.partition("/")
-        units = (int(k), int(n))
+    try:
+        _prepare_and_report(flags.FLAGS)
+    except _RUN_ERRORS as error:
+        logging.debug("Preparation stopped.", exc_info=True)  # The traceback, with --verbosity=1.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _units(value: str) -> tuple[int, int] | None:
+    """The --units flag: "K/N" → (K, N); "" → None."""
+    if not value:
+        return None
+    k, sep, n = value.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise ValueError(f"--units={value!r}: expected K/N, this host's K of N (0 <= K < N)")
+    return int(k), int(n)
+
+
+def _prepare_and_report(flags_) -> None:
+    units = _units(flags_.units)
     directory = prepare(flags_.config.data, workers=flags_.workers or None,
                         overwrite=flags_.overwrite, units=units)
     if units is None:

@@ -154,8 +154,8 @@ def load_tokenizer(path: str, lowercase: bool = True) -> Tokenizer:
 
     Raises:
       FileNotFoundError: if `path` does not exist.
-      ValueError: unknown suffix, a file its backend cannot parse, or a vocabulary without the
-        BERT special tokens.
+      ValueError: unknown suffix, a file its backend cannot parse, a vocab.txt listing a token
+        twice, or a vocabulary without the BERT special tokens.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -199,8 +199,42 @@ def _bert_pipeline(model: models.Model, lowercase: bool) -> tokenizers.Tokenizer
     return tokenizer
 
 
+def read_vocab(path: str) -> dict[str, int]:
+    """A BERT `vocab.txt` as token → id, the id being the token's line (from 0).
+
+    Lines are read as `tokenizers.models.WordPiece.read_file` reads them (trailing whitespace
+    dropped), but a token listed twice is an error here: a dict keeps one of its ids, the other
+    id then names no token, and the vocabulary has fewer entries than the ids it hands out (the
+    model's embedding table would not fit the data).
+
+    Raises:
+      ValueError: a file that is not UTF-8, or a token on more than one line (the message names
+        the file, the token and its line numbers).
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Vocabulary {path} is not UTF-8 text: {error}") from None
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()  # The newline that ends the last line starts no token.
+    vocab: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        token = line.rstrip()
+        if token in vocab:
+            again = [str(n + 1) for n, other in enumerate(lines) if other.rstrip() == token]
+            raise ValueError(
+                f"Vocabulary {path} lists token {token!r} on lines {', '.join(again[:-1])} and "
+                f"{again[-1]}: each token must appear once (its id is its line number). Remove "
+                "the repeated lines.")
+        vocab[token] = i
+    return vocab
+
+
 def _wordpiece_from_vocab(path: str, lowercase: bool) -> tokenizers.Tokenizer:
-    vocab = models.WordPiece.read_file(path)
+    vocab = read_vocab(path)
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise ValueError(f"Vocabulary {path} lacks special token(s) {', '.join(missing)}; a "

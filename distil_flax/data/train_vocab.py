@@ -9,14 +9,19 @@ An existing output is reused (and says so) unless --overwrite, so scripts can ca
 unconditionally before training. Point `--config.data.tokenizer` at the written file. An existing
 vocabulary (bert-base-uncased's `vocab.txt`, a `tokenizer.json`, a SentencePiece `.model`) needs
 no training: point `data.tokenizer` at it.
+
+Exit status: 0 when the vocabulary is written or reused; 1 with one line `error: ...` naming
+the file or flag when the source, an input or the output stops it.
 """
 
 import os
 import random
+import sys
 import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from distil_flax.data import corpus
 from distil_flax.data import tokenizer as tokenizer_lib
@@ -61,8 +66,22 @@ def sample(documents, k: int, seed: int = 0) -> list[str]:
     return [document for _, document in sorted(reservoir)]
 
 
+# What a user can fix (the source, an input file, the output path) is told in one line, as by
+# `distil_flax.main`; anything else is a bug and keeps its traceback.
+_RUN_ERRORS = (ValueError, OSError)
+
+
 def main(argv):
     del argv
+    try:
+        _train_or_reuse()
+    except _RUN_ERRORS as error:
+        logging.debug("Stopped.", exc_info=True)  # The traceback, with --verbosity=1.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _train_or_reuse() -> None:
     path = output_path(_KIND.value, _OUTPUT.value)
     if os.path.exists(path) and not _OVERWRITE.value:
         tokenizer = tokenizer_lib.load_tokenizer(path, lowercase=_LOWERCASE.value)

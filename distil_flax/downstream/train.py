@@ -43,11 +43,11 @@ from jax.sharding import NamedSharding
 
 from distil_flax import config as config_lib
 from distil_flax import data, finetune_config, finetune_init, heads, hf, optim, partitioning
-from distil_flax import tasks as tasks_lib
+from distil_flax.downstream import tasks as tasks_lib
 from distil_flax.checkpoint import ITEMS, Checkpointer, checkpoint_dir
-from distil_flax.tasks import batching
+from distil_flax.downstream.tasks import batching
 from distil_flax.workdir_lock import WorkdirLock, WorkdirLockedError
-from distil_flax.finetune_step import INPUTS, LossSpec, finetune_step, predict_step
+from distil_flax.downstream.step import INPUTS, LossSpec, finetune_step, predict_step
 from distil_flax.metric_writers import MetricWriter
 from distil_flax.step import TrainState
 

@@ -24,11 +24,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import linen as nn
 from flax import traverse_util
 
 from distil_flax import config as config_lib
-from distil_flax import heads, hf, partitioning, train
+from distil_flax import hf, partitioning
+from distil_flax import model as model_lib
+from distil_flax.downstream import heads
 from distil_flax.checkpoint import checkpoint_dir, restore_params
 from distil_flax.model import make_encoder
 
@@ -125,10 +126,7 @@ def load_pretrained(path: str) -> Pretrained:
 
 def abstract_params(model: heads.TaskModel, mesh, rules) -> Any:
     """`model`'s parameters as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`."""
-    abstract = jax.eval_shape(heads.init_fn(model), jax.random.PRNGKey(0))
-    shardings = partitioning.logical_to_shardings(nn.get_partition_spec(abstract), mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(abstract), shardings)
+    return partitioning.abstract_params(heads.init_fn(model), mesh, rules)
 
 
 def encoder_params(pretrained: Pretrained, mesh, rules) -> dict[str, Any]:
@@ -143,7 +141,8 @@ def encoder_params(pretrained: Pretrained, mesh, rules) -> dict[str, Any]:
             load_finetuned(pretrained.path, mesh, rules).params["encoder"], sep="/")
     # The full pretraining tree (MLM head included), restored straight into its shardings.
     encoder = make_encoder(pretrained.model_cfg)
-    params, step = restore_params(pretrained.path, train.abstract_params(encoder, mesh, rules))
+    params, step = restore_params(
+        pretrained.path, partitioning.abstract_params(model_lib.init_fn(encoder), mesh, rules))
     logging.info("Encoder from %s (step %d).", pretrained.path, step)
     return traverse_util.flatten_dict(params, sep="/")
 

@@ -1,12 +1,12 @@
 """Downstream tasks for fine-tuning: GLUE, SQuAD v1.1 and IMDb, with their official metrics."""
 
-from distil_flax.tasks.base import Features
-from distil_flax.tasks.base import Split
-from distil_flax.tasks.base import Task
-from distil_flax.tasks.glue import GlueTask
-from distil_flax.tasks.glue import SPECS as GLUE_SPECS
-from distil_flax.tasks.imdb import ImdbTask
-from distil_flax.tasks.squad import SquadTask
+from distil_flax.downstream.tasks.base import Features
+from distil_flax.downstream.tasks.base import Split
+from distil_flax.downstream.tasks.base import Task
+from distil_flax.downstream.tasks.glue import GlueTask
+from distil_flax.downstream.tasks.glue import SPECS as GLUE_SPECS
+from distil_flax.downstream.tasks.imdb import ImdbTask
+from distil_flax.downstream.tasks.squad import SquadTask
 
 TASK_NAMES = (*GLUE_SPECS, "squad", "imdb")
 

@@ -24,9 +24,9 @@ import numpy as np
 from absl import logging
 
 from distil_flax.data.tokenizer import Tokenizer
-from distil_flax.tasks import base, tfds_source
-from distil_flax.tasks import metrics as m
-from distil_flax.tasks import text as text_lib
+from distil_flax.downstream.tasks import base, tfds_source
+from distil_flax.downstream.tasks import metrics as m
+from distil_flax.downstream.tasks import text as text_lib
 
 FILES = {"train": "train-v1.1.json", "dev": "dev-v1.1.json"}
 _TFDS_SPLITS = {"train": "train", "dev": "validation"}

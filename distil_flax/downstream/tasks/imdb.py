@@ -13,8 +13,8 @@ import os
 import ml_collections
 import numpy as np
 
-from distil_flax.tasks import base, tfds_source
-from distil_flax.tasks import metrics as m
+from distil_flax.downstream.tasks import base, tfds_source
+from distil_flax.downstream.tasks import metrics as m
 
 LABELS = ("neg", "pos")
 

@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 
 from distil_flax.data.tokenizer import Tokenizer
-from distil_flax.tasks import metrics as metrics_lib
-from distil_flax.tasks import text as text_lib
+from distil_flax.downstream.tasks import metrics as metrics_lib
+from distil_flax.downstream.tasks import text as text_lib
 
 # More than this fraction of a file's records skipped means the file is not what the task reads.
 MAX_SKIPPED_FRACTION = 0.5

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distil_flax.heads import TaskModel
+from distil_flax.downstream.heads import TaskModel
 from distil_flax.losses import soft_target_kl
-from distil_flax.step import TrainState
+from distil_flax.train_state import TrainState, apply_update, step_rng
 
 Array = jax.Array
 
@@ -113,7 +113,7 @@ def finetune_step(state: TrainState, teacher_params: Any, batch: dict[str, Array
       The new state and scalar metrics. A step whose loss or gradients are not finite keeps
       the old parameters and optimizer state and counts itself in `skipped_steps`.
     """
-    rng = jax.random.fold_in(state.rng, state.step)
+    rng = step_rng(state)
     inputs = tuple(batch[k] for k in INPUTS)
     teacher_logits = None
     if teacher is not None and loss.alpha > 0:
@@ -125,23 +125,7 @@ def finetune_step(state: TrainState, teacher_params: Any, batch: dict[str, Array
         return task_loss(logits, batch, loss, teacher_logits)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    # As in the distillation step: a non-finite loss or gradient never reaches the weights; the
-    # update is skipped and counted, and the host reports it when it next fetches metrics.
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     (params, opt_state), (state.params, state.opt_state))
-    skipped = (~finite).astype(jnp.int32)
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          skipped_steps=state.skipped_steps + skipped,
-                          bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
-    metrics.update(grad_norm=grad_norm,
-                   update_norm=jnp.where(finite, optax.tree.norm(updates), 0.0),
-                   param_norm=optax.tree.norm(params), learning_rate=schedule(state.step - 1),
-                   skipped_steps=state.skipped_steps)
-    return state, metrics
+    return apply_update(state, grads, metrics, optimizer=optimizer, schedule=schedule)
 
 
 def predict_step(params: Any, batch: dict[str, Array], *, model: TaskModel) -> Array:

@@ -1,0 +1,69 @@
+"""What every command does with its flags and its failures.
+
+A failure a user can fix (a config field, an input file, a busy workdir, a full disk, a run
+whose numbers went non-finite) ends in ONE line `error: ...` on stderr and exit status 1; the
+traceback is logged only at `--verbosity=1`. A bad flag (a wrong type, an unknown `:preset`)
+is told the same way, instead of absl's "FATAL Flags parsing error" and a traceback. A second
+Ctrl-C (the first one asks a run to save and stop) aborts with exit status 130. Anything else
+is a bug and keeps its traceback.
+"""
+
+import logging as py_logging
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import app, flags, logging
+
+from distil_flax.workdir_lock import WorkdirLockedError
+
+# CheckpointWriteError is an OSError, CorruptCheckpointError a ValueError, NonFiniteError a
+# FloatingPointError.
+RUN_ERRORS = (ValueError, OSError, FloatingPointError, WorkdirLockedError)
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Drops Orbax's and XLA's per-save and start-up INFO chatter; warnings still show."""
+
+    def filter(self, record):
+        noisy = "/orbax/" in record.pathname or record.pathname.endswith("xla_bridge.py")
+        return record.levelno >= py_logging.WARNING or not noisy
+
+
+def fail(message: str, status: int = 1):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _flag_problem(error: flags.Error) -> str:
+    """The cause of a flag error in one line (config files' errors carry their traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        return f"{lines[0].rstrip(':')} {lines[-1]}"
+    return " ".join(lines)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, with flag errors told in one `error:` line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        fail(_flag_problem(error))
+
+
+def run(job: Callable[[], Any]) -> Any:
+    """Runs a command's job, turning the failures a user can fix into one `error:` line."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        return job()
+    except KeyboardInterrupt:
+        logging.debug("Interrupted.", exc_info=True)
+        fail("interrupted by a second Ctrl-C before the step in flight was saved; rerun the same "
+             "command to resume from the newest committed checkpoint", status=130)
+    except RUN_ERRORS as error:
+        logging.debug("Stopped.", exc_info=True)  # The traceback, with --verbosity=1.
+        fail(str(error))
+
+
+def main(entry: Callable[[list[str]], Any]) -> None:
+    """`app.run(entry)` with one-line flag errors; `entry(argv)` should call `run`."""
+    app.run(entry, flags_parser=parse_flags)

@@ -1,0 +1,114 @@
+"""The state every trainer carries, how it is laid out on the mesh, and the guarded update.
+
+Distillation and fine-tuning differ in their loss, not in what happens after it: both hand their
+gradients to `apply_update`, so a non-finite step is skipped and counted the same way, and both
+build their state with `abstract_state` / `fresh_state`, so the optimizer moments always take
+their parameter's sharding.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly, except the data position (checkpointed beside)."""
+
+    step: Array  # int32 scalar: steps done (applied or skipped updates).
+    params: Any
+    opt_state: Any
+    rng: Array  # uint32[2] raw PRNG key; each step folds in its step number.
+    skipped_steps: Array  # int32 scalar: updates skipped because a value was not finite.
+    bad_streak: Array  # int32 scalar: consecutive skipped updates up to the last step.
+
+
+def _with_sharding(shape, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+
+def abstract_state(params: Any, optimizer: optax.GradientTransformation,
+                   replicated: jax.sharding.Sharding) -> TrainState:
+    """The TrainState as `jax.ShapeDtypeStruct`s carrying shardings.
+
+    Args:
+      params: abstract parameters carrying their shardings (`partitioning.abstract_params`).
+      optimizer: the run's optimizer; its moments take their parameter's sharding.
+      replicated: the sharding of scalars and of the optimizer's non-parameter leaves.
+    """
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, p: p.sharding, opt_shapes, params,
+                                          transform_non_params=lambda _: replicated)
+    scalar = lambda x: _with_sharding(jax.eval_shape(lambda: x), replicated)  # noqa: E731
+    count = scalar(jnp.zeros((), jnp.int32))
+    return TrainState(step=count, params=params,
+                      opt_state=jax.tree.map(_with_sharding, opt_shapes, opt_shardings),
+                      rng=scalar(jax.random.PRNGKey(0)), skipped_steps=count, bad_streak=count)
+
+
+def shardings_of(abstract: Any) -> Any:
+    return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def fresh_state(params: Any, optimizer: optax.GradientTransformation, abstract: TrainState,
+                rng: Array) -> TrainState:
+    """Step 0: `params` (already in their shardings), a fresh optimizer, zeroed counters."""
+    shardings = shardings_of(abstract)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    zero = lambda sharding: jax.device_put(jnp.zeros((), jnp.int32), sharding)  # noqa: E731
+    return TrainState(step=zero(shardings.step), params=params, opt_state=opt_state,
+                      rng=jax.device_put(rng, shardings.rng),
+                      skipped_steps=zero(shardings.skipped_steps),
+                      bad_streak=zero(shardings.bad_streak))
+
+
+def step_rng(state: TrainState) -> Array:
+    """This step's key: the run's key folded with the step, so a resumed run draws the same."""
+    return jax.random.fold_in(state.rng, state.step)
+
+
+def apply_update(state: TrainState, grads: Any, metrics: dict[str, Array], *,
+                 optimizer: optax.GradientTransformation, schedule: optax.Schedule
+                 ) -> tuple[TrainState, dict[str, Array]]:
+    """The optimizer update of one step, skipped when anything about it is not finite.
+
+    A non-finite loss, gradient or update (an overflow, a bad batch, a NaN learning rate) must
+    never reach the weights: the step keeps the old parameters and optimizer state and counts
+    itself, and the host acts on the counters when it next fetches metrics — no device-to-host
+    sync here. The update is checked too, not only loss and gradients: finite gradients times a
+    non-finite learning rate are a non-finite update.
+
+    Args:
+      state: the state before the step.
+      grads: gradients of `metrics["loss"]` with respect to `state.params`.
+      metrics: the step's scalar metrics, with `loss`.
+
+    Returns:
+      The new state, and `metrics` with `grad_norm`, `update_norm`, `param_norm`,
+      `learning_rate` (the one this update used), `nonfinite` (0/1), `skipped_steps` and
+      `bad_streak`.
+    """
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    update_norm = optax.tree.norm(updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    skipped = (~finite).astype(jnp.int32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              skipped_steps=state.skipped_steps + skipped,
+                              bad_streak=jnp.where(finite, 0, state.bad_streak + 1))
+    # Skipped updates leave the optimizer's count (and so its schedule) where it was.
+    applied = state.step - state.skipped_steps
+    return new_state, {
+        **metrics, "grad_norm": grad_norm, "update_norm": jnp.where(finite, update_norm, 0.0),
+        "param_norm": optax.tree.norm(params), "learning_rate": schedule(applied),
+        "nonfinite": skipped, "skipped_steps": new_state.skipped_steps,
+        "bad_streak": new_state.bad_streak}
+
