@@ -272,7 +272,7 @@ class Checkpointer:
 
     def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the `params` item of `step` by path ("encoder/layers_0/...")."""
-        metadata = self.manager.item_metadata(step)["params"]
+        metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "params")
         flat = jax.tree_util.tree_flatten_with_path(
             metadata, is_leaf=lambda x: hasattr(x, "shape"))[0]
         return {_path(p): tuple(leaf.shape) for p, leaf in flat}

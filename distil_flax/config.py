@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.alpha_ce = 5.0  # Weight of the soft-target loss (teacher → student distributions).
     c.loss.alpha_mlm = 2.0  # Weight of the masked-LM loss on the true tokens.
     c.loss.alpha_cos = 1.0  # Weight of 1 − cos between final hidden states.
-    c.loss.restrict_ce_to_mask = False  # L_ce on masked positions only (cheaper; not the released recipe).
+    # L_ce on masked positions only (cheaper; not the released recipe).
+    c.loss.restrict_ce_to_mask = False
     # Positions per chunk of the fused MLM heads + loss (never materialises all logits at once);
     # 0: plain logits.
     c.loss.head_chunk = 128
@@ -52,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.masking.mask_prob = 0.15  # Fraction of real, non-special tokens predicted per row.
     c.masking.replace_with_mask = 0.8  # Of those: set to [MASK] ...
     c.masking.replace_with_random = 0.1  # ... to a random token; the rest are kept.
-    c.masking.smoothing = 0.7  # Pick tokens ∝ count^-smoothing (DistilBERT's mlm_smoothing); 0: uniform.
+    # Pick tokens ∝ count^-smoothing (DistilBERT's mlm_smoothing); 0: uniform.
+    c.masking.smoothing = 0.7
 
     # Data: `python -m distil_flax.data.prepare --config=...` turns the source into token-id
     # shards in data.dir once; training reads the shards (preparing them first when missing).
@@ -127,7 +129,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if min(loss.alpha_ce, loss.alpha_mlm, loss.alpha_cos) < 0:
         raise ValueError("loss.alpha_ce, loss.alpha_mlm and loss.alpha_cos must be ≥ 0")
     if loss.alpha_ce + loss.alpha_mlm + loss.alpha_cos == 0:
-        raise ValueError("every loss weight is 0: set loss.alpha_ce, loss.alpha_mlm or loss.alpha_cos")
+        raise ValueError(
+            "every loss weight is 0: set loss.alpha_ce, loss.alpha_mlm or loss.alpha_cos")
     if loss.temperature <= 0:
         raise ValueError(f"loss.temperature must be > 0, got {loss.temperature}")
     needs_teacher = loss.alpha_ce > 0 or loss.alpha_cos > 0
@@ -153,7 +156,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"masking.mask_prob must be in (0, 1), got {m.mask_prob}")
     if m.replace_with_mask < 0 or m.replace_with_random < 0 or (
             m.replace_with_mask + m.replace_with_random > 1):
-        raise ValueError("masking.replace_with_mask + masking.replace_with_random must be in [0, 1]")
+        raise ValueError(
+            "masking.replace_with_mask + masking.replace_with_random must be in [0, 1]")
     t = c.train
     micro = t.micro_batch_size or t.batch_size
     if t.batch_size <= 0 or t.batch_size % micro:

@@ -4,7 +4,7 @@ Reads RUN/config.json (the model section and the run's tokenizer), restores the 
 parameters on the CPU (latest step, or --step), and writes a folder that
 `AutoModelForMaskedLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load offline:
 DistilBertForMaskedLM for a DistilBERT-shaped student, else BertForMaskedLM (--head=none: the bare
-encoder). See `distil_flax.hf` for the name maps.
+encoder). See `distil_flax.hf.names` for the name maps.
 
 A fine-tuning run (`distil_flax.finetune`) exports its task model from the best checkpoint (or
 --step): DistilBertForSequenceClassification / ForQuestionAnswering / ..., or the Bert ones, with

@@ -186,6 +186,17 @@ def bytes_per_device(tree: Any) -> dict[int, int]:
     return totals
 
 
-def host_to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Places this host's part of a batch straight into global arrays with `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def example_shardings(arrays: dict[str, np.ndarray], mesh: Mesh, rules
+                      ) -> dict[str, NamedSharding]:
+    """Each array split over the data-like axes along its first (example) dimension."""
+    return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (v.ndim - 1),
+                                                           rules))
+            for k, v in arrays.items()}
+
+
+def host_to_global(local: dict[str, np.ndarray],
+                   sharding: NamedSharding | dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Places this host's part of a batch straight into global arrays with `sharding` (one for
+    every array, or one per array by name)."""
+    by_name = sharding if isinstance(sharding, dict) else dict.fromkeys(local, sharding)
+    return {k: jax.make_array_from_process_local_data(by_name[k], v) for k, v in local.items()}

@@ -55,7 +55,7 @@ def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
     """Loads the teacher named by `teacher.checkpoint`, once, into its shardings.
 
     The checkpoint is either a distil_flax workdir (its config.json and latest params) or a
-    Hugging Face BERT/DistilBERT folder (config.json + safetensors), converted by `hf.py`.
+    Hugging Face BERT/DistilBERT folder (config.json + safetensors), converted by `distil_flax.hf`.
 
     Returns:
       (teacher model, float32 params in their shardings).

@@ -9,6 +9,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the whole session, as a cluster keeps one for
+    restarts: the many runs, restarts and CLI subprocesses (through JAX_COMPILATION_CACHE_DIR)
+    compile each program once."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    directory = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cache.reset_cache()
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return directory
+
+
 @pytest.fixture(scope="session")
 def vocab_path(tmp_path_factory):
     """A WordPiece vocab trained on the bundled corpus (a couple of seconds)."""

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -656,6 +657,37 @@ def test_output_and_input_errors(prepared_dirs, vocab_path, tmp_path):
     with pytest.raises(ValueError, match=r"No training document") as error:
         prepare.prepare(c, workers=1)
     assert "'too_short': 1" in str(error.value) and "'missing_field': 1" in str(error.value)
+
+
+def _zombie() -> subprocess.Popen:
+    """A child that has exited but is not reaped yet: its pid exists, its process does not."""
+    child = subprocess.Popen(["true"])
+    for _ in range(500):
+        with open(f"/proc/{child.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return child
+        time.sleep(0.01)
+    pytest.fail("the child did not exit")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_only_temporary_files_of_exited_processes_on_this_host_are_removed(tmp_path):
+    mine = records.temp_path(str(tmp_path / "train-00000.array_record"))  # A live writer's.
+    host = mine.rsplit("-", 1)[1]
+    zombie = _zombie()
+    try:
+        dead = zombie.pid
+        kept = [os.path.basename(mine), "train-00000.array_record", "unit-00000.json",
+                f"eval-00001.array_record.tmp{dead}-elsewhere"]  # Another host's: not judged.
+        stale = [f"eval-00001.array_record.tmp{dead}-{host}",
+                 f"eval-00001.lengths.npy.tmp{dead}-{host}.npy", f"unit-00001.json.tmp{dead}",
+                 "unit-00001.counts.npy.tmp.npy"]  # Earlier versions' names.
+        for name in kept + stale:
+            (tmp_path / name).write_text("x")
+        assert records.remove_stale_temp_files(str(tmp_path)) == sorted(stale)
+        assert sorted(os.listdir(tmp_path)) == sorted(kept)
+    finally:
+        zombie.wait()
 
 
 def test_killed_preparation_resumes_without_redoing_finished_units(tmp_path, vocab_path):

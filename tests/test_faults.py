@@ -5,7 +5,7 @@ Each fault is injected into the real `train_and_evaluate` (in this process) or t
 subprocess), and the outcome is compared with an uninterrupted run of the same config, bit for
 bit. In-process runs use the tiny student config on 8 simulated devices; CLI runs use the tiny
 teacher config on one device, which starts in a few seconds. All share one persistent XLA
-compilation cache, so that the many restarts compile each program once.
+compilation cache (`conftest.py`), so that the many restarts compile each program once.
 
 The moments of the CLI's signals come from DISTIL_FLAX_FAULT_SEED (default 8); run with other
 seeds to try other moments.
@@ -140,27 +140,6 @@ def _snapshot(workdir):
 # ---------------------------------------------------------------------------------------------
 # In-process runs shared by the tests below
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA compilation cache for this module, as a cluster keeps one for restarts.
-
-    Every restart below compiles the same step again; with the cache it is compiled once. The
-    CLI runs get it through JAX_COMPILATION_CACHE_DIR.
-    """
-    from jax.experimental.compilation_cache import compilation_cache as cache
-
-    directory = str(tmp_path_factory.mktemp("xla_cache"))
-    previous = (jax.config.jax_compilation_cache_dir,
-                jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cache.reset_cache()
-    yield directory
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-    cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

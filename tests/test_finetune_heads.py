@@ -107,9 +107,10 @@ def test_fresh_heads_have_hf_shapes_and_regression_exports():
     shapes = nn.unbox(jax.eval_shape(heads.init_fn(model), jax.random.PRNGKey(0)))
     assert shapes["pre_classifier"]["kernel"].shape == (32, 32)  # DistilBERT's layout.
     assert shapes["classifier"]["kernel"].shape == (32, 1)
-    config = hf.hf_task_config(cfg, hf.TaskHead("seq_cls", 1, regression=True, head_dropout=0.2))
+    config = hf.hf_task_config(cfg, heads.TaskHead("seq_cls", 1, regression=True,
+                                                    head_dropout=0.2))
     assert config["architectures"] == ["DistilBertForSequenceClassification"]
     assert config["problem_type"] == "regression" and config["seq_classif_dropout"] == 0.2
     params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
     with pytest.raises(ValueError, match="params do not match the model config and a qa head"):
-        hf.hf_task_state_dict(params, cfg, hf.TaskHead("qa", 2))
+        hf.hf_task_state_dict(params, cfg, heads.TaskHead("qa", 2))

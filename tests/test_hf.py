@@ -461,7 +461,7 @@ def test_export_errors_leave_nothing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "_write_tokenizer", fail)
+    monkeypatch.setattr("distil_flax.hf.export._write_tokenizer", fail)
     with pytest.raises(OSError, match="disk full"):
         hf.export_hf(params, cfg, tmp_path / "out", tokenizer_path=_vocab(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt"]

@@ -53,9 +53,12 @@ def test_copies_mapped_layers_embeddings_and_head_and_drops_token_types():
 def test_map_length_and_range_and_shape_errors():
     teacher = _teacher_with_layers(4)
     student = _params("tiny_student")  # 1 layer.
-    with pytest.raises(ValueError, match="has 2 entries but the student has 1"):
-        student_init.init_from_teacher(teacher, student, [0, 2])
-    with pytest.raises(ValueError, match="outside the teacher's 0..3"):
+    # The messages name the config field, init.layer_map.
+    with pytest.raises(ValueError, match=r"^init\.layer_map \[0, 2\] has 2 entries but the "
+                                         r"student has 1"):
+        student_init.init_from_teacher(teacher, student, (0, 2))
+    with pytest.raises(ValueError, match=r"^init\.layer_map \[4\] names layers outside the "
+                                         r"teacher's 0..3"):
         student_init.init_from_teacher(teacher, student, [4])
     wide = model_config("tiny_student")
     wide.hidden_size, wide.num_heads, wide.vocab_size = 64, 2, 50

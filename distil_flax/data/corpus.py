@@ -243,9 +243,15 @@ def _plan_file(source: str, path: str, limit: int) -> list[Unit]:
 
 
 def _plan_parquet(path: str, limit: int) -> list[Unit]:
-    import pyarrow.parquet as pq  # Only parquet sources need pyarrow.
+    import pyarrow as pa  # Only parquet sources need pyarrow.
+    import pyarrow.parquet as pq
 
-    metadata = pq.ParquetFile(path).metadata
+    if not os.path.getsize(path):
+        return []  # No text: plan_units says so.
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except pa.ArrowException as error:  # Its message does not name the file.
+        raise ValueError(f"data.paths: {path} is not a Parquet file: {error}") from None
     units, start, size = [], 0, 0
     for group in range(metadata.num_row_groups):
         size += metadata.row_group(group).total_byte_size

@@ -553,22 +553,22 @@ def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, A
 # ------------------------------------------------------------------------------ CLI
 
 
-# What a user can fix (the config, an input file, the output directory, a worker killed for its
-# memory) is told in one line, as by `distil_flax.main`; anything else is a bug and keeps its
-# traceback.
-_RUN_ERRORS = (ValueError, OSError)
-
-
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
+    from distil_flax import cli
+
     del argv
-    try:
-        _prepare_and_report(flags.FLAGS)
-    except _RUN_ERRORS as error:
-        logging.debug("Preparation stopped.", exc_info=True)  # The traceback, with --verbosity=1.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+
+    def job() -> None:
+        try:
+            _prepare_and_report(flags.FLAGS)
+        except KeyboardInterrupt:  # cli's own message is about a training run's checkpoints.
+            cli.fail("interrupted; rerun the same command to continue (finished units are "
+                     "kept)", status=130)
+
+    # A config, input, directory or worker problem ends in one `error:` line (exit status 1).
+    cli.run(job)
 
 
 def _units(value: str) -> tuple[int, int] | None:
@@ -609,7 +609,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from distil_flax import cli
 
     _define_flags()
-    app.run(main)
+    cli.main(main)

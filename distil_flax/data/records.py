@@ -74,13 +74,20 @@ def temp_path(path: str, suffix: str = "") -> str:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has: it only awaits its reaping)."""
     try:
         os.kill(pid, 0)  # Signal 0: only checks that the process exists.
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # Another user's process.
-    return True
+        pass  # Another user's process.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # Gone meanwhile, or a system without /proc, where kill() has the answer.
+        return not os.path.isdir("/proc/self")
+    end = stat.rindex(b")")  # The state follows the command name, which may hold anything.
+    return stat[end + 2:end + 3] != b"Z"
 
 
 def remove_stale_temp_files(directory: str) -> list[str]:

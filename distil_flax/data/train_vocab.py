@@ -16,13 +16,11 @@ the file or flag when the source, an input or the output stops it.
 
 import os
 import random
-import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
 
+from distil_flax import cli
 from distil_flax.data import corpus
 from distil_flax.data import tokenizer as tokenizer_lib
 
@@ -66,19 +64,10 @@ def sample(documents, k: int, seed: int = 0) -> list[str]:
     return [document for _, document in sorted(reservoir)]
 
 
-# What a user can fix (the source, an input file, the output path) is told in one line, as by
-# `distil_flax.main`; anything else is a bug and keeps its traceback.
-_RUN_ERRORS = (ValueError, OSError)
-
-
 def main(argv):
     del argv
-    try:
-        _train_or_reuse()
-    except _RUN_ERRORS as error:
-        logging.debug("Stopped.", exc_info=True)  # The traceback, with --verbosity=1.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    # A source, input or output problem ends in one `error:` line (exit status 1).
+    cli.run(_train_or_reuse)
 
 
 def _train_or_reuse() -> None:
@@ -109,4 +98,4 @@ def _train_or_reuse() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -4,6 +4,7 @@
 and its usual hyper-parameters. Every field is commented here.
 """
 
+import math
 import os
 
 import ml_collections
@@ -73,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # Steps between evaluations; 0: at the end of every epoch.
     c.train.checkpoint_every = 0  # Steps between resumable checkpoints; 0: at every evaluation.
     c.train.async_checkpoints = True
+    # Restart: fall back past a corrupt latest checkpoint to the newest intact one; True: stop.
+    c.train.strict_restore = False
+    # Stop after this many steps in a row whose loss, gradients or update were not finite (their
+    # updates are skipped; 0: skip and go on).
+    c.train.max_consecutive_nonfinite = 20
 
     c.distill = ml_collections.ConfigDict()
     # Task-specific distillation ("DistilBERT (D)"): a teacher fine-tuned on the same task — a
@@ -149,5 +155,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if t.log_every <= 0 or t.eval_every < 0 or t.checkpoint_every < 0:
         raise ValueError("train.log_every must be positive; train.eval_every and "
                          "train.checkpoint_every ≥ 0")
+    if not math.isfinite(t.learning_rate) or t.learning_rate <= 0:
+        raise ValueError(f"train.learning_rate must be finite and > 0, got {t.learning_rate}")
+    if t.max_consecutive_nonfinite < 0:
+        raise ValueError("train.max_consecutive_nonfinite must be ≥ 0, got "
+                         f"{t.max_consecutive_nonfinite}")
     if c.model.dtype not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"model.dtype must be bfloat16, float16 or float32, got {c.model.dtype!r}")

@@ -18,6 +18,7 @@ Inputs are one example per row (no packing): the attention mask doubles as the e
 ids, and positions restart at 0 in every row.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -41,6 +42,39 @@ def default_head_dropout(head: str, pooling: str, encoder_dropout: float) -> flo
     if head == "qa":
         return 0.1 if distilbert else 0.0
     return encoder_dropout
+
+
+def task_pooling(model_cfg) -> str:
+    """How a seq_cls / multiple_choice head pools, from the model's own fields.
+
+    A DistilBERT-shaped encoder (no token types, no pooler, head_style "distilbert") classifies
+    its first token through `pre_classifier`, as DistilBERT does; any other keeps BERT's tanh
+    pooler over [CLS] (added fresh where the encoder was saved without one). The HF export picks
+    its family from the same fields, so the head always has a transformers class.
+    """
+    distilbert_shaped = (model_cfg.type_vocab_size == 0 and not model_cfg.use_pooler
+                         and model_cfg.head_style == "distilbert")
+    return "first_token" if distilbert_shaped else "pooler"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskHead:
+    """What a fine-tuned model's head is, beside its weights.
+
+    Attributes:
+      head: a kind in `HEADS`.
+      num_labels: outputs of the classifier (1 for regression and multiple choice, 2 for QA).
+      label_names: class names by index (HF's id2label); () when they carry no names.
+      regression: a seq_cls head trained with MSE (STS-B).
+      head_dropout: the dropout before the head (HF's seq_classif_dropout / qa_dropout /
+        classifier_dropout).
+    """
+
+    head: str
+    num_labels: int
+    label_names: tuple[str, ...] = ()
+    regression: bool = False
+    head_dropout: float = 0.1
 
 
 class TaskModel(nn.Module):

@@ -4,8 +4,8 @@ Starting points (`load_pretrained`, from `init.checkpoint`):
   * a distil_flax pretraining or distillation workdir: its config.json and the `params` of its
     latest checkpoint; the tokenizer is that run's `data.tokenizer`;
   * a distil_flax fine-tuning workdir: the encoder of its best checkpoint (a second fine-tuning);
-  * a Hugging Face BERT/DistilBERT folder, bare, *ForMaskedLM or fine-tuned (`hf.py` converts
-    it); the tokenizer is the folder's vocab.txt / tokenizer.json / spiece.model.
+  * a Hugging Face BERT/DistilBERT folder, bare, *ForMaskedLM or fine-tuned (`distil_flax.hf`
+    converts it); the tokenizer is the folder's vocab.txt / tokenizer.json / spiece.model.
 The head is always freshly initialised; the encoder's MLM head is dropped and, for BERT-style
 classification heads on an encoder saved without a pooler, a fresh pooler is added — both are
 logged, as transformers logs "newly initialized" weights.
@@ -57,7 +57,7 @@ class Finetuned:
     """A fine-tuned model: encoder config, head, parameters and tokenizer."""
 
     model_cfg: ml_collections.ConfigDict
-    head: hf.TaskHead
+    head: heads.TaskHead
     params: Any
     tokenizer: str
     lowercase: bool
@@ -217,8 +217,8 @@ def load_finetuned(path: str, mesh, rules, *, dtype: str | None = None,
     model_cfg = ml_collections.ConfigDict(described["model"])
     if dtype:
         model_cfg.dtype = dtype
-    head = hf.TaskHead(**{**described["head"],
-                          "label_names": tuple(described["head"]["label_names"])})
+    head = heads.TaskHead(**{**described["head"],
+                             "label_names": tuple(described["head"]["label_names"])})
     model = task_model(model_cfg, head)
     best_dir = os.path.join(path, BEST_DIR)
     directory = best_dir
@@ -235,13 +235,14 @@ def load_finetuned(path: str, mesh, rules, *, dtype: str | None = None,
                      described["task"])
 
 
-def task_model(model_cfg: ml_collections.ConfigDict, head: hf.TaskHead) -> heads.TaskModel:
-    """The `TaskModel` of an encoder config and a head, pooled as its HF family pools."""
+def task_model(model_cfg: ml_collections.ConfigDict, head: heads.TaskHead) -> heads.TaskModel:
+    """The `TaskModel` of an encoder config and a head, pooled as its fields say."""
     return heads.make_task_model(model_cfg, head=head.head, num_labels=head.num_labels,
-                                 pooling=hf.task_pooling(model_cfg), head_dropout=head.head_dropout)
+                                 pooling=heads.task_pooling(model_cfg),
+                                 head_dropout=head.head_dropout)
 
 
-def describe(workdir: str, *, model_cfg: ml_collections.ConfigDict, head: hf.TaskHead,
+def describe(workdir: str, *, model_cfg: ml_collections.ConfigDict, head: heads.TaskHead,
              tokenizer: str, lowercase: bool, task: str) -> None:
     """Writes `task_model.json`: what `load_finetuned` and the export need besides weights."""
     value = {"task": task, "model": model_cfg.to_dict(), "head": dataclasses.asdict(head),

@@ -1,9 +1,14 @@
 """Fine-tunes an encoder on a downstream task and scores it with the task's official metrics.
 
+Fine-tuning is a trainer of the one run loop (`loop.py`): this module says what the state holds
+(the encoder with a fresh head), the step (`downstream/step.py`), the evaluation (the task's
+official metrics) and what "best" means (the task's score); resuming, signals, the non-finite
+policy, checkpoints and logging are the loop's, exactly as for distillation.
+
     python -m distil_flax.finetune --config=configs/glue.py:task=sst2 --workdir=runs/sst2 \
         --config.init.checkpoint=runs/distil6 --config.data.dir=glue_data/SST-2
 
-`finetune_and_evaluate(config, workdir)` is the whole job (the CLI only parses flags): read the
+`finetune_and_evaluate(config, workdir)` is the whole job (`main.py` only parses flags): read the
 task's splits, tokenise them with the pretrained model's vocabulary, put a fresh head on the
 pretrained encoder, train with AdamW (warmup, linear decay) for the configured epochs, evaluate
 after every epoch, and keep the best and the last checkpoints. With `distill.teacher` the same
@@ -12,47 +17,39 @@ loop runs task-specific distillation from a fine-tuned teacher.
 The workdir receives:
   config.json, task_model.json   the run's config; the model's encoder config, head, tokenizer
   checkpoints/<step>             the last state (params, optimizer, RNG, data position): resume
-  best/checkpoints/<step>        the parameters of the best evaluation (the task's score)
+  best/checkpoints/<step>        the best evaluation's parameters, committed with its record
+  best.json                      that record (step, score, metrics), copied after the commit
   predictions/step_<n>/          each evaluation's predictions in the task's official format
   metrics.jsonl, events.out.*    training and evaluation metrics (TensorBoard)
   results.json                   the final summary: best and last metrics, skipped records
 A restart on the same workdir resumes from the last checkpoint.
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import sys
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
-from absl import app, flags, logging
-from clu import parameter_overview
+from absl import logging
 from etils import epath
-from flax import linen as nn
-from jax.sharding import NamedSharding
 
 from distil_flax import config as config_lib
-from distil_flax import data, finetune_config, finetune_init, heads, hf, optim, partitioning
+from distil_flax import data, hf, loop, optim, partitioning, train_state
+from distil_flax.downstream import config as finetune_config
+from distil_flax.downstream import heads
+from distil_flax.downstream import init as finetune_init
 from distil_flax.downstream import tasks as tasks_lib
-from distil_flax.checkpoint import ITEMS, Checkpointer, checkpoint_dir
-from distil_flax.downstream.tasks import batching
-from distil_flax.workdir_lock import WorkdirLock, WorkdirLockedError
 from distil_flax.downstream.step import INPUTS, LossSpec, finetune_step, predict_step
-from distil_flax.metric_writers import MetricWriter
-from distil_flax.step import TrainState
+from distil_flax.downstream.tasks import batching
+from distil_flax.train_state import TrainState
 
 RESULTS_FILE = "results.json"
-_BEST_RECORD = "best.json"
 
 
 @dataclasses.dataclass
@@ -66,7 +63,7 @@ class Run:
     tokenizer: data.Tokenizer
     lowercase: bool  # The tokenizer's normalisation (recorded for export and teachers).
     model_cfg: ml_collections.ConfigDict  # The encoder's, as trained here.
-    head: hf.TaskHead
+    head: heads.TaskHead
     model: heads.TaskModel
     pretrained: finetune_init.Pretrained
     train_split: tasks_lib.Split
@@ -93,7 +90,7 @@ def _model_config(c: ml_collections.ConfigDict, pretrained: ml_collections.Confi
         settings["dropout_rate"] = c.model.dropout_rate
     # A fresh ConfigDict: the saved one may hold an older field type (remat was a bool).
     m = ml_collections.ConfigDict({**pretrained.to_dict(), **settings})
-    if head in ("seq_cls", "multiple_choice") and hf.task_pooling(m) == "pooler":
+    if head in ("seq_cls", "multiple_choice") and heads.task_pooling(m) == "pooler":
         m.use_pooler = True  # BERT classifies the pooled [CLS]; a fresh pooler if none was saved.
     if c.data.max_length > m.max_position_embeddings:
         raise ValueError(f"data.max_length ({c.data.max_length}) exceeds the pretrained model's "
@@ -101,7 +98,7 @@ def _model_config(c: ml_collections.ConfigDict, pretrained: ml_collections.Confi
     return m
 
 
-def _load_teacher(c: ml_collections.ConfigDict, run_head: hf.TaskHead, task: tasks_lib.Task,
+def _load_teacher(c: ml_collections.ConfigDict, run_head: heads.TaskHead, task: tasks_lib.Task,
                   vocab_size: int, mesh, rules):
     teacher = finetune_init.load_finetuned(c.distill.teacher, mesh, rules, dtype=c.model.dtype)
     problems = []
@@ -144,12 +141,6 @@ def build(c: ml_collections.ConfigDict) -> Run:
     finetune_config.validate(c)
     mesh = partitioning.make_mesh(c.mesh)
     rules = partitioning.rules_from_config(c.mesh.rules)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    for field in ("batch_size", "eval_batch_size"):
-        if c.train[field] % data_parallel or c.train[field] % jax.process_count():
-            raise ValueError(f"train.{field} ({c.train[field]}) must divide among the "
-                             f"{data_parallel} data-parallel devices and "
-                             f"{jax.process_count()} process(es)")
     task = tasks_lib.get_task(c.task.name)
     if isinstance(task, tasks_lib.SquadTask):
         task.n_best_size, task.max_answer_length = c.data.n_best_size, c.data.max_answer_length
@@ -166,10 +157,10 @@ def build(c: ml_collections.ConfigDict) -> Run:
                          f"model at init.checkpoint has vocab_size "
                          f"{pretrained.model_cfg.vocab_size}: use the model's own vocabulary")
     model_cfg = _model_config(c, pretrained.model_cfg, task.head)
-    pooling = hf.task_pooling(model_cfg)
+    pooling = heads.task_pooling(model_cfg)
     head_dropout = (c.model.head_dropout if c.model.head_dropout >= 0 else
                     heads.default_head_dropout(task.head, pooling, model_cfg.dropout_rate))
-    head = hf.TaskHead(task.head, task.num_labels, tuple(task.label_names),
+    head = heads.TaskHead(task.head, task.num_labels, tuple(task.label_names),
                        regression=task.is_regression, head_dropout=head_dropout)
     model = finetune_init.task_model(model_cfg, head)
 
@@ -193,18 +184,8 @@ def build(c: ml_collections.ConfigDict) -> Run:
 
 
 def _abstract_state(run: Run, optimizer) -> TrainState:
-    """The TrainState as ShapeDtypeStructs with shardings (moments follow their parameter)."""
     params = finetune_init.abstract_params(run.model, run.mesh, run.rules)
-    replicated = partitioning.replicated(run.mesh)
-    opt_shapes = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, p: p.sharding, opt_shapes, params,
-                                          transform_non_params=lambda _: replicated)
-    with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    scalar = lambda x: with_sharding(jax.eval_shape(lambda: x), replicated)  # noqa: E731
-    count = scalar(jnp.zeros((), jnp.int32))
-    return TrainState(step=count, params=params,
-                      opt_state=jax.tree.map(with_sharding, opt_shapes, opt_shardings),
-                      rng=scalar(jax.random.PRNGKey(0)), skipped_steps=count, bad_streak=count)
+    return train_state.abstract_state(params, optimizer, partitioning.replicated(run.mesh))
 
 
 def _init_state(run: Run, optimizer, abstract: TrainState) -> TrainState:
@@ -213,41 +194,23 @@ def _init_state(run: Run, optimizer, abstract: TrainState) -> TrainState:
     fresh, _ = partitioning.sharded_init(heads.init_fn(run.model), head_rng, run.mesh, run.rules)
     encoder = finetune_init.encoder_params(run.pretrained, run.mesh, run.rules)
     params = finetune_init.merge_pretrained(fresh, encoder, run.config.init.checkpoint)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    zero = lambda sharding: jax.device_put(jnp.zeros((), jnp.int32), sharding)  # noqa: E731
-    return TrainState(step=zero(shardings.step), params=params, opt_state=opt_state,
-                      rng=jax.device_put(state_rng, shardings.rng),
-                      skipped_steps=zero(shardings.skipped_steps),
-                      bad_streak=zero(shardings.bad_streak))
-
-
-def _batch_shardings(arrays: dict[str, np.ndarray], mesh, rules) -> dict[str, NamedSharding]:
-    """Each array split over the data-parallel axes along its first (example) dimension."""
-    return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (v.ndim - 1),
-                                                           rules))
-            for k, v in arrays.items()}
-
-
-def _to_global(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding]):
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+    return train_state.fresh_state(params, optimizer, abstract, state_rng)
 
 
 def _compile(run: Run, optimizer, schedule, abstract: TrainState):
     """The jitted training step (state donated) and prediction step, with explicit shardings."""
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    shardings = train_state.shardings_of(abstract)
     replicated = partitioning.replicated(run.mesh)
     c = run.config
     loss = LossSpec(head=run.head.head, regression=run.head.regression,
                     alpha=c.distill.alpha if run.teacher is not None else 0.0,
                     temperature=c.distill.temperature)
-    teacher_sh = jax.tree.map(lambda x: x.sharding, run.teacher_params)
-    train_sh = _batch_shardings(run.train_features.arrays, run.mesh, run.rules)
+    train_sh = partitioning.example_shardings(run.train_features.arrays, run.mesh, run.rules)
     step_fn = jax.jit(
         functools.partial(finetune_step, model=run.model, teacher=run.teacher,
                           optimizer=optimizer, schedule=schedule, loss=loss),
-        in_shardings=(shardings, teacher_sh, train_sh), out_shardings=(shardings, replicated),
-        donate_argnums=(0,))
+        in_shardings=(shardings, train_state.shardings_of(run.teacher_params), train_sh),
+        out_shardings=(shardings, replicated), donate_argnums=(0,))
     predict_fn = jax.jit(functools.partial(predict_step, model=run.model),
                          in_shardings=(shardings.params, None), out_shardings=replicated)
     return step_fn, predict_fn, train_sh
@@ -261,13 +224,14 @@ def _compile(run: Run, optimizer, schedule, abstract: TrainState):
 def predict(run: Run, params, predict_fn, features: tasks_lib.Features) -> np.ndarray:
     """The head's outputs on every row of `features`, in order (float32 numpy)."""
     inputs = {k: features.arrays[k] for k in INPUTS}
-    shardings = _batch_shardings(inputs, run.mesh, run.rules)
+    shardings = partitioning.example_shardings(inputs, run.mesh, run.rules)
     outputs = []
     for local in batching.eval_batches(inputs, run.config.train.eval_batch_size,
                                        pad_id=run.tokenizer.pad_id,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-        outputs.append(np.asarray(jax.device_get(predict_fn(params, _to_global(local, shardings)))))
+        batch = partitioning.host_to_global(local, shardings)
+        outputs.append(np.asarray(jax.device_get(predict_fn(params, batch))))
     return np.concatenate(outputs)[:features.num_rows]
 
 
@@ -287,37 +251,14 @@ def evaluate(run: Run, params, predict_fn, predictions_dir: str | None
     return metrics, run.task.score(metrics), files
 
 
-class _BestCheckpoint:
-    """The parameters of the best evaluation so far, under `workdir/best` (params item only)."""
-
-    def __init__(self, workdir: str, async_save: bool):
-        self.directory = os.path.join(workdir, finetune_init.BEST_DIR)
-        self.manager = ocp.CheckpointManager(
-            checkpoint_dir(self.directory), item_names=ITEMS,
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                                 enable_async_checkpointing=async_save))
-        record = epath.Path(workdir) / _BEST_RECORD
-        self.record_path = record
-        self.record = json.loads(record.read_text()) if record.exists() else None
-
-    @property
-    def score(self) -> float:
-        return -math.inf if self.record is None else self.record["score"]
-
-    def offer(self, step: int, score: float, params, record: dict) -> bool:
-        """Saves `params` if `score` beats the best so far; returns whether it did."""
-        if not score > self.score:
-            return False
-        self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
-                          force=True)
-        self.record = {"step": step, "score": score, **record}
-        if jax.process_index() == 0:
-            self.record_path.write_text(_json(self.record))
-        return True
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+def _evaluation(run: Run, params, predict_fn, step: int, workdir: str) -> loop.Evaluation:
+    """Evaluates and writes predictions; the task's score is what "best" means."""
+    predictions_dir = (os.path.join(workdir, "predictions", f"step_{step}")
+                       if jax.process_index() == 0 else None)
+    metrics, score, files = evaluate(run, params, predict_fn, predictions_dir)
+    flat = {f"{split}/{k}": v for split, values in metrics.items() for k, v in values.items()}
+    return loop.Evaluation({**flat, "score": score}, score,
+                           {"metrics": metrics, "predictions": files})
 
 
 def _json(value) -> str:
@@ -325,8 +266,50 @@ def _json(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop.
+# The run.
 # ---------------------------------------------------------------------------------------------
+
+
+def make_trainer(run: Run, workdir: str) -> loop.Trainer:
+    """Fine-tuning as the loop runs it: the task model's state, its step, the task's metrics."""
+    c = run.config
+    batches = batching.EpochBatches(
+        run.train_features.arrays, c.train.batch_size, seed=c.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    steps_per_epoch = batches.batches_per_epoch
+    num_steps = c.train.num_steps or max(1, math.ceil(c.train.num_epochs * steps_per_epoch))
+    eval_every = c.train.eval_every or steps_per_epoch
+    optimizer, schedule = optim.make_optimizer(c.train, num_steps)
+    abstract = _abstract_state(run, optimizer)
+    step_fn, predict_fn, train_sh = _compile(run, optimizer, schedule, abstract)
+    logging.info("%d steps: %.2f epochs of %d steps (batch %d); evaluating every %d steps.",
+                 num_steps, num_steps / steps_per_epoch, steps_per_epoch, c.train.batch_size,
+                 eval_every)
+
+    def step(state, local):
+        return step_fn(state, run.teacher_params, partitioning.host_to_global(local, train_sh))
+
+    def throughput(step: int, steps: int, seconds: float) -> dict[str, float]:
+        return {"epoch": step / steps_per_epoch, "step_time_s": seconds / steps,
+                "examples_per_s": c.train.batch_size * steps / seconds}
+
+    def on_start(state) -> None:
+        if jax.process_index() == 0:
+            config_lib.save_json(c, str(epath.Path(workdir) / "config.json"))
+            finetune_init.describe(workdir, model_cfg=run.model_cfg, head=run.head,
+                                   tokenizer=run.tokenizer.path, lowercase=run.lowercase,
+                                   task=run.task.name)
+
+    return loop.Trainer(
+        mesh=run.mesh, rules=run.rules, abstract=abstract,
+        init_state=lambda: _init_state(run, optimizer, abstract), step=step, batches=batches,
+        num_steps=num_steps, cadence=loop.Cadence(
+            log_every=c.train.log_every, eval_every=eval_every,
+            checkpoint_every=c.train.checkpoint_every or eval_every, keep_checkpoints=1,
+            async_checkpoints=c.train.async_checkpoints, strict_restore=c.train.strict_restore,
+            max_consecutive_nonfinite=c.train.max_consecutive_nonfinite),
+        evaluate=lambda state, step: _evaluation(run, state.params, predict_fn, step, workdir),
+        throughput=throughput, on_start=on_start, keep_best=True)
 
 
 def finetune_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
@@ -334,138 +317,31 @@ def finetune_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     """Fine-tunes (or resumes) the run in `workdir`; returns the summary written to results.json.
 
     Args:
-      c: the run's config (`finetune_config.base_config` and a task config).
+      c: the run's config (`downstream.config.base_config` and a task config).
       workdir: where checkpoints, metrics, predictions and results go.
-      stop_at_step: save and return {} at this step, as a preempted run would.
+      stop_at_step: save and return {} at this step, as a run stopped by SIGTERM or Ctrl-C.
 
     Raises:
       ValueError: a config or input that cannot run, naming the field or file.
       WorkdirLockedError: another live run holds `workdir`.
+      CorruptCheckpointError, CheckpointWriteError, NonFiniteError: as `loop.run`.
     """
     finetune_config.validate(c)  # A bad config fails before anything touches the workdir.
-    with WorkdirLock(workdir, enabled=jax.process_index() == 0) as lock:
-        return _finetune_and_evaluate(c, workdir, lock, stop_at_step)
-
-
-def _finetune_and_evaluate(c: ml_collections.ConfigDict, workdir: str, lock: WorkdirLock,
-                           stop_at_step: int | None) -> dict[str, Any]:
-    run = build(c)
-    workdir_path = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir_path.mkdir(parents=True, exist_ok=True)
-        config_lib.save_json(c, str(workdir_path / "config.json"))
-        finetune_init.describe(workdir, model_cfg=run.model_cfg, head=run.head,
-                               tokenizer=run.tokenizer.path, lowercase=run.lowercase,
-                               task=run.task.name)
-    logging.info("Config:\n%s", c)
-
-    iterator = batching.EpochBatches(
-        run.train_features.arrays, c.train.batch_size, seed=c.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    steps_per_epoch = iterator.batches_per_epoch
-    num_steps = c.train.num_steps or max(1, math.ceil(c.train.num_epochs * steps_per_epoch))
-    eval_every = c.train.eval_every or steps_per_epoch
-    checkpoint_every = c.train.checkpoint_every or eval_every
-    optimizer, schedule = optim.make_optimizer(c.train, num_steps)
-    abstract = _abstract_state(run, optimizer)
-
-    # ------------------------------------------------------------------ state: resume or init
-    checkpointer = Checkpointer(workdir, save_every=checkpoint_every, keep=1,
-                                async_save=c.train.async_checkpoints)
-    best = _BestCheckpoint(workdir, c.train.async_checkpoints)
-    restored = checkpointer.restore_latest(abstract)
-    if restored is not None:
-        state, data_state, latest = restored
-        iterator.set_state(data_state)
-        logging.info("Resuming from step %d (checkpoint in %s).", latest, workdir)
-    else:
-        state = _init_state(run, optimizer, abstract)
-    if is_main:
-        logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(
-            state.params, include_stats=False))
-    step_fn, predict_fn, train_sh = _compile(run, optimizer, schedule, abstract)
-
-    # ------------------------------------------------------------------ loop
-    writer = MetricWriter(workdir, enabled=is_main, total_steps=num_steps)
-    step = int(jax.device_get(state.step))
-    logging.info("%d steps: %.2f epochs of %d steps (batch %d); evaluating every %d steps.",
-                 num_steps, num_steps / steps_per_epoch, steps_per_epoch, c.train.batch_size,
-                 eval_every)
-    history: list[dict] = []
-    last_time, last_step = time.time(), step
-    skipped = int(jax.device_get(state.skipped_steps))
-    last_eval: dict[str, Any] = {}
-    try:
-        with _in_mesh(run):
-            while step < num_steps:
-                if lock.lost.is_set():
-                    raise WorkdirLockedError(f"another run took over {lock.path}; stopping "
-                                             "without saving")
-                batch = _to_global(next(iterator), train_sh)
-                state, metrics = step_fn(state, run.teacher_params, batch)
-                step += 1
-                if history:
-                    history[-1]["loss"].block_until_ready()  # At most two steps in flight.
-                history.append(metrics)
-                if step % c.train.log_every == 0 or step == num_steps:
-                    fetched = jax.device_get(history)
-                    history = []
-                    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    scalars["skipped_steps"] = float(fetched[-1]["skipped_steps"])
-                    if scalars["skipped_steps"] > skipped:
-                        logging.warning("%d update(s) skipped for non-finite loss or gradients "
-                                        "by step %d.", scalars["skipped_steps"] - skipped, step)
-                        skipped = int(scalars["skipped_steps"])
-                    elapsed = time.time() - last_time
-                    scalars["epoch"] = step / steps_per_epoch
-                    scalars["step_time_s"] = elapsed / (step - last_step)
-                    scalars["examples_per_s"] = c.train.batch_size * (step - last_step) / elapsed
-                    writer.write_scalars(step, scalars, prefix="train/")
-                    last_time, last_step = time.time(), step
-                if step % eval_every == 0 or step == num_steps:
-                    last_eval = _evaluate_and_keep(run, state, predict_fn, step, writer, best,
-                                                   workdir)
-                    last_time = time.time()  # Evaluation is not training throughput.
-                checkpointer.save(step, state, iterator.get_state(), force=step == num_steps)
-                if step == stop_at_step:
-                    logging.warning("Stopping at step %d (stop_at_step): saving a checkpoint.",
-                                    step)
-                    checkpointer.save(step, state, iterator.get_state(), force=True)
-                    return {}
-            if not last_eval:  # Resumed after the last step: evaluate the final state again.
-                last_eval = _evaluate_and_keep(run, state, predict_fn, step, writer, best,
-                                               workdir)
-    finally:
-        checkpointer.close()
-        best.close()
-        writer.close()
-    results = _results(run, num_steps, steps_per_epoch, best.record, last_eval)
-    if is_main:
-        (workdir_path / RESULTS_FILE).write_text(_json(results))
+    with loop.exclusive(workdir) as session:
+        run = build(c)
+        logging.info("Config:\n%s", c)
+        trainer = make_trainer(run, workdir)
+        outcome = loop.run(trainer, workdir, session, stop_at_step=stop_at_step)
+    if not outcome.finished:
+        return {}
+    evaluation = outcome.evaluation
+    last = {"step": outcome.step, "score": evaluation.score, **evaluation.record}
+    steps_per_epoch = trainer.batches.batches_per_epoch
+    results = _results(run, trainer.num_steps, steps_per_epoch, outcome.best, last)
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / RESULTS_FILE).write_text(_json(results))
     _log_summary(results)
     return results
-
-
-@contextlib.contextmanager
-def _in_mesh(run: Run):
-    """The mesh and logical rules in effect while steps are traced (activation constraints)."""
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-        yield
-
-
-def _evaluate_and_keep(run: Run, state: TrainState, predict_fn, step: int, writer: MetricWriter,
-                       best: _BestCheckpoint, workdir: str) -> dict[str, Any]:
-    """Evaluates, logs, writes predictions, and saves the parameters if they are the best."""
-    predictions_dir = (os.path.join(workdir, "predictions", f"step_{step}")
-                       if jax.process_index() == 0 else None)
-    metrics, score, files = evaluate(run, state.params, predict_fn, predictions_dir)
-    flat = {f"{split}/{k}": v for split, values in metrics.items() for k, v in values.items()}
-    writer.write_scalars(step, {**flat, "score": score}, prefix="eval/")
-    record = {"metrics": metrics, "predictions": files}
-    if best.offer(step, score, state.params, record):
-        logging.info("New best %s score %.4f at step %d.", run.task.name, score, step)
-    return {"step": step, "score": score, **record}
 
 
 def _results(run: Run, num_steps: int, steps_per_epoch: int, best: dict | None,
@@ -499,39 +375,3 @@ def _log_summary(results: dict[str, Any]) -> None:
     if best:
         logging.info("%s: best (step %d, score %.4f) %s.", results["task"], best["step"],
                      best["score"], shown(best))
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
-
-
-def _define_flags():
-    """Defined only when run as a program, so that this module imports beside `main.py`."""
-    from ml_collections import config_flags
-    config = config_flags.DEFINE_config_file("config", None, "Fine-tuning configuration file.",
-                                             lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    return config, workdir
-
-
-def main(argv, config_flag, workdir_flag):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    c = config_flag.value
-    if c.distributed:
-        jax.distributed.initialize()
-    try:
-        finetune_and_evaluate(c, workdir_flag.value)
-    except (ValueError, OSError, FloatingPointError, WorkdirLockedError) as error:
-        # A bad config or input, an unreadable checkpoint, a full disk, a busy workdir: one
-        # line naming the field or file; anything else is a bug and keeps its traceback.
-        logging.debug("Run stopped.", exc_info=True)  # The traceback, with --verbosity=1.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    _flags = _define_flags()
-    app.run(functools.partial(main, config_flag=_flags[0], workdir_flag=_flags[1]))

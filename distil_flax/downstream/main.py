@@ -1,0 +1,40 @@
+"""Fine-tunes a model: `python -m distil_flax.finetune --config=configs/glue.py --workdir=DIR`.
+
+Flags and exit statuses as `distil_flax.main`: 0 when the run finished or was stopped by SIGTERM
+or Ctrl-C after saving the step in flight (rerun to continue), 1 with one `error:` line, 130
+after a second Ctrl-C.
+"""
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from distil_flax import cli
+from distil_flax.downstream import train
+
+
+def _define_flags():
+    """Defined only when run as a program, so that this module imports beside `main.py`."""
+    config = config_flags.DEFINE_config_file("config", None, "Fine-tuning configuration file.",
+                                             lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return config, workdir
+
+
+def run_command() -> None:
+    config_flag, workdir_flag = _define_flags()
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        c = config_flag.value
+        if c.distributed:
+            jax.distributed.initialize()
+        cli.run(lambda: train.finetune_and_evaluate(c, workdir_flag.value))
+
+    cli.main(main)
+
+
+if __name__ == "__main__":
+    run_command()

@@ -1,0 +1,53 @@
+"""Hugging Face interop: BERT / DistilBERT checkpoints in, `transformers`-loadable folders out.
+
+The one place where Hugging Face names and layouts meet ours, in three modules:
+
+  names   the tables both directions share: each architecture family (BERT, DISTILBERT) as an
+          explicit name map (our parameter path ↔ HF state-dict key), the transposed kernels, the
+          task classes and their head modules, and the expected shape of every parameter;
+  load    HF folders in: `load_hf_checkpoint` (BertModel, BertForMaskedLM, BertForPreTraining,
+          DistilBertModel, DistilBertForMaskedLM; safetensors, sharded, or a legacy .bin through
+          `torch.load(weights_only=True)`), `load_hf_task_checkpoint` (fine-tuned *For<Task>);
+  export  folders out: `export_hf` (*ForMaskedLM or the bare *Model) and `export_task_hf`
+          (fine-tuned `heads.TaskModel`s), with config.json and the tokenizer files.
+
+Every conversion asserts the key set and each shape against the model the config describes, so a
+checkpoint either converts completely or fails with a ValueError naming the offending keys.
+Callers use `from distil_flax import hf; hf.load_hf_checkpoint(...)`: the names below.
+"""
+
+from distil_flax.hf.export import export_hf
+from distil_flax.hf.export import export_task_hf
+from distil_flax.hf.export import hf_config
+from distil_flax.hf.export import hf_state_dict
+from distil_flax.hf.export import hf_task_config
+from distil_flax.hf.export import hf_task_state_dict
+from distil_flax.hf.load import has_mlm_head
+from distil_flax.hf.load import is_hf_checkpoint
+from distil_flax.hf.load import load_hf_checkpoint
+from distil_flax.hf.load import load_hf_task_checkpoint
+from distil_flax.hf.names import export_architecture
+from distil_flax.hf.names import SAFETENSORS
+from distil_flax.hf.names import SAFETENSORS_INDEX
+from distil_flax.hf.names import TASK_CLASSES
+from distil_flax.hf.names import TASK_HEADS
+from distil_flax.hf.names import TORCH_BIN
+
+__all__ = [
+    "SAFETENSORS",
+    "SAFETENSORS_INDEX",
+    "TASK_CLASSES",
+    "TASK_HEADS",
+    "TORCH_BIN",
+    "export_architecture",
+    "export_hf",
+    "export_task_hf",
+    "has_mlm_head",
+    "hf_config",
+    "hf_state_dict",
+    "hf_task_config",
+    "hf_task_state_dict",
+    "is_hf_checkpoint",
+    "load_hf_checkpoint",
+    "load_hf_task_checkpoint",
+]

@@ -1,0 +1,341 @@
+"""Writing `transformers`-loadable folders: config.json, model.safetensors and tokenizer files.
+
+`export_hf` writes `DistilBertForMaskedLM` for a DistilBERT-shaped model (no token types, no
+pooler, head_style "distilbert"), else `BertForMaskedLM`; or the bare `*Model` with head="none".
+`export_task_hf` writes a fine-tuned `heads.TaskModel` as its *For<Task> class
+(`names.TASK_CLASSES`), with id2label, problem_type and the head's dropout in config.json.
+Weights go through `safetensors.numpy`, so exporting needs no torch; every export is written
+beside its destination and renamed into place, so a failure leaves nothing behind.
+"""
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors.numpy
+from absl import logging
+
+from distil_flax import model as model_lib
+from distil_flax.data import tokenizer as tokenizer_lib
+from distil_flax.downstream import heads as heads_lib
+from distil_flax.hf.names import (BERT, DISTILBERT, EXPORT_HEADS, SAFETENSORS, TASK_CLASSES,
+                                   TASK_HEADS, Architecture, check_tree, expected_shapes,
+                                   export_architecture, exports_pooler, flatten, head_names,
+                                   is_transposed, is_transposed_task, name_map, task_shapes)
+
+
+def hf_config(model_cfg: ml_collections.ConfigDict, *, head: str = "mlm",
+              pad_token_id: int = 0) -> dict[str, Any]:
+    """The transformers config.json for an export of a model with config `model_cfg`."""
+    _check_head(head)
+    arch = export_architecture(model_cfg)
+    common = {
+        "architectures": [arch.mlm_class if head == "mlm" else arch.base_class],
+        "model_type": arch.model_type,
+        "vocab_size": int(model_cfg.vocab_size),
+        "max_position_embeddings": int(model_cfg.max_position_embeddings),
+        "pad_token_id": int(pad_token_id),
+        "initializer_range": model_lib.INIT_STD,
+        "tie_word_embeddings": True,
+    }
+    if arch is DISTILBERT:
+        return common | {
+            "dim": int(model_cfg.hidden_size), "n_layers": int(model_cfg.num_layers),
+            "n_heads": int(model_cfg.num_heads), "hidden_dim": int(model_cfg.intermediate_size),
+            "activation": "gelu", "dropout": float(model_cfg.dropout_rate),
+            "attention_dropout": float(model_cfg.attention_dropout_rate),
+            "sinusoidal_pos_embds": False,
+        }
+    return common | {
+        "hidden_size": int(model_cfg.hidden_size), "num_hidden_layers": int(model_cfg.num_layers),
+        "num_attention_heads": int(model_cfg.num_heads),
+        "intermediate_size": int(model_cfg.intermediate_size), "hidden_act": "gelu",
+        "hidden_dropout_prob": float(model_cfg.dropout_rate),
+        "attention_probs_dropout_prob": float(model_cfg.attention_dropout_rate),
+        # HF's BERT always has token-type embeddings; a model without them exports one zero row.
+        "type_vocab_size": max(int(model_cfg.type_vocab_size), 1),
+        "layer_norm_eps": model_lib.LAYER_NORM_EPS, "position_embedding_type": "absolute",
+    }
+
+
+def hf_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict, *,
+                  head: str = "mlm") -> dict[str, np.ndarray]:
+    """Our parameters → the float32 HF state dict of the export (tied decoder weights omitted).
+
+    Args:
+      params: `Encoder` params (nested dicts; jax or numpy arrays, boxed or not).
+      model_cfg: their model config section.
+      head: "mlm" (a *ForMaskedLM) or "none" (the bare *Model).
+
+    Raises:
+      ValueError: `params` do not match `model_cfg` (keys and shapes listed), or a bad head.
+    """
+    _check_head(head)
+    flat = _float32_flat(params)
+    check_tree(flat, expected_shapes(model_cfg), "params do not match the model config")
+    arch = export_architecture(model_cfg)
+    pooler = bool(model_cfg.use_pooler)
+    if pooler and head == "mlm":
+        # BertForMaskedLM has no pooler; it would report the keys as unexpected.
+        logging.info("BertForMaskedLM has no pooler: the pooler is not exported (head='none' "
+                     "exports it with BertModel).")
+        pooler = False
+    if arch is BERT and head == "none" and not pooler:
+        logging.warning("BertModel always has a pooler: transformers will initialise a fresh "
+                        "one for this pooler-less model (pooler.dense.* reported missing).")
+    return _backbone_state(flat, model_cfg, prefix=arch.prefix if head == "mlm" else "",
+                           pooler=pooler, mlm_head=head == "mlm")
+
+
+def _float32_flat(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(jax.device_get(v), np.float32) for k, v in flatten(params).items()}
+
+
+def _backbone_state(flat: Mapping[str, np.ndarray], model_cfg: ml_collections.ConfigDict, *,
+                    prefix: str, pooler: bool, mlm_head: bool) -> dict[str, np.ndarray]:
+    """Encoder parameters by our path → HF state dict entries under `prefix`."""
+    arch = export_architecture(model_cfg)
+    flat = dict(flat)
+    if arch is BERT and not model_cfg.type_vocab_size > 0:
+        # HF's BERT always adds a token-type embedding: one zero row adds nothing.
+        flat["token_type_embeddings/embedding"] = np.zeros((1, model_cfg.hidden_size), np.float32)
+        logging.info("No token-type embeddings: exporting one zero row (type_vocab_size=1).")
+    names = name_map(arch, model_cfg.num_layers, prefix=prefix, token_types=arch is BERT,
+                     pooler=pooler, mlm_head=mlm_head)
+    return {hf: np.ascontiguousarray(flat[ours].T if is_transposed(ours) else flat[ours])
+            for ours, hf in names.items()}
+
+
+def _check_head(head: str) -> None:
+    if head in TASK_HEADS:
+        raise ValueError(f"head={head!r}: task heads come with the fine-tuning module "
+                         "(export_task_hf, or export_hf's CLI on a fine-tuning run); export_hf "
+                         "writes head='mlm' or head='none'")
+    if head not in EXPORT_HEADS:
+        raise ValueError(f"head must be one of {EXPORT_HEADS}, got {head!r}")
+
+
+def export_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
+              output_dir: str | os.PathLike, *, tokenizer_path: str | None = None,
+              lowercase: bool = True, head: str = "mlm", overwrite: bool = False) -> list[str]:
+    """Writes a folder that `transformers.AutoModelForMaskedLM` / `AutoModel` and `AutoTokenizer`
+    load offline, with no missing or unexpected keys.
+
+    Everything is written into a temporary folder beside `output_dir` and renamed at the end, so a
+    failure leaves nothing behind.
+
+    Args:
+      params: `Encoder` parameters (jax or numpy arrays).
+      model_cfg: their model config section.
+      output_dir: the folder to create.
+      tokenizer_path: the run's `data.tokenizer` (vocab.txt, tokenizer.json or SentencePiece
+        .model); None writes no tokenizer files.
+      lowercase: for vocab.txt: uncased normalisation (the run's `data.lowercase`).
+      head: "mlm" (DistilBertForMaskedLM / BertForMaskedLM) or "none" (the bare *Model).
+      overwrite: replace an existing non-empty `output_dir`.
+
+    Returns:
+      Names of the files written, sorted.
+
+    Raises:
+      ValueError: a task head, or params that do not match `model_cfg`.
+      FileExistsError: `output_dir` exists, is not empty, and `overwrite` is False.
+    """
+    _check_head(head)
+    output_dir = _check_output_dir(output_dir, overwrite)
+    # Everything that can fail on bad inputs happens before anything is written.
+    tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path, lowercase=lowercase)
+                 if tokenizer_path else None)
+    state = hf_state_dict(params, model_cfg, head=head)
+    config = hf_config(model_cfg, head=head, pad_token_id=tokenizer.pad_id if tokenizer else 0)
+    return _write_export(output_dir, config, state, tokenizer, model_cfg, lowercase=lowercase)
+
+
+def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> str:
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output_dir) and not overwrite and (
+            not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True)")
+    return output_dir
+
+
+def _write_export(output_dir: str, config: Mapping[str, Any], state: Mapping[str, np.ndarray],
+                  tokenizer: tokenizer_lib.Tokenizer | None,
+                  model_cfg: ml_collections.ConfigDict, *, lowercase: bool) -> list[str]:
+    """Writes config, weights and tokenizer into a temporary folder, then renames it into place."""
+    arch = export_architecture(model_cfg)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = _sibling(output_dir, "tmp")
+    os.mkdir(tmp)  # Not mkdtemp: its 0o700 would survive the rename; mkdir honours the umask.
+    try:
+        _write_model(tmp, config, state)
+        if tokenizer:
+            _write_tokenizer(tmp, tokenizer, arch, lowercase=lowercase,
+                             max_length=int(model_cfg.max_position_embeddings))
+        written = sorted(os.listdir(tmp))
+        _replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logging.info("Exported %s to %s: %s.", config["architectures"][0], output_dir, written)
+    return written
+
+
+def _sibling(path: str, kind: str) -> str:
+    """A fresh hidden name beside `path`, on the same filesystem, so renames are atomic."""
+    return os.path.join(os.path.dirname(path),
+                        f".{os.path.basename(path)}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Renames `src` to `dst`, moving an existing `dst` aside first and deleting it after."""
+    old = None
+    if os.path.lexists(dst):
+        old = _sibling(dst, "old")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_model(directory: str, config: Mapping[str, Any],
+                 state: Mapping[str, np.ndarray]) -> None:
+    _write_json(os.path.join(directory, "config.json"), config)
+    # "format": "pt" tells transformers the tensors are in torch's layout. Serialised in memory and
+    # written with open(): `save_file` leaves the file 0600 whatever the umask.
+    with open(os.path.join(directory, SAFETENSORS), "wb") as f:
+        f.write(safetensors.numpy.save(dict(state), metadata={"format": "pt"}))
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _write_tokenizer(directory: str, tokenizer: tokenizer_lib.Tokenizer, arch: Architecture, *,
+                     lowercase: bool, max_length: int) -> None:
+    """Copies the run's vocabulary and writes the tokenizer_config AutoTokenizer needs.
+
+    vocab.txt → (Distil)BertTokenizer with `do_lower_case`; tokenizer.json → copied as is (its
+    normaliser and post-processor already say everything); SentencePiece .model → spiece.model
+    with AlbertTokenizer, whose special-token layout (<pad>, <unk>, [CLS], [SEP], [MASK]) is ours.
+    """
+    special = {
+        "pad_token": tokenizer.id_to_token(tokenizer.pad_id),
+        "unk_token": tokenizer.id_to_token(tokenizer.unk_id),
+        "cls_token": tokenizer.id_to_token(tokenizer.cls_id),
+        "sep_token": tokenizer.id_to_token(tokenizer.sep_id),
+        "mask_token": tokenizer.id_to_token(tokenizer.mask_id),
+    }
+    source = tokenizer.path
+    tokenizer_config: dict[str, Any] = {"model_max_length": max_length, **special}
+    if source.endswith(".txt"):
+        shutil.copyfile(source, os.path.join(directory, "vocab.txt"))
+        tokenizer_config |= {"tokenizer_class": arch.tokenizer_class,
+                             "do_lower_case": bool(lowercase), "strip_accents": None,
+                             "tokenize_chinese_chars": True, "do_basic_tokenize": True}
+    elif source.endswith(".json"):
+        shutil.copyfile(source, os.path.join(directory, "tokenizer.json"))
+        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    else:
+        shutil.copyfile(source, os.path.join(directory, "spiece.model"))
+        # Case folding and NFKC live in the model's own normaliser; don't add ALBERT's on top.
+        tokenizer_config |= {"tokenizer_class": "AlbertTokenizer", "do_lower_case": False,
+                             "keep_accents": True, "remove_space": True}
+    if arch is DISTILBERT:
+        # DistilBERT's forward takes no token_type_ids; the tokenizer must not produce them.
+        tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
+    _write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config)
+    _write_json(os.path.join(directory, "special_tokens_map.json"), special)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuned models: a `heads.TaskModel` as its transformers *For<Task> class.
+# ----------------------------------------------------------------------------------------------
+
+
+def hf_task_config(model_cfg: ml_collections.ConfigDict, task: heads_lib.TaskHead, *,
+                   pad_token_id: int = 0) -> dict[str, Any]:
+    """The transformers config.json of a fine-tuned model's export."""
+    arch = export_architecture(model_cfg)
+    config = hf_config(model_cfg, head="none", pad_token_id=pad_token_id)
+    config["architectures"] = [TASK_CLASSES[(arch.model_type, task.head)]]
+    names = task.label_names or tuple(f"LABEL_{i}" for i in range(task.num_labels))
+    if len(names) != task.num_labels:
+        raise ValueError(f"{len(names)} label names for {task.num_labels} labels")
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    if task.head == "seq_cls":
+        config["problem_type"] = ("regression" if task.regression
+                                  else "single_label_classification")
+    if arch is DISTILBERT:
+        if task.head in ("seq_cls", "multiple_choice"):
+            config["seq_classif_dropout"] = float(task.head_dropout)
+        elif task.head == "qa":
+            config["qa_dropout"] = float(task.head_dropout)
+    elif task.head != "qa":
+        config["classifier_dropout"] = float(task.head_dropout)
+    return config
+
+
+def hf_task_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
+                       task: heads_lib.TaskHead) -> dict[str, np.ndarray]:
+    """`heads.TaskModel` parameters → the float32 state dict of the HF *For<Task> model.
+
+    Raises:
+      ValueError: `params` do not match `model_cfg` and `task` (keys and shapes listed).
+    """
+    if task.head not in TASK_HEADS:
+        raise ValueError(f"head must be one of {TASK_HEADS}, got {task.head!r}")
+    flat = _float32_flat(params)
+    check_tree(flat, task_shapes(model_cfg, task),
+               f"params do not match the model config and a {task.head} head")
+    arch = export_architecture(model_cfg)
+    # The head pools as the model's fields say (`heads.task_pooling`); only the family with that
+    # classifier (pre_classifier or pooler) can hold it.
+    if task.head in ("seq_cls", "multiple_choice") and (
+            (heads_lib.task_pooling(model_cfg) == "first_token") != (arch is DISTILBERT)):
+        raise ValueError(f"a {heads_lib.task_pooling(model_cfg)} {task.head} head has no "
+                         f"{arch.model_type} transformers class")
+    pooler = exports_pooler(arch, task.head)
+    if model_cfg.use_pooler and not pooler:
+        logging.info("%s has no pooler: the pooler is not exported.",
+                     TASK_CLASSES[(arch.model_type, task.head)])
+    encoder = {k[len("encoder/"):]: v for k, v in flat.items() if k.startswith("encoder/")}
+    state = _backbone_state(encoder, model_cfg, prefix=arch.prefix, pooler=pooler,
+                            mlm_head=False)
+    for ours, hf in head_names(arch, task.head).items():
+        state[hf] = np.ascontiguousarray(flat[ours].T if is_transposed_task(ours) else flat[ours])
+    return state
+
+
+def export_task_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
+                   task: heads_lib.TaskHead, output_dir: str | os.PathLike, *,
+                   tokenizer_path: str | None = None, lowercase: bool = True,
+                   overwrite: bool = False) -> list[str]:
+    """Writes a fine-tuned model as its transformers class (e.g.
+    `DistilBertForSequenceClassification`), loadable with no missing or unexpected keys, with
+    id2label and the head's dropout in config.json. Atomic, as `export_hf`.
+
+    Args:
+      params: `heads.TaskModel` parameters ({"encoder": ..., head modules}).
+      model_cfg: the encoder's model config section (`use_pooler` as trained).
+      task: the head.
+      output_dir, tokenizer_path, lowercase, overwrite: as `export_hf`.
+
+    Returns:
+      Names of the files written, sorted.
+    """
+    output_dir = _check_output_dir(output_dir, overwrite)
+    tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path, lowercase=lowercase)
+                 if tokenizer_path else None)
+    state = hf_task_state_dict(params, model_cfg, task)
+    config = hf_task_config(model_cfg, task, pad_token_id=tokenizer.pad_id if tokenizer else 0)
+    return _write_export(output_dir, config, state, tokenizer, model_cfg, lowercase=lowercase)
