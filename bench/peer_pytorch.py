@@ -32,11 +32,10 @@ import types
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shape_args import add_shape_args, comma_list  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
+from shape_args import add_shape_args, comma_list  # noqa: E402
 
 from distil_flax import flops  # noqa: E402  (plain Python: no JAX import)
 

@@ -3,9 +3,10 @@
     python bench/step_throughput.py --mode=all,masked --batch=64 --seq=512
 
 Runs `distil_flax.step.distil_step` — on-device masking, teacher forward (BERT-base shaped, bf16
-weights), student forward/backward (6 layers), the triple loss, clipping and AdamW — jitted with
-donated state, exactly as training runs it. Every comma-separated flag value is swept; each
-configuration prints one JSON line on stdout:
+weights), student forward/backward (6 layers), the triple loss, clipping and AdamW — built as
+training builds it: state from `train_state.abstract_state` / `fresh_state`, the optimizer from
+`optim.make_optimizer`, the step from `step.jit_steps` (donated state, explicit shardings).
+Every comma-separated flag value is swept; each configuration prints one JSON line on stdout:
 
     tokens_per_s, useful_tflops, mfu   from the median step time (FLOPs: distil_flax/flops.py)
     step_ms (+ p10/p90)                 device-synchronised steps after warm-up
@@ -20,7 +21,6 @@ from a plain checkout (`PYTHONPATH=.`) on a machine without ml_collections or cl
 """
 
 import argparse
-import contextlib
 import functools
 import gc
 import itertools
@@ -30,23 +30,23 @@ import statistics
 import sys
 import time
 import traceback
+import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from shape_args import add_shape_args, comma_list  # noqa: E402
 
 import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import linen as nn  # noqa: E402
+from shape_args import add_shape_args, comma_list  # noqa: E402
 
-from distil_flax import flops, losses, partitioning  # noqa: E402
+from distil_flax import flops, losses, optim, partitioning, train_state  # noqa: E402
+from distil_flax.attention import attention_kernel  # noqa: E402
 from distil_flax.masking import MaskingSpec, mask_tokens  # noqa: E402
-from distil_flax.model import Encoder, attention_kernel, remat_policy_name  # noqa: E402
-from distil_flax.step import TrainState, distil_step  # noqa: E402
+from distil_flax.model import Encoder, init_fn, remat_policy_name  # noqa: E402
+from distil_flax.step import jit_steps  # noqa: E402
 
 GIB = 2**30
 
@@ -114,37 +114,26 @@ def masking_spec(vocab: int) -> MaskingSpec:
     return MaskingSpec(mask_id=specials[-1], vocab_size=vocab, special_ids=specials)
 
 
-def make_optimizer() -> optax.GradientTransformation:
-    """The recipe's optimizer (clip 5.0, AdamW) at a constant rate: schedules cost nothing."""
-    decay = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-    return optax.chain(optax.clip_by_global_norm(5.0),
-                       optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,
-                                   mask=decay))
+# The PyTorch peer's optimizer settings (peer_pytorch.py: clip 5.0, AdamW), in the fields of a
+# config's `train` section, so that the optimizer and its schedule are training's own
+# (`optim.make_optimizer`). The shortest warmup (the first update, at rate 0: the same work) and
+# a long run: the rate stays at ≈ 1e-4 over the timed steps, as the peer's constant one.
+PEER_OPTIMIZER = types.SimpleNamespace(learning_rate=1e-4, warmup_fraction=0.0, clip_norm=5.0,
+                                       b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01)
+PEER_RUN_STEPS = 1_000_000
 
 
-def _init_fn(model: Encoder):
-    def init(rng):
-        ids = jnp.zeros((1, 8), jnp.int32)
-        return model.init(rng, ids, jnp.ones_like(ids), ids, logits_at="all")["params"]
-    return init
-
-
-def init_params(model: Encoder, seed: int, mesh, rules, dtype=None):
-    """Random parameters, created directly in their shardings (cast to `dtype` if given)."""
+def make_teacher_params(teacher: Encoder, mesh, rules, dtype, allocate: bool):
+    """Random teacher parameters in their shardings, stored as `dtype`; abstract unless
+    `allocate`. (Training casts its loaded teacher the same way, inline in `train.build`.)"""
+    if not allocate:
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),
+            partitioning.abstract_params(init_fn(teacher), mesh, rules))
     params, shardings = partitioning.sharded_init(
-        _init_fn(model), jax.random.PRNGKey(seed), mesh, rules)
-    if dtype is not None:
-        params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
-                         out_shardings=shardings)(params)
-    return params
-
-
-def abstract_params(model: Encoder, mesh, rules, dtype=None):
-    """The same as `init_params`, as `jax.ShapeDtypeStruct`s: nothing is allocated."""
-    boxed = jax.eval_shape(_init_fn(model), jax.random.PRNGKey(0))
-    shardings = partitioning.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s),
-                        nn.unbox(boxed), shardings)
+        init_fn(teacher), jax.random.PRNGKey(0), mesh, rules)
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                   out_shardings=shardings)(params)
 
 
 def make_batch(rng: np.random.Generator, args, accum: int, batch: int, seq: int,
@@ -175,56 +164,41 @@ class Bench:
         self.teacher, self.student = make_models(args, attention, attention_mask, remat, seq)
         self.masking = masking_spec(args.vocab)
         self.loss = losses.LossSpec(restrict_ce_to_mask=mode == "masked", head_chunk=head_chunk)
-        self.optimizer = make_optimizer()
+        self.optimizer, schedule = optim.make_optimizer(PEER_OPTIMIZER, PEER_RUN_STEPS)
         replicated = partitioning.replicated(self.mesh)
         batch_sharding = partitioning.batch_sharding(self.mesh, self.rules, leading_dims=1)
         micro = batch // args.accum
+        self.teacher_params = make_teacher_params(
+            self.teacher, self.mesh, self.rules, jnp.dtype(args.teacher_dtype), allocate)
+        abstract = train_state.abstract_state(
+            partitioning.abstract_params(init_fn(self.student), self.mesh, self.rules),
+            self.optimizer, replicated)
+        # Frequency smoothing on (as the recipe), with uniform weights: same code path.
+        weights = np.ones((args.vocab,), np.float32)
         if allocate:
-            self.teacher_params = init_params(self.teacher, 0, self.mesh, self.rules,
-                                              jnp.dtype(args.teacher_dtype))
-            params = init_params(self.student, 1, self.mesh, self.rules)
-            # From host copies: each state field gets its own buffer (all are donated).
-            put = lambda x: jax.device_put(np.asarray(x), replicated)  # noqa: E731
+            params, _ = partitioning.sharded_init(
+                init_fn(self.student), jax.random.PRNGKey(1), self.mesh, self.rules)
+            self.state = train_state.fresh_state(params, self.optimizer, abstract,
+                                                 jax.random.PRNGKey(2))
+            self.token_weights = jax.device_put(weights, replicated)
             rng = np.random.default_rng(0)
             self.batches = [
                 partitioning.host_to_global(
                     make_batch(rng, args, args.accum, micro, seq, self.masking), batch_sharding)
                 for _ in range(2)]
         else:
-            self.teacher_params = abstract_params(self.teacher, self.mesh, self.rules,
-                                                  jnp.dtype(args.teacher_dtype))
-            params = abstract_params(self.student, self.mesh, self.rules)
-            put = lambda x: jax.ShapeDtypeStruct(  # noqa: E731
-                x.shape, x.dtype, sharding=replicated)
+            self.state = abstract
+            self.token_weights = jax.ShapeDtypeStruct(weights.shape, weights.dtype,
+                                                      sharding=replicated)
             self.batches = [{k: jax.ShapeDtypeStruct((args.accum, micro, seq), jnp.int32,
                                                      sharding=batch_sharding)
                              for k in ("input_ids", "segment_ids", "positions")}]
-        # Moments take their parameter's sharding; the step count is replicated.
-        opt_shapes = jax.eval_shape(self.optimizer.init, params)
-        opt_shardings = optax.tree_map_params(
-            self.optimizer, lambda _, p: p.sharding, opt_shapes, params,
-            transform_non_params=lambda _: replicated)
-        if allocate:
-            opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
-        else:
-            opt_state = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_shapes,
-                opt_shardings)
-        zero = jnp.zeros((), jnp.int32)
-        self.state = TrainState(
-            step=put(zero), params=params, opt_state=opt_state, rng=put(jax.random.PRNGKey(2)),
-            skipped_steps=put(zero), bad_streak=put(zero))
-        # Frequency smoothing on (as the recipe), with uniform weights: same code path.
-        self.token_weights = put(jnp.ones((args.vocab,), jnp.float32))
-        self.context = functools.partial(_context, self.mesh, self.rules)
-        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        step = jax.jit(
-            functools.partial(distil_step, student=self.student, teacher=self.teacher,
-                              optimizer=self.optimizer, schedule=optax.constant_schedule(1e-4),
-                              masking=self.masking, loss=self.loss),
-            in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, self.teacher_params),
-                          batch_sharding, replicated),
-            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+        self.context = functools.partial(partitioning.mesh_context, self.mesh, self.rules)
+        step, _ = jit_steps(
+            student=self.student, teacher=self.teacher, optimizer=self.optimizer,
+            schedule=schedule, masking=self.masking, loss=self.loss, mesh=self.mesh,
+            rules=self.rules, state_shardings=train_state.shardings_of(abstract),
+            teacher_shardings=train_state.shardings_of(self.teacher_params))
         start = time.perf_counter()
         with self.context():
             self.step = step.lower(self.state, self.teacher_params, self.batches[0],
@@ -248,13 +222,6 @@ class Bench:
 
     def attention_selected(self) -> str:
         return attention_kernel(self.student, self.seq, train=True)
-
-
-@contextlib.contextmanager
-def _context(mesh, rules):
-    """Mesh and logical rules in effect while tracing (activation sharding constraints)."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        yield
 
 
 # ------------------------------------------------------------------------------------------------

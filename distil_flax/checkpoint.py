@@ -31,10 +31,10 @@ import zlib
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from distil_flax.train_state import TrainState
 

@@ -8,8 +8,8 @@ import json
 import math
 import os
 
-from etils import epath
 import ml_collections
+from etils import epath
 
 from distil_flax import partitioning
 from distil_flax.data import tokenizer as tokenizer_lib

@@ -1,4 +1,6 @@
-"""Exports a run's model for `transformers`: `python -m distil_flax.export_hf --workdir=RUN --output=DIR`.
+"""Exports a run's model for `transformers`.
+
+    python -m distil_flax.export_hf --workdir=RUN --output=DIR
 
 Reads RUN/config.json (the model section and the run's tokenizer), restores the checkpoint's
 parameters on the CPU (latest step, or --step), and writes a folder that
@@ -21,9 +23,9 @@ import jax
 from absl import app, flags, logging
 
 from distil_flax import checkpoint, hf, partitioning
+from distil_flax import config as config_lib
 from distil_flax import model as model_lib
 from distil_flax.downstream import init as finetune_init
-from distil_flax import config as config_lib
 from distil_flax.model import make_encoder
 
 

@@ -179,8 +179,11 @@ class _NonFiniteMonitor:
 
     @staticmethod
     def _describe(step: int, metrics: dict) -> str:
-        watched = sorted(k for k in metrics if k.startswith("loss") or k.endswith("_norm"))
-        terms = [f"{k}={float(metrics[k])}" for k in watched if not np.isfinite(metrics[k])]
+        # The loss terms first, then their sum, then what the optimizer made of it.
+        watched = (sorted(k for k in metrics if k.startswith("loss_"))
+                   + ["loss", "grad_norm", "update_norm"])
+        terms = [f"{k}={float(metrics[k])}" for k in watched
+                 if k in metrics and not np.isfinite(metrics[k])]
         return f"step {step}: " + ", ".join(terms or ["non-finite gradients"])
 
 

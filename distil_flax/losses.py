@@ -1,6 +1,7 @@
 """DistilBERT's triple loss, as pure functions returning `(loss, metrics)`.
 
-    loss = α_ce · T² · KL(softmax(t/T) ‖ softmax(s/T)) + α_mlm · CE(labels, s) + α_cos · (1 − cos(h_s, h_t))
+    loss = α_ce · T² · KL(softmax(t/T) ‖ softmax(s/T)) + α_mlm · CE(labels, s)
+           + α_cos · (1 − cos(h_s, h_t))
 
 KL and the soft-target cross-entropy differ by the teacher's entropy, a constant, so they have the
 same gradient; we report KL because it reaches 0 when the student matches. Every reduction runs in
@@ -33,7 +34,8 @@ class LossSpec:
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
     temperature: float = 2.0
-    # False: L_ce on every non-pad position (the released DistilBERT). True: only on the masked ones.
+    # False: L_ce on every non-pad position (the released DistilBERT). True: only on the masked
+    # ones.
     restrict_ce_to_mask: bool = False
     # Positions per row in each chunk of the fused head + loss (`fused_distillation_loss`); a chunk
     # holds [batch, head_chunk, vocab] logits. 0: the plain path (`distillation_loss`).

@@ -1,8 +1,8 @@
 """The one transformer encoder: BERT (teacher) and DistilBERT (student) are configs of it.
 
 BERT and DistilBERT differ only by fields: number of layers, token-type embeddings, pooler, and the
-names their MLM heads carry in Hugging Face checkpoints. Both are post-LayerNorm encoders with learned
-absolute positions, exact (erf) GELU and LayerNorm eps 1e-12, so one module computes both.
+names their MLM heads carry in Hugging Face checkpoints. Both are post-LayerNorm encoders with
+learned absolute positions, exact (erf) GELU and LayerNorm eps 1e-12, so one module computes both.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, …); the rules in
 `partitioning.py` map them to mesh axes. Activations get logical constraints on the same names.
@@ -61,7 +61,7 @@ def model_config(size: str) -> "ml_collections.ConfigDict":
     # have no dropout, so it is off by default (modern BERT recipes train without it too).
     c.attention_dropout_rate = 0.0
     # auto | xla | cudnn | splash | einsum. auto: cuDNN flash attention on NVIDIA GPUs (bf16/fp16),
-    # the Pallas splash kernel on TPUs, XLA's attention elsewhere (see `attention.select_attention`).
+    # the Pallas splash kernel on TPUs, XLA's attention elsewhere (`attention.select_attention`).
     c.attention_impl = "auto"
     # segments: a token attends only within its packed segment (rows hold several documents).
     # lengths: each row is one sequence followed by padding, so attention needs only the row's
@@ -143,8 +143,9 @@ class Attention(nn.Module):
         q, k, v = (nn.with_logical_constraint(t, axes) for t in (q, k, v))
         use_dropout = train and self.attention_dropout_rate > 0
         impl = attention.select_attention(
-            self.attention_impl, platform=attention.platform(), dtype=q.dtype, head_dim=self.head_dim,
-            length=x.shape[1], mask=self.attention_mask, dropout=use_dropout)
+            self.attention_impl, platform=attention.platform(), dtype=q.dtype,
+            head_dim=self.head_dim, length=x.shape[1], mask=self.attention_mask,
+            dropout=use_dropout)
         if self.attention_mask == "lengths":
             # One sequence per row, padding at the end: a key is visible iff it is real.
             lengths = jnp.sum(segment_ids > 0, axis=-1, dtype=jnp.int32)
@@ -165,7 +166,8 @@ class Attention(nn.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **mask_args)
         out = nn.with_logical_constraint(out, axes)
-        return dense(self.hidden_size, ("heads", "embed"), "out")(out.reshape(*out.shape[:2], width))
+        out = out.reshape(*out.shape[:2], width)
+        return dense(self.hidden_size, ("heads", "embed"), "out")(out)
 
     def _einsum_attention(self, q, k, v, mask, use_dropout: bool) -> Array:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
@@ -192,8 +194,8 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, train: bool) -> Array:
         dense = lambda features, names, name: nn.Dense(  # noqa: E731
-            features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init(names),
-            bias_init=_zeros(names[1:]), name=name)
+            features, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_dense_init(names), bias_init=_zeros(names[1:]), name=name)
         dropout = nn.Dropout(self.dropout_rate)
         attended = Attention(
             num_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
@@ -328,7 +330,7 @@ class Encoder(nn.Module):
         return self.mlm_logits(selected), out
 
     def mlm_logits(self, hidden: Array) -> Array:
-        """MLM head on hidden states [..., embed] → logits [..., vocab] (decoder tied to embeddings)."""
+        """MLM head: hidden [..., embed] → logits [..., vocab] (decoder tied to the embeddings)."""
         features, _, bias = self.mlm_head_inputs(hidden)
         logits = self.word_embeddings.attend(features) + bias.astype(self.dtype)
         return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))

@@ -1,12 +1,16 @@
 """The optimizer: AdamW with linear warmup then linear decay, and global-norm clipping."""
 
+from typing import TYPE_CHECKING
+
 import jax
-import ml_collections
 import optax
 
+if TYPE_CHECKING:  # Imported lazily: the benchmark machines lack ml_collections.
+    import ml_collections
 
-def learning_rate_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup over `warmup_fraction` of the run to `learning_rate`, then linear decay to 0."""
+
+def learning_rate_schedule(c: "ml_collections.ConfigDict", total_steps: int) -> optax.Schedule:
+    """Linear warmup over `warmup_fraction` of the run to `learning_rate`, then linear decay."""
     warmup = max(1, int(c.warmup_fraction * total_steps))
     return optax.join_schedules(
         [optax.linear_schedule(0.0, c.learning_rate, warmup),
@@ -19,8 +23,11 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int):
-    """Returns (optimizer, schedule) for a config's `train` section."""
+def make_optimizer(c: "ml_collections.ConfigDict", total_steps: int):
+    """Returns (optimizer, schedule) for a config's `train` section.
+
+    `c` may be any object with the section's fields (the benchmark passes a namespace).
+    """
     schedule = learning_rate_schedule(c, total_steps)
     optimizer = optax.chain(
         optax.clip_by_global_norm(c.clip_norm) if c.clip_norm else optax.identity(),

@@ -1,4 +1,4 @@
-"""The training step: masking, teacher forward, student forward/backward, loss and update — one program.
+"""The training step: masking, teacher and student forward, backward, loss, update: one program.
 
 `distil_step` is a pure function of (state, teacher_params, batch, token_weights). The caller binds
 the models, optimizer and specs with `functools.partial` and jits it with explicit shardings and a

@@ -18,7 +18,7 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a run needs to continue exactly, except the data position (checkpointed beside)."""
+    """Everything a run needs to continue exactly but the data position (checkpointed beside)."""
 
     step: Array  # int32 scalar: steps done (applied or skipped updates).
     params: Any
@@ -107,7 +107,7 @@ def apply_update(state: TrainState, grads: Any, metrics: dict[str, Array], *,
     # Skipped updates leave the optimizer's count (and so its schedule) where it was.
     applied = state.step - state.skipped_steps
     return new_state, {
-        **metrics, "grad_norm": grad_norm, "update_norm": jnp.where(finite, update_norm, 0.0),
+        **metrics, "grad_norm": grad_norm, "update_norm": update_norm,
         "param_norm": optax.tree.norm(params), "learning_rate": schedule(applied),
         "nonfinite": skipped, "skipped_steps": new_state.skipped_steps,
         "bad_streak": new_state.bad_streak}

@@ -15,9 +15,9 @@ from flax import linen as nn
 from distil_flax import attention as attention_lib
 from distil_flax import model as model_lib
 from distil_flax import partitioning
+from distil_flax.attention import select_attention
 from distil_flax.losses import LossSpec
 from distil_flax.masking import MaskingSpec
-from distil_flax.attention import select_attention
 from distil_flax.model import make_encoder, model_config
 from distil_flax.step import TrainState, distil_step
 

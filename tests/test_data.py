@@ -15,12 +15,8 @@ import tokenizers
 
 from distil_flax import data
 from distil_flax.config import base_config
-from distil_flax.data import corpus
-from distil_flax.data import packing
-from distil_flax.data import prepare
-from distil_flax.data import records
+from distil_flax.data import corpus, packing, prepare, records, train_vocab
 from distil_flax.data import tokenizer as tokenizer_lib
-from distil_flax.data import train_vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS, SEP, PAD = 2, 3, 0

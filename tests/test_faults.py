@@ -31,10 +31,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from distil_flax import train
-from distil_flax.checkpoint import (CHECKSUMS, ITEMS, TMP_SUFFIX, CheckpointWriteError,
-                                    CorruptCheckpointError, checkpoint_dir, restore_params,
-                                    verify_step)
+from distil_flax import loop, train
+from distil_flax.checkpoint import (
+    CHECKSUMS,
+    ITEMS,
+    TMP_SUFFIX,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    checkpoint_dir,
+    restore_params,
+    verify_step,
+)
 from distil_flax.config import load_config
 from distil_flax.metric_writers import read_metrics
 from distil_flax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
@@ -266,6 +273,24 @@ def test_no_intact_checkpoint_stops_and_moves_nothing(preempted, vocab_path, tea
     assert _snapshot(workdir) == before
 
 
+def test_a_step_without_its_files_and_checksums_falls_back(straight, vocab_path,
+                                                            teacher_workdir, tmp_path):
+    """No checksums to check and no array files: Orbax raises a bare Exception on restore."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    step_dir = checkpoint_dir(workdir) / "8"
+    os.remove(step_dir / CHECKSUMS)
+    for item in ("params", "train"):
+        for root, _, names in os.walk(step_dir / item):
+            for name in names:
+                if name not in ("_METADATA", "_sharding", "manifest.ocdbt"):
+                    os.remove(os.path.join(root, name))
+    c = _student_config(vocab_path, teacher_workdir, num_steps=12)
+    train.train_and_evaluate(c, workdir)  # Resumes from step 4 and finishes.
+    assert _steps(workdir)[-1] == 12
+    assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))[0].startswith("8-")
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite steps
 # ---------------------------------------------------------------------------------------------
@@ -285,13 +310,14 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(
     workdir = str(tmp_path / "run")
     c = _student_config(vocab_path, teacher_workdir, checkpoint_every=1, keep_checkpoints=20,
                         max_consecutive_nonfinite=3)
-    with caplog.at_level(logging.WARNING), pytest.raises(train.NonFiniteError) as stopped:
+    with caplog.at_level(logging.WARNING), pytest.raises(loop.NonFiniteError) as stopped:
         train.train_and_evaluate(c, workdir)
     message = str(stopped.value)
     assert "3 consecutive steps" in message and "steps 6-8" in message
     # Which terms: L_ce and what depends on it, not L_mlm or L_cos.
-    assert "first: step 6: loss_ce=nan, loss=nan, grad_norm=nan)" in message
-    assert "step 3: loss_ce=nan, loss=nan, grad_norm=nan" in caplog.text  # The lone bad step.
+    assert "first: step 6: loss_ce=nan, loss=nan, grad_norm=nan, update_norm=nan)" in message
+    # The lone bad step.
+    assert "step 3: loss_ce=nan, loss=nan, grad_norm=nan, update_norm=nan" in caplog.text
 
     # Stopped at the fetch of step 8 (the last), before saving it or evaluating; 1-7 were saved.
     assert _steps(workdir) == list(range(1, 8))
@@ -376,6 +402,13 @@ def _data_of_another_tokenizer(c, tmp_path):
     c.data.tokenizer, c.data.dir = str(tmp_path / "vocab.txt"), prepared
 
 
+def _teacher_that_is_a_fine_tuning_run(c, tmp_path):
+    teacher = tmp_path / "sst2"
+    shutil.copytree(c.teacher.checkpoint, teacher)
+    (teacher / "task_model.json").write_text("{}")
+    c.teacher.checkpoint = str(teacher)
+
+
 def _empty_tokenizer(c, tmp_path):
     (tmp_path / "vocab.txt").write_text("")
     c.data.tokenizer = str(tmp_path / "vocab.txt")
@@ -391,6 +424,10 @@ def _empty_tokenizer(c, tmp_path):
      r"mesh.tensor=1\) needs 3 devices, but 8 are available"),
     (_change("train", log_every=0), ValueError, "train.log_every must be ≥ 1, got 0"),
     (_teacher_without_config, ValueError, "is neither a distil_flax workdir nor a Hugging Face"),
+    (_teacher_that_is_a_fine_tuning_run, ValueError,
+     r"teacher.checkpoint=.*sst2' is a fine-tuning run \(it holds task_model.json\)"),
+    (_change("train", batch_size=12), ValueError, r"train.batch_size \(12\)"),
+    (_change("train", learning_rate=float("nan")), ValueError, "train.learning_rate"),
     (_empty_tokenizer, ValueError, r"vocab.txt lacks special token\(s\) \[PAD\]"),
     (_data_of_another_tokenizer, ValueError, r"The prepared data in .* was tokenized with .*"
      r"its ids would mean other tokens"),
@@ -500,6 +537,17 @@ def test_cli_wrong_type_names_the_field(tmp_path, vocab_path):
         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode != 0
     assert "train.batch_size" in result.stderr and "eight" in result.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_cli_unknown_preset_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "distil_flax.main", "--config=configs/quickstart_teacher.py:huge",
+         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "unknown preset 'huge'" in result.stderr and "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "run")
 
 

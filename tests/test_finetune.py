@@ -16,10 +16,11 @@ import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 
 from distil_flax import export_hf, partitioning  # noqa: E402
-from distil_flax.downstream import init as finetune_init, train as finetune  # noqa: E402
 from distil_flax.checkpoint import ITEMS, checkpoint_dir  # noqa: E402
 from distil_flax.config import load_config  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
+from distil_flax.downstream import init as finetune_init  # noqa: E402
+from distil_flax.downstream import train as finetune
 from distil_flax.downstream.step import LossSpec, task_loss  # noqa: E402
 from distil_flax.metric_writers import read_metrics  # noqa: E402
 
@@ -28,23 +29,6 @@ transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """Runs of one model (the straight, interrupted and resumed MRPC runs) compile one program:
-    a persistent cache for this module turns their repeated XLA compiles into reads."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0, 0)):
-        jax.config.update(name, value)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def _config(spec: str, init: str, folder: str, **train):

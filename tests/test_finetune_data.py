@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from distil_flax import data
-from distil_flax.downstream import config as finetune_config
 from distil_flax.config import load_config
+from distil_flax.downstream import config as finetune_config
 from distil_flax.downstream.tasks import base, get_task, squad, text, tfds_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from distil_flax import hf  # noqa: E402
-from distil_flax.downstream import heads, init as finetune_init  # noqa: E402
+from distil_flax.downstream import heads  # noqa: E402
+from distil_flax.downstream import init as finetune_init
 
 torch = pytest.importorskip("torch", reason="HF interop tests need torch: pip install -e '.[test]'")
 transformers = pytest.importorskip("transformers")

@@ -20,9 +20,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tokenizers  # noqa: E402
-
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 import tokenizers  # noqa: E402

@@ -90,7 +90,8 @@ def test_slurm_gives_a_process_per_node_all_gpus_and_per_gpu_one(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # srun without a cluster: drop its options, run the task here once.
-    _executable(bin_dir / "srun", "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n")
+    _executable(bin_dir / "srun",
+                "#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n")
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": fake_python,
            "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_NTASKS_PER_NODE": tasks_per_node,
            "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "42"}

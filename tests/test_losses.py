@@ -75,7 +75,7 @@ def test_cosine_distance_matches_reference(rng):
 
 
 def test_distillation_loss_weights_terms_and_skips_zero_weights(rng):
-    b, l, k, v, d = 2, 6, 2, 11, 4
+    b, l, k, v, d = 2, 6, 2, 11, 4  # noqa: E741 — batch, length, …, as in the paper.
     s_logits, t_logits = rng.normal(size=(2, b, l, v))
     positions = np.array([[1, 3], [0, 5]])
     s_mlm = np.take_along_axis(s_logits, positions[..., None], 1)

@@ -7,14 +7,19 @@ and each host reads only its half of every batch. Both run the tiny student conf
 real `train_and_evaluate`, stop at a checkpoint, resume from it, and finish; then each restores the
 final checkpoint and writes the copies of the parameters it holds. The parent checks that every
 copy on both hosts is identical and that the run matches a single-process run of the same config
-(which fails if the hosts read the same or the wrong rows, or if a restore lost state).
+(which fails if the hosts read the same or the wrong rows, or if a restore lost state). Another
+test sends SIGTERM to one host mid-run, as a scheduler's preemption notice would: both hosts must
+stop after the same step, save it together and exit 0, and a rerun must resume from it.
 
 Run as a script (`python tests/test_multihost.py --process_id=0 ...`) it is one of those hosts.
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
 TIMEOUT_S = 300  # The whole two-process run; on 2 shared cores it takes well under a minute.
+PREEMPTION_STEPS = 60
+STEP_FLOOR_S = 0.05  # The least a step of the SIGTERM test takes: 3 s for the whole run.
 
 
 def _student_config(vocab_path: str, teacher_workdir: str):
@@ -43,6 +50,43 @@ def _student_config(vocab_path: str, teacher_workdir: str):
     c.train.batch_size = 16
     c.train.micro_batch_size = 8
     return c
+
+
+def _preemption_config(vocab_path: str, teacher_workdir: str):
+    """A run long enough for SIGTERM to land mid-run, whose only checkpoint is the preemption's.
+
+    With `STEP_FLOOR_S` per step, the steps after the first outlast by far the second or so that
+    the notice needs to take effect (see `_with_step_floor`).
+    """
+    c = _student_config(vocab_path, teacher_workdir)
+    c.train.num_steps = PREEMPTION_STEPS
+    c.train.checkpoint_every = 10 * PREEMPTION_STEPS  # Only the forced saves.
+    c.train.log_every = 1  # A metrics.jsonl record per step tells the test the run is training.
+    c.train.micro_batch_size = 0  # No accumulation: shorter steps.
+    c.train.eval_batches = 2
+    return c
+
+
+def _with_step_floor(train_module, seconds: float) -> None:
+    """Makes each training step of `train_module.train_and_evaluate` take at least `seconds`.
+
+    JAX's notifier looks for SIGTERM once a second (`kListenInterval` in XLA's
+    preemption_notifier.cc) and the hosts then agree on a step through the coordinator; a tiny
+    step can take a few ms on a fast machine, where 60 of them would end before that.
+    """
+    make_trainer = train_module.make_trainer
+
+    def slowed(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        step = trainer.step
+
+        def step_at_least(state, batch):
+            time.sleep(seconds)  # On the host, outside the compiled step: trains the same.
+            return step(state, batch)
+
+        return dataclasses.replace(trainer, step=step_at_least)
+
+    train_module.make_trainer = slowed
 
 
 def _flat(tree) -> dict:
@@ -80,6 +124,14 @@ def _host(args: argparse.Namespace) -> None:
                                initialization_timeout=120)
     from distil_flax import train
 
+    if args.preemption:  # One run, which the test may stop with SIGTERM: no restore here.
+        _with_step_floor(train, STEP_FLOOR_S)
+        final = train.train_and_evaluate(_preemption_config(args.vocab, args.teacher),
+                                         args.workdir)
+        with open(os.path.join(args.out, f"process_{args.process_id}.json"), "w") as f:
+            json.dump({"final": final}, f)
+        jax.distributed.shutdown()
+        return
     c = _student_config(args.vocab, args.teacher)
     # Preempted at step 4 (checkpoint written by both hosts), then resumed from it on both.
     assert train.train_and_evaluate(c, args.workdir, stop_at_step=4) == {}
@@ -113,7 +165,10 @@ def _tail(path: str, lines: int = 40) -> str:
         return "".join(f.readlines()[-lines:])
 
 
-def _start_hosts(tmp_path, vocab_path, teacher_workdir) -> list[tuple[subprocess.Popen, str]]:
+def _start_hosts(tmp_path, vocab_path, teacher_workdir, *, out=None, preemption: bool = False
+                 ) -> list[tuple[subprocess.Popen, str]]:
+    """Starts the hosts on the workdir `tmp_path/run`; their logs and outputs go to `out`."""
+    out = out or tmp_path
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            # Not the 8 devices the test process simulates: each host has its own two.
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
@@ -123,14 +178,14 @@ def _start_hosts(tmp_path, vocab_path, teacher_workdir) -> list[tuple[subprocess
     coordinator = f"127.0.0.1:{_free_port()}"
     hosts = []
     for i in range(NUM_PROCESSES):
-        log = str(tmp_path / f"process_{i}.log")
-        with open(log, "w") as out:
+        log = str(out / f"process_{i}.log")
+        with open(log, "w") as log_file:
             proc = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), f"--process_id={i}",
                  f"--coordinator={coordinator}", f"--vocab={vocab_path}",
                  f"--teacher={teacher_workdir}", f"--workdir={tmp_path / 'run'}",
-                 f"--out={tmp_path}"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                 f"--out={out}"] + (["--preemption"] if preemption else []),
+                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         hosts.append((proc, log))
     return hosts
 
@@ -214,6 +269,95 @@ def test_two_processes_train_identical_replicas_and_match_one_process(
         assert np.isclose(infos[0]["final"][key], value, rtol=1e-4), key
 
 
+def _wait_for_training(workdir: str, hosts, deadline: float) -> int:
+    """Waits for process 0's first `metrics.jsonl` record; returns its step.
+
+    A record is written after a whole step, so both hosts are past start-up (JAX's preemption
+    notifier is in place) and inside the loop, where every step is a collective of both.
+    """
+    from distil_flax.metric_writers import read_metrics
+
+    while time.monotonic() < deadline:
+        for proc, log in hosts:
+            if proc.poll() is not None:
+                raise AssertionError(f"a host ended (status {proc.returncode}) before training:"
+                                     f"\n{_tail(log)}")
+        try:
+            steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+        except FileNotFoundError:
+            steps = []
+        if steps:
+            return steps[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no training step within {TIMEOUT_S} s:\n{_tail(hosts[0][1])}")
+
+
+def _stopping_steps(log: str) -> list[int]:
+    """The steps at which a host's loop logged that a signal stopped it."""
+    with open(log) as f:
+        return [int(m) for m in re.findall(r"Stopping at step (\d+) \(SIGTERM\)", f.read())]
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(
+        tmp_path, vocab_path, teacher_workdir):
+    """A preemption notice reaches one host: both save the same step, exit 0, and resume from it.
+
+    The signal goes to process 1, which neither holds `run.lock` nor writes metrics, so process 0
+    learns of it only through JAX's preemption service.
+    """
+    from distil_flax.checkpoint import TMP_SUFFIX, checkpoint_dir, verify_step
+    from distil_flax.metric_writers import read_metrics
+    from distil_flax.workdir_lock import LOCK_NAME
+
+    workdir = tmp_path / "run"
+    first, rerun = tmp_path / "first", tmp_path / "rerun"
+    first.mkdir()
+    rerun.mkdir()
+    deadline = time.monotonic() + TIMEOUT_S
+    hosts = _start_hosts(tmp_path, vocab_path, teacher_workdir, out=first, preemption=True)
+    try:
+        signalled_after = _wait_for_training(str(workdir), hosts, deadline)
+        hosts[1][0].send_signal(signal.SIGTERM)
+    finally:
+        _wait(hosts, deadline)  # Both must exit 0: a preempted run is not a failed one.
+
+    stops = [_stopping_steps(log) for _, log in hosts]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], stops  # Once, at the same step.
+    step = stops[0][0]
+    assert signalled_after < step < PREEMPTION_STEPS, (
+        f"SIGTERM after step {signalled_after} stopped the run at step {step} of "
+        f"{PREEMPTION_STEPS}: not mid-run")
+    for i in range(NUM_PROCESSES):
+        with open(first / f"process_{i}.json") as f:
+            assert json.load(f)["final"] == {}  # Stopped: no final evaluation.
+    # The only checkpoint is the preemption's, committed whole, and the lock is gone.
+    checkpoints = checkpoint_dir(workdir)
+    names = os.listdir(checkpoints)
+    assert [n for n in names if n.isdigit()] == [str(step)], names
+    assert not [n for n in names if n.endswith(TMP_SUFFIX)], names
+    assert verify_step(checkpoints, step)  # Checksums present and matching every file.
+    assert not (workdir / LOCK_NAME).exists()
+    assert [r["step"] for r in read_metrics(str(workdir)) if "train/loss" in r][-1] == step
+
+    # The same command again: both hosts resume from that step and finish the run.
+    deadline = time.monotonic() + TIMEOUT_S
+    hosts = _start_hosts(tmp_path, vocab_path, teacher_workdir, out=rerun, preemption=True)
+    _wait(hosts, deadline)
+    finals = []
+    for i, (_, log) in enumerate(hosts):
+        with open(log) as f:
+            assert f"Resuming from step {step} (" in f.read(), _tail(log)
+        with open(rerun / f"process_{i}.json") as f:
+            finals.append(json.load(f)["final"])
+    assert finals[0] and finals[0] == finals[1]  # The final evaluation, the same on both.
+    assert max(int(n) for n in os.listdir(checkpoints) if n.isdigit()) == PREEMPTION_STEPS
+    assert verify_step(checkpoints, PREEMPTION_STEPS)
+    assert not (workdir / LOCK_NAME).exists()
+    # Every step logged exactly once across the two runs: none lost, none trained twice.
+    steps = [r["step"] for r in read_metrics(str(workdir)) if "train/loss" in r]
+    assert steps == list(range(1, PREEMPTION_STEPS + 1))
+
+
 def test_run_config_and_teacher_workdir_on_object_storage(tmp_path, vocab_path):
     """Pod runs keep workdirs on GCS: config.json and the teacher check go through etils.epath."""
     import pytest
@@ -249,4 +393,6 @@ if __name__ == "__main__":
     for flag in ("coordinator", "vocab", "teacher", "workdir", "out"):
         parser.add_argument(f"--{flag}", required=True)
     parser.add_argument("--process_id", type=int, required=True)
+    parser.add_argument("--preemption", action="store_true",
+                        help="run the long config once (the SIGTERM test), not the restart run")
     _host(parser.parse_args())

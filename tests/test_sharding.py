@@ -3,16 +3,15 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from distil_flax import model as model_lib
 from distil_flax import partitioning, train
-from distil_flax.train_state import shardings_of
 from distil_flax.config import base_config
 from distil_flax.model import make_encoder, model_config
 from distil_flax.optim import make_optimizer
+from distil_flax.train_state import shardings_of
 
 VOCAB, LENGTH, BATCH = 64, 16, 16
 

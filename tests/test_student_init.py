@@ -14,7 +14,8 @@ def _params(size, vocab=50, seed=0):
     c.vocab_size = vocab
     model = make_encoder(c)
     ids = np.zeros((1, 8), np.int32)
-    return nn.unbox(model.init(jax.random.PRNGKey(seed), ids, ids + 1, ids, logits_at="all"))["params"]
+    params = model.init(jax.random.PRNGKey(seed), ids, ids + 1, ids, logits_at="all")
+    return nn.unbox(params)["params"]
 
 
 def _teacher_with_layers(n):

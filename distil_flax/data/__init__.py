@@ -5,21 +5,22 @@ token ids; training reads them through a resumable grain pipeline (`loader.py`).
 leave this package; masking, labels and losses are computed on device.
 """
 
-from distil_flax.data.corpus import read_documents
-from distil_flax.data.corpus import SOURCES
-from distil_flax.data.corpus import Tally
-from distil_flax.data.loader import BatchIterator
-from distil_flax.data.loader import build_datasets
-from distil_flax.data.loader import eval_batches
-from distil_flax.data.loader import PackedSplit
-from distil_flax.data.loader import token_counts
-from distil_flax.data.packing import pack_documents
-from distil_flax.data.packing import padding_fraction
+from distil_flax.data.corpus import SOURCES, Tally, read_documents
+from distil_flax.data.loader import (
+    BatchIterator,
+    PackedSplit,
+    build_datasets,
+    eval_batches,
+    token_counts,
+)
+from distil_flax.data.packing import pack_documents, padding_fraction
 from distil_flax.data.records import PreparedDataset
-from distil_flax.data.tokenizer import load_tokenizer
-from distil_flax.data.tokenizer import Tokenizer
-from distil_flax.data.tokenizer import train_sentencepiece
-from distil_flax.data.tokenizer import train_wordpiece
+from distil_flax.data.tokenizer import (
+    Tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+    train_wordpiece,
+)
 
 __all__ = [
     "BatchIterator",

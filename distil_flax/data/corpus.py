@@ -22,7 +22,6 @@ the corpus: reading all of them in order yields exactly the documents of a plain
 """
 
 import collections
-from collections.abc import Iterator, Sequence
 import csv
 import dataclasses
 import glob
@@ -33,6 +32,7 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import logging

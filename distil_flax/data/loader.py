@@ -24,19 +24,18 @@ global batch is completed with padding rows, and every host runs the same number
 """
 
 import collections
-from collections.abc import Iterator
 import dataclasses
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from distil_flax.data import packing
+from distil_flax.data import packing, records
 from distil_flax.data import prepare as prepare_lib
-from distil_flax.data import records
 from distil_flax.data import tokenizer as tokenizer_lib
 
 Rows = dict[str, np.ndarray]  # packing.FIELDS → int32 [rows, seq_len].

@@ -56,11 +56,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from distil_flax.data import corpus
-from distil_flax.data import records
+from distil_flax.data import corpus, records
 from distil_flax.data import tokenizer as tokenizer_lib
 
 # Documents tokenized per call: large enough to amortise the call, small enough that one batch of
@@ -313,7 +312,7 @@ def _init_worker(parent: int) -> None:
 def _die_with_parent() -> bool:
     """Asks Linux to SIGKILL this process when its parent exits; False where it cannot.
 
-    The parent is the thread that started the worker: `_run`'s caller, which outlives the pool.
+    Strictly, when the thread that started it exits: `_run`'s caller, which outlives the pool.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -325,7 +324,7 @@ def _die_with_parent() -> bool:
 
 
 def _exit_when_orphaned(parent: int) -> None:
-    """Elsewhere: polls for the parent (an orphan is handed to another one, so its ppid changes)."""
+    """Without prctl (macOS): exits once the parent is gone (an orphan's ppid changes)."""
     while os.getppid() == parent:
         time.sleep(1)
     os._exit(1)

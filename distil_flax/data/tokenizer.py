@@ -13,10 +13,10 @@ as in BERT's vocab where [PAD] is 0.
 """
 
 import collections
-from collections.abc import Iterable, Iterator, Sequence
 import hashlib
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 import tokenizers

@@ -13,8 +13,8 @@ Pair counts are updated incrementally, touching only the words that contain the 
 """
 
 import collections
-from collections.abc import Mapping, Sequence
 import heapq
+from collections.abc import Mapping, Sequence
 
 PREFIX = "##"
 

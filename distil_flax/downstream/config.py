@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # Data-parallel size; -1: all devices not used by other axes.
     c.mesh.fsdp = 1  # Parameter/optimizer sharding size.
     c.mesh.tensor = 1  # Tensor-parallel size.
-    c.mesh.rules = [list(r) for r in partitioning.DEFAULT_RULES]  # Logical axis → mesh axes.
+    c.mesh.rules = partitioning.DEFAULT_RULES  # Logical axis → mesh axes.
 
     c.distributed = False  # Call jax.distributed.initialize() (multi-host).
     return c
@@ -160,5 +160,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if t.max_consecutive_nonfinite < 0:
         raise ValueError("train.max_consecutive_nonfinite must be ≥ 0, got "
                          f"{t.max_consecutive_nonfinite}")
+    partitioning.check_rules(c.mesh.rules)
+    for field in ("batch_size", "eval_batch_size"):
+        partitioning.check_batch_divides(c.mesh, f"train.{field}", t[field])
     if c.model.dtype not in ("bfloat16", "float32", "float16"):
         raise ValueError(f"model.dtype must be bfloat16, float16 or float32, got {c.model.dtype!r}")

@@ -27,16 +27,16 @@ from etils import epath
 from flax import traverse_util
 
 from distil_flax import config as config_lib
-from distil_flax import hf, partitioning
+from distil_flax import hf, loop, partitioning
 from distil_flax import model as model_lib
-from distil_flax.downstream import heads
 from distil_flax.checkpoint import checkpoint_dir, restore_params
+from distil_flax.downstream import heads
 from distil_flax.model import make_encoder
 
 # Written into every fine-tuning workdir: what the trained model is, for readers of its checkpoints.
 TASK_MODEL_FILE = "task_model.json"
-# The best evaluation's parameters live in a checkpoint directory of their own.
-BEST_DIR = "best"
+
+BEST_DIR = loop.BEST_DIR  # The best evaluation's parameters, under the workdir.
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "spiece.model")
 
 

@@ -16,22 +16,28 @@ checkpoint either converts completely or fails with a ValueError naming the offe
 Callers use `from distil_flax import hf; hf.load_hf_checkpoint(...)`: the names below.
 """
 
-from distil_flax.hf.export import export_hf
-from distil_flax.hf.export import export_task_hf
-from distil_flax.hf.export import hf_config
-from distil_flax.hf.export import hf_state_dict
-from distil_flax.hf.export import hf_task_config
-from distil_flax.hf.export import hf_task_state_dict
-from distil_flax.hf.load import has_mlm_head
-from distil_flax.hf.load import is_hf_checkpoint
-from distil_flax.hf.load import load_hf_checkpoint
-from distil_flax.hf.load import load_hf_task_checkpoint
-from distil_flax.hf.names import export_architecture
-from distil_flax.hf.names import SAFETENSORS
-from distil_flax.hf.names import SAFETENSORS_INDEX
-from distil_flax.hf.names import TASK_CLASSES
-from distil_flax.hf.names import TASK_HEADS
-from distil_flax.hf.names import TORCH_BIN
+from distil_flax.hf.export import (
+    export_hf,
+    export_task_hf,
+    hf_config,
+    hf_state_dict,
+    hf_task_config,
+    hf_task_state_dict,
+)
+from distil_flax.hf.load import (
+    has_mlm_head,
+    is_hf_checkpoint,
+    load_hf_checkpoint,
+    load_hf_task_checkpoint,
+)
+from distil_flax.hf.names import (
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    TASK_CLASSES,
+    TASK_HEADS,
+    TORCH_BIN,
+    export_architecture,
+)
 
 __all__ = [
     "SAFETENSORS",

@@ -23,10 +23,25 @@ from absl import logging
 from distil_flax import model as model_lib
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.downstream import heads as heads_lib
-from distil_flax.hf.names import (BERT, DISTILBERT, EXPORT_HEADS, SAFETENSORS, TASK_CLASSES,
-                                   TASK_HEADS, Architecture, check_tree, expected_shapes,
-                                   export_architecture, exports_pooler, flatten, head_names,
-                                   is_transposed, is_transposed_task, name_map, task_shapes)
+from distil_flax.hf.names import (
+    BERT,
+    DISTILBERT,
+    EXPORT_HEADS,
+    SAFETENSORS,
+    TASK_CLASSES,
+    TASK_HEADS,
+    Architecture,
+    check_tree,
+    expected_shapes,
+    export_architecture,
+    exports_pooler,
+    flatten,
+    head_names,
+    is_transposed,
+    is_transposed_task,
+    name_map,
+    task_shapes,
+)
 
 
 def hf_config(model_cfg: ml_collections.ConfigDict, *, head: str = "mlm",

@@ -27,11 +27,27 @@ from safetensors import safe_open
 
 from distil_flax import model as model_lib
 from distil_flax.downstream import heads as heads_lib
-from distil_flax.hf.names import (ARCHITECTURES, DISTILBERT, HEAD_MODULES, SAFETENSORS,
-                                   SAFETENSORS_INDEX, TASK_CLASSES, TORCH_BIN, TORCH_BIN_INDEX,
-                                   WEIGHT_FILES, Architecture, check_tree, expected_shapes,
-                                   exports_pooler, head_names, is_transposed, is_transposed_task,
-                                   name_map, task_shapes, unflatten)
+from distil_flax.hf.names import (
+    ARCHITECTURES,
+    DISTILBERT,
+    HEAD_MODULES,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    TASK_CLASSES,
+    TORCH_BIN,
+    TORCH_BIN_INDEX,
+    WEIGHT_FILES,
+    Architecture,
+    check_tree,
+    expected_shapes,
+    exports_pooler,
+    head_names,
+    is_transposed,
+    is_transposed_task,
+    name_map,
+    task_shapes,
+    unflatten,
+)
 
 # Our Encoder hard-codes BERT's LayerNorm epsilon; a checkpoint trained with another would drift.
 _EPS_TOLERANCE = 1e-15

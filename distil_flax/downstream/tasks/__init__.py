@@ -1,10 +1,8 @@
 """Downstream tasks for fine-tuning: GLUE, SQuAD v1.1 and IMDb, with their official metrics."""
 
-from distil_flax.downstream.tasks.base import Features
-from distil_flax.downstream.tasks.base import Split
-from distil_flax.downstream.tasks.base import Task
-from distil_flax.downstream.tasks.glue import GlueTask
+from distil_flax.downstream.tasks.base import Features, Split, Task
 from distil_flax.downstream.tasks.glue import SPECS as GLUE_SPECS
+from distil_flax.downstream.tasks.glue import GlueTask
 from distil_flax.downstream.tasks.imdb import ImdbTask
 from distil_flax.downstream.tasks.squad import SquadTask
 
