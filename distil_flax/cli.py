@@ -50,6 +50,20 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         fail(_flag_problem(error))
 
 
+def start(argv: Sequence[str], distributed: bool) -> None:
+    """What a run command does first: refuse stray arguments, join the cluster if asked."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax  # Here, not at the top: `prepare` and `train_vocab` run without JAX.
+
+    if distributed:
+        # Detects the cluster (Cloud TPU, SLURM, Kubernetes ...) from the environment.
+        jax.distributed.initialize()
+    logging.info("JAX process %d of %d; %d local of %d global devices (%s).",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.devices()[0].platform)
+
+
 def run(job: Callable[[], Any]) -> Any:
     """Runs a command's job, turning the failures a user can fix into one `error:` line."""
     logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -10,8 +10,7 @@ another run, no intact checkpoint, disk full) or the numbers (too many non-finit
 row) stop it. 130 when a second Ctrl-C aborted without saving (see `cli.py`).
 """
 
-import jax
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from distil_flax import cli, train
@@ -23,16 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    if config.distributed:
-        # Detects the cluster (Cloud TPU, SLURM, Kubernetes ...) from the environment.
-        jax.distributed.initialize()
-    logging.info("JAX process %d of %d; %d local of %d global devices (%s).",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count(), jax.devices()[0].platform)
-    cli.run(lambda: train.train_and_evaluate(config, _WORKDIR.value))
+    cli.start(argv, _CONFIG.value.distributed)
+    cli.run(lambda: train.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ or Ctrl-C after saving the step in flight (rerun to continue), 1 with one `error
 after a second Ctrl-C.
 """
 
-import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from distil_flax import cli
@@ -26,12 +25,8 @@ def run_command() -> None:
     config_flag, workdir_flag = _define_flags()
 
     def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-        c = config_flag.value
-        if c.distributed:
-            jax.distributed.initialize()
-        cli.run(lambda: train.finetune_and_evaluate(c, workdir_flag.value))
+        cli.start(argv, config_flag.value.distributed)
+        cli.run(lambda: train.finetune_and_evaluate(config_flag.value, workdir_flag.value))
 
     cli.main(main)
 
