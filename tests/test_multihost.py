@@ -305,7 +305,8 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(
     The signal goes to process 1, which neither holds `run.lock` nor writes metrics, so process 0
     learns of it only through JAX's preemption service.
     """
-    from distil_flax.checkpoint import TMP_SUFFIX, checkpoint_dir, verify_step
+    from distil_flax.checkpoint import TMP_SUFFIX, checkpoint_dir
+    from distil_flax.checksums import verify_step
     from distil_flax.metric_writers import read_metrics
     from distil_flax.workdir_lock import LOCK_NAME
 

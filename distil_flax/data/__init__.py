@@ -1,18 +1,15 @@
 """Host-side input pipeline: corpus → prepared token-id shards → packed rows → per-host batches.
 
-Preparation (`prepare.py`, once per corpus and tokenizer) writes sharded ArrayRecord files of
-token ids; training reads them through a resumable grain pipeline (`loader.py`). Only integer ids
-leave this package; masking, labels and losses are computed on device.
+Preparation (`prepare.py`, once per corpus and tokenizer) reads the corpus (`corpus.py`,
+`readers.py`) and tokenizes it unit by unit (`units.py`) into sharded ArrayRecord files of token
+ids; training opens them (`loader.py`) and reads them through a resumable grain pipeline
+(`batches.py`). Only integer ids leave this package; masking, labels and losses are computed on
+device.
 """
 
+from distil_flax.data.batches import BatchIterator, eval_batches
 from distil_flax.data.corpus import SOURCES, Tally, read_documents
-from distil_flax.data.loader import (
-    BatchIterator,
-    PackedSplit,
-    build_datasets,
-    eval_batches,
-    token_counts,
-)
+from distil_flax.data.loader import PackedSplit, build_datasets, token_counts
 from distil_flax.data.packing import pack_documents, padding_fraction
 from distil_flax.data.records import PreparedDataset
 from distil_flax.data.tokenizer import (

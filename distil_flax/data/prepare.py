@@ -7,20 +7,9 @@ r"""Prepares a corpus once per tokenizer: text → token-id pieces in sharded Ar
 reads the `data` section of a run config (the same file training takes, so that both agree on
 source, tokenizer and output) and writes the format `records.py` describes into `data.dir`.
 
-What happens to a document, in a pool of `data.workers` processes (one unit of the corpus each):
-  1. read and decode (`corpus.py` counts empty, undecodable, unparsable and oversized records);
-  2. cut into sentences, all sentences tokenized in one batch call (the ids of a document's
-     sentences concatenate to the ids of the whole document: sentences are cut before
-     whitespace, which every supported tokenizer treats as a word boundary);
-  3. dropped and counted if shorter than `data.min_tokens` or if more than
-     `data.max_unk_fraction` of its tokens are [UNK] (DistilBERT's preprocessing drops both);
-  4. cut into pieces of at most `data.max_len` tokens: whole sentences while they fit, a
-     sentence longer than a piece at token boundaries (the loader cuts pieces again, at token
-     boundaries, into segments that fit its rows: a `max_len` several times the row length lets
-     it fill rows to within a percent, where pieces cut at sentence ends to fit one row each
-     would leave 3-11 % of every row empty);
-  5. sent to the eval split when a hash of its text falls in 1 of `data.eval_every` buckets (so
-     duplicates of a held-out document are held out too), else to train.
+Each unit of the corpus is tokenized in a pool of `data.workers` processes (`units.py` says what
+happens to a document there: read, cut into sentences and tokenized, dropped if too short or
+mostly [UNK], cut into pieces, sent to the train or eval split).
 
 Restartable: each unit's shards are renamed into place and then marked done; a rerun skips done
 units and a killed run loses only the units in flight. Workers die with the process that started
@@ -45,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -55,40 +43,9 @@ from absl import logging
 
 from distil_flax.data import corpus, records, worker_pool
 from distil_flax.data import tokenizer as tokenizer_lib
-
-# Documents tokenized per call: large enough to amortise the call, small enough that one batch of
-# sentence ids (Python lists) stays far below a worker's memory.
-_DOCUMENTS_PER_BATCH = 256
-
-# Sentence ends: ., ! or ?, optionally closed by a quote or bracket, before whitespace. The
-# whitespace stays with the next sentence, so that space-aware tokenizers (byte-level BPE,
-# SentencePiece) see the same word boundaries as in the whole document.
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?=\s)|(?<=[.!?][\"'”’)\]])(?=\s)")
+from distil_flax.data import units as units_lib
 
 _REQUEST = "request.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """How documents become pieces (the `data` config fields of the same names)."""
-
-    max_len: int = 2048
-    min_tokens: int = 10
-    max_unk_fraction: float = 0.5
-    eval_every: int = 50
-    unit_bytes: int = 64 << 20
-
-    def __post_init__(self):
-        if self.max_len < 1:
-            raise ValueError(f"data.max_len must be positive, got {self.max_len}.")
-        if self.eval_every < 0:
-            raise ValueError(f"data.eval_every must be >= 0 (0: no eval split), got "
-                             f"{self.eval_every}.")
-        if not 0 < self.max_unk_fraction <= 1:
-            raise ValueError(f"data.max_unk_fraction must be in (0, 1], got "
-                             f"{self.max_unk_fraction}.")
-        if self.unit_bytes <= 0:
-            raise ValueError(f"data.unit_bytes must be positive, got {self.unit_bytes}.")
 
 
 def source_spec(data_config) -> corpus.SourceSpec:
@@ -100,192 +57,10 @@ def source_spec(data_config) -> corpus.SourceSpec:
         max_document_bytes=data_config.max_document_bytes)
 
 
-def options(data_config) -> Options:
-    return Options(max_len=data_config.max_len, min_tokens=data_config.min_tokens,
-                   max_unk_fraction=data_config.max_unk_fraction,
-                   eval_every=data_config.eval_every, unit_bytes=data_config.unit_bytes)
-
-
-# ------------------------------------------------------------------------------ documents
-
-
-def split_sentences(text: str) -> list[str]:
-    """Cuts text before the whitespace that follows a sentence end; "".join gives it back."""
-    return _SENTENCE_END.split(text)
-
-
-def document_pieces(sentences: Sequence[Sequence[int]], max_piece: int) -> list[list[int]]:
-    """Groups a document's sentence ids into pieces of at most `max_piece` tokens.
-
-    Whole sentences are added to a piece while they fit; a sentence longer than `max_piece` is
-    cut at token boundaries (its first part completes no earlier piece: it starts its own).
-    Concatenating the pieces gives back the concatenated sentences.
-
-    Args:
-      sentences: token ids of each sentence, in order.
-      max_piece: the most tokens in a piece (a row's length minus [CLS] and [SEP]).
-
-    Returns:
-      The pieces' token ids, none empty.
-    """
-    pieces: list[list[int]] = []
-    current: list[int] = []
-    for ids in sentences:
-        if len(current) + len(ids) <= max_piece:
-            current.extend(ids)
-            continue
-        if current:
-            pieces.append(current)
-        ids = list(ids)
-        while len(ids) > max_piece:
-            pieces.append(ids[:max_piece])
-            ids = ids[max_piece:]
-        current = ids
-    if current:
-        pieces.append(current)
-    return pieces
-
-
-def is_held_out(text: str, eval_every: int) -> bool:
-    """Whether a document belongs to the eval split: 1 in `eval_every` by a hash of its text."""
-    if eval_every <= 0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % eval_every == 0
-
-
-# ------------------------------------------------------------------------------ one unit
-
-
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    """Everything a worker process needs for one unit (picklable)."""
-
-    index: int
-    unit: corpus.Unit
-    spec: corpus.SourceSpec
-    options: Options
-    tokenizer_path: str
-    lowercase: bool
-    directory: str
-
-
-_WORKER_TOKENIZERS: dict[tuple[str, bool], tokenizer_lib.Tokenizer] = {}
-
-
-def _worker_tokenizer(path: str, lowercase: bool) -> tokenizer_lib.Tokenizer:
-    """The worker process's tokenizer, loaded once per process (a cache, not shared state)."""
-    key = (path, lowercase)
-    if key not in _WORKER_TOKENIZERS:
-        _WORKER_TOKENIZERS[key] = tokenizer_lib.load_tokenizer(path, lowercase=lowercase)
-    return _WORKER_TOKENIZERS[key]
-
-
-def _done_path(directory: str, index: int) -> str:
-    return os.path.join(directory, f"unit-{index:05d}.json")
-
-
-def _counts_path(directory: str, index: int) -> str:
-    return os.path.join(directory, f"unit-{index:05d}.counts.npy")
-
-
-class _SplitWriter:
-    """Writes one split of one unit to a temporary ArrayRecord file and tracks its counts."""
-
-    def __init__(self, directory: str, split: str, index: int, max_len: int, dtype):
-        from array_record.python import array_record_module
-
-        self.name = records.shard_name(split, index)
-        self.path = os.path.join(directory, self.name)
-        self.tmp = records.temp_path(self.path)
-        self.writer = array_record_module.ArrayRecordWriter(self.tmp, records.WRITER_OPTIONS)
-        self.dtype = dtype
-        self.documents = self.records = self.tokens = 0
-        self.histogram = np.zeros(max_len + 1, np.int64)
-        self.lengths: list[int] = []
-
-    def write(self, pieces: list[list[int]]) -> None:
-        self.documents += 1
-        for piece in pieces:
-            self.writer.write(np.asarray(piece, dtype=self.dtype).tobytes())
-            self.histogram[len(piece)] += 1
-            self.lengths.append(len(piece))
-            self.records += 1
-            self.tokens += len(piece)
-
-    def finish(self) -> dict[str, Any]:
-        """Renames the shard and its lengths into place (or removes an empty shard).
-
-        Returns:
-          The shard's summary for the unit file.
-        """
-        self.writer.close()
-        if self.records:
-            lengths_path = records.lengths_path(self.path)
-            tmp = records.temp_path(lengths_path, ".npy")
-            np.save(tmp, np.asarray(self.lengths, records.LENGTH_DTYPE))
-            os.replace(tmp, lengths_path)
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
-        return {"path": self.name if self.records else None, "documents": self.documents,
-                "records": self.records, "tokens": self.tokens,
-                "length_histogram": self.histogram.tolist()}
-
-
-def prepare_unit(job: _Job) -> dict[str, Any]:
-    """Tokenizes one unit into its train and eval shards; returns (and writes) its summary.
-
-    The shards are renamed into place before the summary is written: a unit with a summary on
-    disk is complete.
-    """
-    start, cpu_start = time.perf_counter(), time.process_time()
-    tokenizer = _worker_tokenizer(job.tokenizer_path, job.lowercase)
-    opts = job.options
-    dtype = records.token_dtype(tokenizer.vocab_size)
-    writers = {split: _SplitWriter(job.directory, split, job.index, opts.max_len, dtype)
-               for split in records.SPLITS}
-    counts = np.zeros(tokenizer.vocab_size, np.int64)
-    tally = corpus.Tally()
-    documents = corpus.read_unit(job.spec, job.unit, tally)
-    while True:
-        batch = [text for _, text in zip(range(_DOCUMENTS_PER_BATCH), documents)]
-        if not batch:
-            break
-        sentences = [split_sentences(text) for text in batch]
-        flat = tokenizer.encode_batch([s for doc in sentences for s in doc], num_threads=1)
-        train_ids: list[list[int]] = []
-        offset = 0
-        for text, doc_sentences in zip(batch, sentences):
-            ids = flat[offset:offset + len(doc_sentences)]
-            offset += len(doc_sentences)
-            n_tokens = sum(len(s) for s in ids)
-            if n_tokens < opts.min_tokens:
-                tally.add("too_short", f"{job.unit.describe()}: {text[:40]!r}")
-                continue
-            n_unk = sum(s.count(tokenizer.unk_id) for s in ids)
-            if n_unk > opts.max_unk_fraction * n_tokens:
-                tally.add("mostly_unk", f"{job.unit.describe()}: {text[:40]!r}")
-                continue
-            pieces = document_pieces(ids, opts.max_len)
-            split = "eval" if is_held_out(text, opts.eval_every) else "train"
-            writers[split].write(pieces)
-            if split == "train":
-                train_ids.extend(pieces)
-        if train_ids:
-            ids = np.concatenate([np.asarray(p, np.int64) for p in train_ids])
-            counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    summary = {"unit": job.unit.describe(), "tally": tally.to_json(),
-               "splits": {split: w.finish() for split, w in writers.items()},
-               "seconds": time.perf_counter() - start,
-               # CPU time of the worker (all its threads): tokens per CPU-second is what one
-               # core delivers, whatever else shares the machine.
-               "cpu_seconds": time.process_time() - cpu_start}
-    tmp = records.temp_path(_counts_path(job.directory, job.index), ".npy")
-    np.save(tmp, counts)
-    os.replace(tmp, _counts_path(job.directory, job.index))
-    records.write_json_atomically(_done_path(job.directory, job.index), summary)
-    return summary
+def options(data_config) -> units_lib.Options:
+    return units_lib.Options(max_len=data_config.max_len, min_tokens=data_config.min_tokens,
+                             max_unk_fraction=data_config.max_unk_fraction,
+                             eval_every=data_config.eval_every, unit_bytes=data_config.unit_bytes)
 
 
 # ------------------------------------------------------------------------------ a corpus
@@ -396,10 +171,11 @@ def prepare(
 
     plan = corpus.plan_units(spec, opts.unit_bytes)
     selected = range(len(plan)) if units is None else range(units[0], len(plan), units[1])
-    jobs = [_Job(i, plan[i], spec, opts, tokenizer.path, data_config.lowercase, directory)
+    jobs = [units_lib.Job(i, plan[i], spec, opts, tokenizer.path, data_config.lowercase,
+                          directory)
             for i in selected
-            if not (os.path.isfile(_done_path(directory, i))
-                    and os.path.isfile(_counts_path(directory, i)))]
+            if not (os.path.isfile(units_lib.done_path(directory, i))
+                    and os.path.isfile(units_lib.counts_path(directory, i)))]
     workers = workers or data_config.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(jobs)))
     logging.info("Preparing %s into %s: %d units (%d already done), %d worker(s).",
@@ -426,13 +202,13 @@ def prepare(
     return directory
 
 
-def _run(jobs: list[_Job], workers: int):
+def _run(jobs: list[units_lib.Job], workers: int):
     """Yields each job's summary as it finishes, in this process or a pool of `workers`."""
     if workers == 1:
         for job in jobs:
-            yield prepare_unit(job)
+            yield units_lib.prepare_unit(job)
         return
-    yield from worker_pool.run(prepare_unit, jobs, workers)
+    yield from worker_pool.run(units_lib.prepare_unit, jobs, workers)
 
 
 def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, Any],
@@ -443,11 +219,11 @@ def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, A
                   "length_histogram": None} for s in records.SPLITS}
     counts = np.zeros(tokenizer.vocab_size, np.int64)
     for i in range(len(plan)):
-        with open(_done_path(directory, i), encoding="utf-8") as f:
+        with open(units_lib.done_path(directory, i), encoding="utf-8") as f:
             summary = json.load(f)
         tally.merge(corpus.Tally.from_json(summary["tally"]))
         try:
-            counts += np.load(_counts_path(directory, i))
+            counts += np.load(units_lib.counts_path(directory, i))
         except FileNotFoundError:
             if os.path.isfile(os.path.join(directory, records.MANIFEST)):
                 return  # A concurrent preparation of the same request merged first.
@@ -485,7 +261,8 @@ def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, A
     }
     records.write_json_atomically(os.path.join(directory, records.MANIFEST), manifest)
     for i in range(len(plan)):
-        os.remove(_counts_path(directory, i))  # Merged; the unit summaries stay as a record.
+        # Merged; the unit summaries stay as a record.
+        os.remove(units_lib.counts_path(directory, i))
     train, held = splits["train"], splits["eval"]
     logging.info("Manifest: train %d documents → %d pieces, %d tokens; eval %d documents, %d "
                  "tokens; read and dropped: %s.", train["documents"], train["records"],
