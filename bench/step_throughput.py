@@ -124,16 +124,14 @@ PEER_RUN_STEPS = 1_000_000
 
 
 def make_teacher_params(teacher: Encoder, mesh, rules, dtype, allocate: bool):
-    """Random teacher parameters in their shardings, stored as `dtype`; abstract unless
-    `allocate`. (Training casts its loaded teacher the same way, inline in `train.build`.)"""
+    """Random teacher parameters in their shardings, stored as `dtype` (`partitioning.cast`, as
+    training casts its loaded teacher); abstract unless `allocate`."""
     if not allocate:
         return jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),
             partitioning.abstract_params(init_fn(teacher), mesh, rules))
-    params, shardings = partitioning.sharded_init(
-        init_fn(teacher), jax.random.PRNGKey(0), mesh, rules)
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
-                   out_shardings=shardings)(params)
+    params, _ = partitioning.sharded_init(init_fn(teacher), jax.random.PRNGKey(0), mesh, rules)
+    return partitioning.cast(params, dtype)
 
 
 def make_batch(rng: np.random.Generator, args, accum: int, batch: int, seq: int,

@@ -33,7 +33,7 @@ from clu import parameter_overview
 from etils import epath
 
 from distil_flax import partitioning
-from distil_flax.checkpoint import Checkpointer
+from distil_flax.checkpoint import Checkpointer, shapes_by_path
 from distil_flax.metric_writers import MetricWriter
 from distil_flax.stop_signals import StopSignals
 from distil_flax.train_state import TrainState
@@ -73,7 +73,7 @@ class Evaluation:
     """One evaluation: scalars to log, and for trainers that keep a best checkpoint, its score."""
 
     scalars: dict[str, float]
-    score: float | None = None  # Higher is better; None: this trainer keeps no best checkpoint.
+    score: float | None = None  # Higher is better; read where the trainer keeps a best checkpoint.
     record: dict = dataclasses.field(default_factory=dict)  # Saved with the best parameters.
 
 
@@ -254,8 +254,7 @@ def _check_resumable(trainer: Trainer, checkpointer: Checkpointer, workdir: str)
         logging.warning("Cannot read the parameter shapes of checkpoint step %d (%s).", step,
                         error)
         return
-    flat = jax.tree_util.tree_flatten_with_path(trainer.abstract.params)[0]
-    ours = {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+    ours = shapes_by_path(trainer.abstract.params)
     if ours == saved:
         return
     differ = trainer.explain_shapes() or [

@@ -124,9 +124,7 @@ def build(c: ml_collections.ConfigDict) -> Setup:
             abstract = jax.eval_shape(model_lib.init_fn(student), jax.random.PRNGKey(0))
             teacher_init = student_init.init_from_teacher(
                 teacher_params, nn.unbox(abstract), c.init.layer_map)
-        dtype = jnp.dtype(c.teacher.param_dtype)
-        teacher_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(
-            teacher_params)
+        teacher_params = partitioning.cast(teacher_params, jnp.dtype(c.teacher.param_dtype))
     return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
                  teacher_params, teacher_init)
 

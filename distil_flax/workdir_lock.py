@@ -47,8 +47,9 @@ def _proc_stat(pid: int) -> list[str] | None:
         return None
 
 
-def _alive(pid: int, start: str) -> bool:
-    """Whether `pid` runs and is the process that started at `start` (a zombie is not alive)."""
+def process_alive(pid: int, start: str = "") -> bool:
+    """Whether `pid` runs (a zombie does not) and, given `start`, is the process that started
+    then (`_process_start`), not a later one that reused its pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -143,7 +144,7 @@ class WorkdirLock:
         if owner and owner.get("host") == self._me["host"]:
             if owner.get("pid") == self._me["pid"] and owner.get("start") == self._me["start"]:
                 return False  # This very process holds it (a nested run).
-            return not _alive(int(owner["pid"]), str(owner.get("start", "")))
+            return not process_alive(int(owner["pid"]), str(owner.get("start", "")))
         # Another host, or garbled: alive while the heartbeat moves.
         deadline = time.time() + 2.5 * self.heartbeat_s
         logging.warning("%s is held by %s; waiting up to %.0f s for its heartbeat.", self.path,

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from distil_flax.workdir_lock import process_alive
+
 MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.npy"
 FORMAT_VERSION = 1
@@ -73,23 +75,6 @@ def temp_path(path: str, suffix: str = "") -> str:
     return f"{path}.tmp{os.getpid()}-{_HOST}{suffix}"
 
 
-def _process_exists(pid: int) -> bool:
-    """Whether `pid` is a process that has not exited (a zombie has: it only awaits its reaping)."""
-    try:
-        os.kill(pid, 0)  # Signal 0: only checks that the process exists.
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # Another user's process.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:  # Gone meanwhile, or a system without /proc, where kill() has the answer.
-        return not os.path.isdir("/proc/self")
-    end = stat.rindex(b")")  # The state follows the command name, which may hold anything.
-    return stat[end + 2:end + 3] != b"Z"
-
-
 def remove_stale_temp_files(directory: str) -> list[str]:
     """Removes the temporary files of killed writers on this host; returns their names.
 
@@ -101,7 +86,7 @@ def remove_stale_temp_files(directory: str) -> list[str]:
         match = _TEMP_NAME.search(name)
         if match is None or match["host"] not in (None, _HOST):
             continue
-        if match["pid"] and _process_exists(int(match["pid"])):
+        if match["pid"] and process_alive(int(match["pid"])):
             continue
         try:
             os.remove(os.path.join(directory, name))

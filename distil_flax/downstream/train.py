@@ -118,8 +118,7 @@ def _load_teacher(c: ml_collections.ConfigDict, run_head: heads.TaskHead, task: 
         raise ValueError(f"distill.teacher={c.distill.teacher!r} cannot teach this run: "
                          + "; ".join(problems))
     model = finetune_init.task_model(teacher.model_cfg, teacher.head)
-    dtype = jnp.dtype(c.distill.teacher_param_dtype)
-    params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(teacher.params)
+    params = partitioning.cast(teacher.params, jnp.dtype(c.distill.teacher_param_dtype))
     logging.info("Teacher: %s (%d layers × %d).", c.distill.teacher, teacher.model_cfg.num_layers,
                  teacher.model_cfg.hidden_size)
     return model, params
