@@ -3,14 +3,21 @@
 A failure a user can fix (a config field, an input file, a busy workdir, a full disk, a run
 whose numbers went non-finite) ends in ONE line `error: ...` on stderr and exit status 1; the
 traceback is logged only at `--verbosity=1`. A bad flag (a wrong type, an unknown `:preset`)
-is told the same way, instead of absl's "FATAL Flags parsing error" and a traceback. A second
-Ctrl-C (the first one asks a run to save and stop) aborts with exit status 130. Anything else
-is a bug and keeps its traceback.
+is told the same way, instead of absl's "FATAL Flags parsing error" and a traceback.
+
+Interruptions: in a training run the first Ctrl-C or SIGTERM asks the loop to save and stop
+(`stop_signals.py`) and a second Ctrl-C aborts. Commands with nothing to save — preparing data,
+training a vocabulary, exporting — write their outputs whole or not at all, so Ctrl-C and
+SIGTERM abort them at once (`run(..., sigterm_aborts=True)`). Either abort is one `error:` line
+saying what was kept, and exit status 130. Anything else is a bug and keeps its traceback.
 """
 
+import contextlib
 import logging as py_logging
+import signal
 import sys
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import app, flags, logging
 
@@ -64,15 +71,43 @@ def start(argv: Sequence[str], distributed: bool) -> None:
                  jax.device_count(), jax.devices()[0].platform)
 
 
-def run(job: Callable[[], Any]) -> Any:
-    """Runs a command's job, turning the failures a user can fix into one `error:` line."""
+_RUN_INTERRUPTED = ("interrupted by a second Ctrl-C before the step in flight was saved; rerun "
+                    "the same command to resume from the newest committed checkpoint")
+
+
+def _abort_on_sigterm(*_) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(enabled: bool) -> Iterator[None]:
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _abort_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(job: Callable[[], Any], *, interrupted: str = _RUN_INTERRUPTED,
+        sigterm_aborts: bool = False) -> Any:
+    """Runs a command's job, turning the failures a user can fix into one `error:` line.
+
+    Args:
+      job: the command's work.
+      interrupted: the `error:` line of an abort (Ctrl-C): what was kept, and how to go on.
+      sigterm_aborts: SIGTERM aborts like Ctrl-C (commands without a run loop, whose own
+        handlers would save first; never with several JAX processes, whose SIGTERM JAX owns).
+    """
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
-        return job()
+        with _sigterm_as_ctrl_c(sigterm_aborts):
+            return job()
     except KeyboardInterrupt:
         logging.debug("Interrupted.", exc_info=True)
-        fail("interrupted by a second Ctrl-C before the step in flight was saved; rerun the same "
-             "command to resume from the newest committed checkpoint", status=130)
+        fail(interrupted, status=130)
     except RUN_ERRORS as error:
         logging.debug("Stopped.", exc_info=True)  # The traceback, with --verbosity=1.
         fail(str(error))

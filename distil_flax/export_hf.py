@@ -17,12 +17,11 @@ id2label and the head's dropout in config.json, loadable by `AutoModelFor<Task>`
 
 import functools
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
 
-from distil_flax import checkpoint, hf, partitioning
+from distil_flax import checkpoint, cli, hf, partitioning
 from distil_flax import config as config_lib
 from distil_flax import model as model_lib
 from distil_flax.downstream import init as finetune_init
@@ -125,13 +124,12 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     v = {name: holder.value for name, holder in flag_values.items()}
-    try:
-        written = export_run(v["workdir"], v["output"], step=v["step"], head=v["head"],
-                             tokenizer=v["tokenizer"], overwrite=v["overwrite"])
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        logging.debug("Export failed.", exc_info=True)  # The traceback, with --verbosity=1.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    # A bad flag, run or file ends in one `error:` line; an abort leaves --output as it was.
+    written = cli.run(
+        lambda: export_run(v["workdir"], v["output"], step=v["step"], head=v["head"],
+                           tokenizer=v["tokenizer"], overwrite=v["overwrite"]),
+        sigterm_aborts=True, interrupted="interrupted: --output was left as it was (an export is "
+                                         "renamed into place whole); rerun the same command")
     output = os.path.abspath(v["output"])
     print(f"Wrote {output}:")
     for name in written:
@@ -139,4 +137,4 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]):
 
 
 if __name__ == "__main__":
-    app.run(functools.partial(main, flag_values=_define_flags()))
+    cli.main(functools.partial(main, flag_values=_define_flags()))

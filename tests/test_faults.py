@@ -527,6 +527,22 @@ def test_export_of_a_corrupt_checkpoint_writes_nothing(straight, tmp_path):
     assert (output / "model.safetensors").exists()
 
 
+def test_an_export_killed_mid_write_leaves_only_litter_the_next_export_removes(straight,
+                                                                             tmp_path):
+    from distil_flax import export_hf
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # A pid that no longer runs: the writer that was killed.
+    stale = tmp_path / f".exported.tmp-{dead.pid}-0123abcd"
+    live = tmp_path / f".exported.tmp-{os.getpid()}-4567cdef"  # Another export, still writing.
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "config.json").write_text("{")
+    export_hf.export_run(straight, str(tmp_path / "exported"))
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "exported" / "model.safetensors").exists()
+
+
 def test_cli_wrong_type_names_the_field(tmp_path, vocab_path):
     result = subprocess.run(
         [sys.executable, "-m", "distil_flax.main", "--config=configs/quickstart_teacher.py:tiny",

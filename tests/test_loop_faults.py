@@ -20,12 +20,8 @@ import optax
 import pytest
 
 from distil_flax import loop, train, train_state
-from distil_flax.checkpoint import (
-    CorruptCheckpointError,
-    checkpoint_dir,
-    restore_params,
-    verify_step,
-)
+from distil_flax.checkpoint import checkpoint_dir, restore_params
+from distil_flax.checksums import CorruptCheckpointError, verify_step
 from distil_flax.config import load_config
 from distil_flax.downstream import init as finetune_init
 from distil_flax.downstream import train as finetune
@@ -130,6 +126,26 @@ def test_a_second_ctrl_c_aborts_with_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: interrupted by a second Ctrl-C"), err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored.
+
+
+def test_commands_without_a_loop_abort_on_sigterm_in_one_line(capsys):
+    """Preparing data, training a vocabulary and exporting have nothing to save: SIGTERM stops
+    them as Ctrl-C does, with their own line; the handler is put back after."""
+    from distil_flax import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def job():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not abort")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(job, sigterm_aborts=True, interrupted="interrupted: nothing was written")
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: interrupted: nothing was written")
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_sigterm_during_start_up_exits_0_and_releases_the_workdir(vocab_path, teacher_workdir,

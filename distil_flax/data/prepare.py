@@ -278,16 +278,11 @@ def main(argv: Sequence[str]) -> None:
     from distil_flax import cli
 
     del argv
-
-    def job() -> None:
-        try:
-            _prepare_and_report(flags.FLAGS)
-        except KeyboardInterrupt:  # cli's own message is about a training run's checkpoints.
-            cli.fail("interrupted; rerun the same command to continue (finished units are "
-                     "kept)", status=130)
-
-    # A config, input, directory or worker problem ends in one `error:` line (exit status 1).
-    cli.run(job)
+    # A config, input, directory or worker problem ends in one `error:` line (exit status 1);
+    # Ctrl-C or SIGTERM stops at once (workers die with this process).
+    cli.run(lambda: _prepare_and_report(flags.FLAGS), sigterm_aborts=True,
+            interrupted="interrupted; rerun the same command to continue (finished units are "
+                        "kept)")
 
 
 def _units(value: str) -> tuple[int, int] | None:

@@ -67,7 +67,9 @@ def sample(documents, k: int, seed: int = 0) -> list[str]:
 def main(argv):
     del argv
     # A source, input or output problem ends in one `error:` line (exit status 1).
-    cli.run(_train_or_reuse)
+    cli.run(_train_or_reuse, sigterm_aborts=True,
+            interrupted="interrupted before the vocabulary was written (nothing was); rerun the "
+                        "same command")
 
 
 def _train_or_reuse() -> None:

@@ -10,6 +10,7 @@ beside its destination and renamed into place, so a failure leaves nothing behin
 
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Any, Mapping
@@ -42,6 +43,7 @@ from distil_flax.hf.names import (
     name_map,
     task_shapes,
 )
+from distil_flax.workdir_lock import process_alive
 
 
 def hf_config(model_cfg: ml_collections.ConfigDict, *, head: str = "mlm",
@@ -175,7 +177,7 @@ def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> str:
     output_dir = os.path.abspath(os.fspath(output_dir))
     if os.path.exists(output_dir) and not overwrite and (
             not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True)")
+        raise FileExistsError(f"{output_dir} exists and is not empty (--overwrite replaces it)")
     return output_dir
 
 
@@ -186,6 +188,7 @@ def _write_export(output_dir: str, config: Mapping[str, Any], state: Mapping[str
     arch = export_architecture(model_cfg)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_tmp(output_dir)
     tmp = _sibling(output_dir, "tmp")
     os.mkdir(tmp)  # Not mkdtemp: its 0o700 would survive the rename; mkdir honours the umask.
     try:
@@ -206,6 +209,15 @@ def _sibling(path: str, kind: str) -> str:
     """A fresh hidden name beside `path`, on the same filesystem, so renames are atomic."""
     return os.path.join(os.path.dirname(path),
                         f".{os.path.basename(path)}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_stale_tmp(path: str) -> None:
+    """Removes the temporary folders that killed exports to `path` left beside it (by pid)."""
+    stale = re.compile(rf"\.{re.escape(os.path.basename(path))}\.tmp-(\d+)-[0-9a-f]{{8}}")
+    for name in os.listdir(os.path.dirname(path)):
+        match = stale.fullmatch(name)
+        if match and not process_alive(int(match[1])):
+            shutil.rmtree(os.path.join(os.path.dirname(path), name), ignore_errors=True)
 
 
 def _replace_dir(src: str, dst: str) -> None:
