@@ -23,16 +23,13 @@ from distil_flax import config as config_lib
 from distil_flax import data, flops, hf, loop, partitioning, student_init, train_state
 from distil_flax import model as model_lib
 from distil_flax.checkpoint import restore_params
+from distil_flax.downstream import init as finetune_init
 from distil_flax.losses import LossSpec
 from distil_flax.masking import MaskingSpec, smoothing_weights
 from distil_flax.model import Encoder, make_encoder
 from distil_flax.optim import make_optimizer
 from distil_flax.step import jit_steps
 from distil_flax.train_state import TrainState
-
-# A fine-tuning workdir holds this file (`downstream/init.py`); it is not a teacher for MLM
-# distillation.
-_TASK_MODEL_FILE = "task_model.json"
 
 
 @dataclasses.dataclass
@@ -74,11 +71,11 @@ def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
         source = "Hugging Face checkpoint"
     else:
         config_file = path / "config.json"
-        if (path / _TASK_MODEL_FILE).exists():
+        if finetune_init.is_finetuning_run(str(path)):
             raise ValueError(
                 f"teacher.checkpoint={c.teacher.checkpoint!r} is a fine-tuning run (it holds "
-                f"{_TASK_MODEL_FILE}): distillation needs a pretrained encoder with its MLM "
-                "head; a fine-tuned teacher distils on its task (distil_flax.finetune with "
+                f"{finetune_init.TASK_MODEL_FILE}): distillation needs a pretrained encoder with "
+                "its MLM head; a fine-tuned teacher distils on its task (distil_flax.finetune with "
                 "--config.distill.teacher)")
         if not config_file.exists():
             raise ValueError(
