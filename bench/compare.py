@@ -56,7 +56,9 @@ def _best(records: list[dict], system: str, key: tuple) -> dict | None:
 
 
 def comparison_table(records: list[dict]) -> str:
-    ours = [r for r in records if r["system"] == "distil_flax" and "kind" not in r]
+    # The peer runs DistilBERT's recipe only; other recipes' records are not compared with it.
+    ours = [r for r in records if r["system"] == "distil_flax" and "kind" not in r
+            and r.get("recipe", "distilbert") == "distilbert"]
     lines = [
         "| mode | seq × batch | distil_flax: attention, head_chunk, remat | distil_flax tokens/s"
         " · MFU · peak mem | PyTorch eager | PyTorch compile | × compile | target |",

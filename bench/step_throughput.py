@@ -1,11 +1,19 @@
 """Throughput of our distillation step on random weights and random token ids.
 
     python bench/step_throughput.py --mode=all,masked --batch=64 --seq=512
+    python bench/step_throughput.py --recipe=minilm --student_hidden=384 \
+        --student_intermediate=1536 --mode=all
+    python bench/step_throughput.py --recipe=tinybert --student_layers=4 --student_hidden=312 \
+        --student_intermediate=1200 --mode=all
 
 Runs `distil_flax.step.distil_step` — on-device masking, teacher forward (BERT-base shaped, bf16
-weights), student forward/backward (6 layers), the triple loss, clipping and AdamW — built as
+weights), student forward/backward, the recipe's losses, clipping and AdamW — built as
 training builds it: state from `train_state.abstract_state` / `fresh_state`, the optimizer from
 `optim.make_optimizer`, the step from `step.jit_steps` (donated state, explicit shardings).
+`--recipe` sets the loss: distilbert (the triple loss; `--mode` says where L_ce reads), minilm
+(Q/K/V relations of the last layers, `--relation_heads`), tinybert (hidden states, through a
+projection when the student is narrower, and attention scores on the uniform layer map); the
+commands above give the students of configs/minilm.py and configs/tinybert.py.
 Every comma-separated flag value is swept; each configuration prints one JSON line on stdout:
 
     tokens_per_s, useful_tflops, mfu   from the median step time (FLOPs: distil_flax/flops.py)
@@ -68,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="loss.head_chunk: positions per chunk of the fused head; 0: plain")
     sweep.add_argument("--remat", type=comma_list(str), default=["none"],
                        help="model.remat: none|full|dots_saveable|dots_with_no_batch_dims_saveable")
+    p.add_argument("--recipe", default="distilbert", choices=RECIPES, help="the loss")
+    p.add_argument("--relation_heads", type=int, default=48, help="minilm's relation heads")
+    p.add_argument("--student_hidden", type=int, default=0, help="0: the teacher's --hidden")
+    p.add_argument("--student_intermediate", type=int, default=0,
+                   help="0: the teacher's --intermediate")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of both models")
     p.add_argument("--teacher_dtype", default="bfloat16", help="teacher parameter dtype")
     p.add_argument("--segments", type=int, default=1,
@@ -87,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compile on abstract inputs (nothing allocated) and report XLA's memory "
                         "estimate; runs anywhere, e.g. full size on a CPU")
     args = p.parse_args(argv)
+    if args.breakdown and args.recipe != "distilbert":
+        p.error("--breakdown times the parts of the distilbert recipe's step only")
     if args.segments > 1 and "lengths" in args.attention_mask:
         p.error("--segments > 1 packs several documents per row: use --attention_mask=segments")
     return args
@@ -96,16 +111,40 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Models, state and data
 
 
+RECIPES = ("distilbert", "minilm", "tinybert")
+
+
 def make_models(args, attention: str, attention_mask: str, remat: str, seq: int):
-    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_heads=args.heads,
-                  intermediate_size=args.intermediate, max_position_embeddings=max(512, seq),
-                  attention_impl=attention, attention_mask=attention_mask,
-                  dtype=jnp.dtype(args.dtype))
-    teacher = Encoder(num_layers=args.teacher_layers, type_vocab_size=2, use_pooler=True,
+    common = dict(vocab_size=args.vocab, num_heads=args.heads,
+                  max_position_embeddings=max(512, seq), attention_impl=attention,
+                  attention_mask=attention_mask, dtype=jnp.dtype(args.dtype))
+    teacher = Encoder(num_layers=args.teacher_layers, hidden_size=args.hidden,
+                      intermediate_size=args.intermediate, type_vocab_size=2, use_pooler=True,
                       head_style="bert", **common)
-    student = Encoder(num_layers=args.student_layers, type_vocab_size=0, use_pooler=False,
+    student = Encoder(num_layers=args.student_layers,
+                      hidden_size=args.student_hidden or args.hidden,
+                      intermediate_size=args.student_intermediate or args.intermediate,
+                      type_vocab_size=0, use_pooler=False,
                       head_style="distilbert", remat=remat, **common)
     return teacher, student
+
+
+def recipe_loss(args, mode: str, head_chunk: int, student: Encoder, teacher: Encoder
+                ) -> losses.LossSpec:
+    """The loss of `--recipe`, as its config resolves it (`train.loss_spec`)."""
+    if args.recipe == "distilbert":
+        return losses.LossSpec(restrict_ce_to_mask=mode == "masked", head_chunk=head_chunk)
+    no_heads = dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0)
+    if args.recipe == "minilm":
+        return losses.LossSpec(**no_heads, relations=losses.Relations(
+            weight=1.0, heads=args.relation_heads, student_layer=student.num_layers - 1,
+            teacher_layer=teacher.num_layers - 1))
+    pairs = losses.layer_pairs((), student.num_layers, teacher.num_layers)
+    return losses.LossSpec(
+        **no_heads,
+        hidden_states=losses.HiddenStates(weight=1.0,
+                                          pairs=losses.hidden_state_pairs(pairs, True)),
+        attention_scores=losses.AttentionScores(weight=1.0, pairs=pairs))
 
 
 def masking_spec(vocab: int) -> MaskingSpec:
@@ -161,7 +200,9 @@ class Bench:
         self.rules = partitioning.DEFAULT_RULES
         self.teacher, self.student = make_models(args, attention, attention_mask, remat, seq)
         self.masking = masking_spec(args.vocab)
-        self.loss = losses.LossSpec(restrict_ce_to_mask=mode == "masked", head_chunk=head_chunk)
+        self.loss = recipe_loss(args, mode, head_chunk, self.student, self.teacher)
+        projections = losses.projection_init(self.loss, self.student.hidden_size,
+                                             self.teacher.hidden_size)
         self.optimizer, schedule = optim.make_optimizer(PEER_OPTIMIZER, PEER_RUN_STEPS)
         replicated = partitioning.replicated(self.mesh)
         batch_sharding = partitioning.batch_sharding(self.mesh, self.rules, leading_dims=1)
@@ -170,14 +211,17 @@ class Bench:
             self.teacher, self.mesh, self.rules, jnp.dtype(args.teacher_dtype), allocate)
         abstract = train_state.abstract_state(
             partitioning.abstract_params(init_fn(self.student), self.mesh, self.rules),
-            self.optimizer, replicated)
+            self.optimizer, replicated,
+            partitioning.abstract_params(projections, self.mesh, self.rules))
         # Frequency smoothing on (as the recipe), with uniform weights: same code path.
         weights = np.ones((args.vocab,), np.float32)
         if allocate:
             params, _ = partitioning.sharded_init(
                 init_fn(self.student), jax.random.PRNGKey(1), self.mesh, self.rules)
+            projection_params, _ = partitioning.sharded_init(
+                projections, jax.random.PRNGKey(3), self.mesh, self.rules)
             self.state = train_state.fresh_state(params, self.optimizer, abstract,
-                                                 jax.random.PRNGKey(2))
+                                                 jax.random.PRNGKey(2), projection_params)
             self.token_weights = jax.device_put(weights, replicated)
             rng = np.random.default_rng(0)
             self.batches = [
@@ -215,7 +259,11 @@ class Bench:
         return times, metrics
 
     def flops_per_token(self) -> float:
+        """Useful FLOPs: the encoders and the MLM heads where a loss reads them (none in the
+        feature-only recipes, whose relation terms are not counted)."""
         fraction = 1.0 if self.mode == "all" else self.masking.mask_prob
+        if not self.loss.uses_heads:
+            fraction = 0.0
         return flops.step_flops_per_token(self.student, self.teacher, self.seq, fraction, fraction)
 
     def attention_selected(self) -> str:
@@ -262,7 +310,8 @@ def measure(bench: Bench, args) -> dict:
     peak = flops.peak_flops(jax.devices()[0], args.peak_tflops)
     return {
         "system": "distil_flax", "device": jax.devices()[0].device_kind, "devices": devices,
-        "mode": bench.mode, "batch": bench.batch, "seq": bench.seq, "accum": args.accum,
+        "recipe": args.recipe, "student_hidden": bench.student.hidden_size, "mode": bench.mode,
+        "batch": bench.batch, "seq": bench.seq, "accum": args.accum,
         "attention": bench.student.attention_impl, "attention_selected": bench.attention_selected(),
         "attention_mask": bench.student.attention_mask, "head_chunk": bench.loss.head_chunk,
         "remat": remat_policy_name(bench.student.remat), "dtype": args.dtype,

@@ -74,8 +74,11 @@ def _reason(error: BaseException) -> str:
 
 def _train_item(state: TrainState) -> dict:
     """The `train` item: everything in the state but the parameters (their own item)."""
-    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
+    item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng,
             "skipped_steps": state.skipped_steps, "bad_streak": state.bad_streak}
+    if state.projections:  # Only runs that have them: older checkpoints lack the key.
+        item["projections"] = state.projections
+    return item
 
 
 class Checkpointer:
@@ -179,10 +182,13 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
             "data"]
 
-    def param_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the `params` item of `step` by path ("encoder/layers_0/...")."""
-        return shapes_by_path(
-            ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "params"))
+    def trained_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of what `step` trains, by path: the `params` item ("layers_0/..."), and the
+        loss's projections in the `train` item ("projections/hidden/kernel")."""
+        handler = ocp.StandardCheckpointHandler()
+        projections = handler.metadata(self.directory / str(step) / "train").get("projections")
+        return trained_shapes(handler.metadata(self.directory / str(step) / "params"),
+                              projections or {})
 
     def _empty_trash(self) -> None:
         """Removes the old steps Orbax renamed into `deleted/` (none is being renamed now)."""
@@ -334,6 +340,12 @@ def shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
             tuple(leaf.shape) for path, leaf in flat}
+
+
+def trained_shapes(params: Any, projections: Any) -> dict[str, tuple[int, ...]]:
+    """`shapes_by_path` of the parameters, with the projections' under "projections/"."""
+    return {**shapes_by_path(params),
+            **{f"projections/{k}": v for k, v in shapes_by_path(projections).items()}}
 
 
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:

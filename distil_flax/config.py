@@ -11,11 +11,15 @@ import os
 import ml_collections
 from etils import epath
 
-from distil_flax import partitioning
+from distil_flax import hf, partitioning
 from distil_flax.data import tokenizer as tokenizer_lib
+from distil_flax.losses import RELATION_PAIRS, SIMILARITIES
 from distil_flax.model import model_config
+from distil_flax.pooling import POOLINGS
 
 RELEASED_LAYER_MAP = (0, 2, 4, 7, 9, 11)  # The layers the released DistilBERT took from BERT-base.
+FEATURE_TERMS = ("hidden_states", "attention_scores", "relations")  # Sections with a `weight`.
+EMBEDDING_WEIGHTS = ("mse_weight", "cosine_weight", "similarity_weight")  # Of loss.embeddings.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = model_config("distil6")
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.checkpoint = ""  # Workdir of a distil_flax run holding the teacher. Never re-saved.
+    # The teacher: a distil_flax workdir, a Hugging Face model folder, or hf://ORG/NAME[@REVISION]
+    # (from the Hugging Face cache, or downloaded). Never re-saved.
+    c.teacher.checkpoint = ""
     c.teacher.param_dtype = "bfloat16"  # The teacher only runs forward: halve its memory and reads.
 
     c.init = ml_collections.ConfigDict()
@@ -48,9 +54,42 @@ def base_config() -> ml_collections.ConfigDict:
     # Positions per chunk of the fused MLM heads + loss (never materialises all logits at once);
     # 0: plain logits.
     c.loss.head_chunk = 128
+    # Intermediate-layer terms (TinyBERT, MiniLM), one section each; weight 0: not computed.
+    # Students may be narrower than their teacher for every one of them.
+    c.loss.hidden_states = ml_collections.ConfigDict()
+    c.loss.hidden_states.weight = 0.0  # MSE between mapped hidden states (TinyBERT).
+    # Teacher layer read by each student layer; (): TinyBERT's uniform map, (i + 1)·k − 1.
+    c.loss.hidden_states.layer_map = ()
+    c.loss.hidden_states.embeddings = True  # Also match the embeddings' outputs (TinyBERT).
+    c.loss.attention_scores = ml_collections.ConfigDict()
+    # MSE between the attention scores q·kᵀ/√d of mapped layers (TinyBERT); needs equal heads.
+    c.loss.attention_scores.weight = 0.0
+    c.loss.attention_scores.layer_map = ()  # As hidden_states.layer_map.
+    c.loss.relations = ml_collections.ConfigDict()
+    c.loss.relations.weight = 0.0  # KL between self-attention relations of one layer (MiniLM).
+    # Comma-separated pairs of q, k, v: MiniLM v2 "qq,kk,vv"; MiniLM v1 "qk,vv" (attention
+    # distributions and value relation, with relations.heads = the models' head count).
+    c.loss.relations.pairs = "qq,kk,vv"
+    c.loss.relations.heads = 12  # Relation heads; teacher and student widths must divide by it.
+    c.loss.relations.teacher_layer = -1  # Negative: from the end (MiniLM: the last, for base).
+    c.loss.relations.student_layer = -1
+    # Query rows per chunk of the attention-score and relation terms (a chunk holds [batch, heads,
+    # relation_chunk, length] scores); 0: all rows at once.
+    c.loss.relation_chunk = 128
+    # Sentence embeddings, pooled per packed segment in both models (sentence-transformers'
+    # distillation and beyond). MSE and cosine go through a learned projection when the student
+    # is narrower; the similarity term compares each model's in-batch cosine similarities.
+    c.loss.embeddings = ml_collections.ConfigDict()
+    c.loss.embeddings.mse_weight = 0.0
+    c.loss.embeddings.cosine_weight = 0.0  # Weight of 1 − cos(student, teacher).
+    c.loss.embeddings.similarity_weight = 0.0
+    c.loss.embeddings.similarity = "kl"  # kl (row-wise softmax, temperature) | mse.
+    c.loss.embeddings.temperature = 0.05
+    # mean | cls | auto: the teacher folder's sentence-transformers pooling (1_Pooling), else mean.
+    c.loss.embeddings.pooling = "auto"
 
     c.masking = ml_collections.ConfigDict()
-    c.masking.mask_prob = 0.15  # Fraction of real, non-special tokens predicted per row.
+    c.masking.mask_prob = 0.15  # Fraction of real, non-special tokens predicted per row; 0: none.
     c.masking.replace_with_mask = 0.8  # Of those: set to [MASK] ...
     c.masking.replace_with_random = 0.1  # ... to a random token; the rest are kept.
     # Pick tokens ∝ count^-smoothing (DistilBERT's mlm_smoothing); 0: uniform.
@@ -118,6 +157,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def loss_weights(c: ml_collections.ConfigDict) -> dict[str, float]:
+    """Every loss term's weight, by field name."""
+    loss = c.loss
+    weights = {f"loss.{name}": loss[name] for name in ("alpha_ce", "alpha_mlm", "alpha_cos")}
+    weights.update({f"loss.{name}.weight": loss[name].weight for name in FEATURE_TERMS})
+    weights.update({f"loss.embeddings.{name}": loss.embeddings[name]
+                    for name in EMBEDDING_WEIGHTS})
+    return weights
+
+
+def teacher_terms(c: ml_collections.ConfigDict) -> list[str]:
+    """The weighted loss terms that read a teacher, by field name (all but the MLM loss)."""
+    return [name for name, weight in loss_weights(c).items() if weight and name != "loss.alpha_mlm"]
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when a config cannot run.
 
@@ -126,20 +180,27 @@ def validate(c: ml_collections.ConfigDict) -> None:
     are checked against the mesh on `jax.device_count()` devices.
     """
     loss = c.loss
-    if min(loss.alpha_ce, loss.alpha_mlm, loss.alpha_cos) < 0:
-        raise ValueError("loss.alpha_ce, loss.alpha_mlm and loss.alpha_cos must be ≥ 0")
-    if loss.alpha_ce + loss.alpha_mlm + loss.alpha_cos == 0:
-        raise ValueError(
-            "every loss weight is 0: set loss.alpha_ce, loss.alpha_mlm or loss.alpha_cos")
+    weights = loss_weights(c)
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name} must be finite and ≥ 0, got {weight}")
+    if not any(weights.values()):
+        raise ValueError(f"every loss weight is 0: set one of {', '.join(weights)}")
     if loss.temperature <= 0:
         raise ValueError(f"loss.temperature must be > 0, got {loss.temperature}")
-    needs_teacher = loss.alpha_ce > 0 or loss.alpha_cos > 0
+    needs_teacher = bool(teacher_terms(c))
     if needs_teacher and not c.teacher.checkpoint:
         raise ValueError(
-            "loss.alpha_ce/alpha_cos need a teacher but teacher.checkpoint is empty: set "
-            "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set both alphas to 0)")
-    if c.teacher.checkpoint and not epath.Path(c.teacher.checkpoint).exists():  # Or gs://.
-        raise ValueError(f"teacher.checkpoint={c.teacher.checkpoint!r} does not exist")
+            f"{', '.join(teacher_terms(c))} need a teacher but teacher.checkpoint is empty: set "
+            "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set those weights to 0)")
+    _validate_feature_terms(c)
+    if c.teacher.checkpoint:
+        try:  # hf://ORG/NAME[@REV]: its snapshot in the Hugging Face cache (downloaded if needed).
+            teacher = hf.resolve_checkpoint(c.teacher.checkpoint)
+        except ValueError as error:
+            raise ValueError(f"teacher.checkpoint: {error}") from None
+        if not epath.Path(teacher).exists():  # Or gs://.
+            raise ValueError(f"teacher.checkpoint={c.teacher.checkpoint!r} does not exist")
     if not c.data.tokenizer:
         raise ValueError("data.tokenizer is empty: set --config.data.tokenizer=PATH (vocab.txt, "
                          "tokenizer.json or .model)")
@@ -152,8 +213,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     except FileNotFoundError:  # It exists: a directory.
         raise ValueError(f"data.tokenizer={c.data.tokenizer!r} is not a file") from None
     m = c.masking
-    if not 0 < m.mask_prob < 1:
-        raise ValueError(f"masking.mask_prob must be in (0, 1), got {m.mask_prob}")
+    if not 0 <= m.mask_prob < 1:
+        raise ValueError(f"masking.mask_prob must be in [0, 1), got {m.mask_prob}")
+    if m.mask_prob == 0 and loss.alpha_mlm:
+        raise ValueError("masking.mask_prob is 0, which leaves loss.alpha_mlm nothing to predict")
     if m.replace_with_mask < 0 or m.replace_with_random < 0 or (
             m.replace_with_mask + m.replace_with_random > 1):
         raise ValueError(
@@ -189,6 +252,39 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"data.seq_len ({c.data.seq_len}) exceeds model.max_position_embeddings "
             f"({c.model.max_position_embeddings})")
+
+
+def _validate_feature_terms(c: ml_collections.ConfigDict) -> None:
+    """The intermediate-layer sections; layers against the teacher are checked once it is loaded
+    (`train.loss_spec`)."""
+    loss = c.loss
+    for name in ("hidden_states", "attention_scores"):
+        layer_map = tuple(loss[name].layer_map)
+        if loss[name].weight and layer_map and len(layer_map) != c.model.num_layers:
+            raise ValueError(
+                f"loss.{name}.layer_map {layer_map} has {len(layer_map)} entries but "
+                f"model.num_layers is {c.model.num_layers}: give one teacher layer per student "
+                "layer, or () for the uniform map")
+    r = loss.relations
+    if r.weight:
+        pairs = [p.strip() for p in r.pairs.split(",")]
+        unknown = [p for p in pairs if p not in RELATION_PAIRS]
+        if unknown or not pairs:
+            raise ValueError(f"loss.relations.pairs={r.pairs!r}: each pair must be one of "
+                             f"{', '.join(RELATION_PAIRS)}")
+        if r.heads < 1:
+            raise ValueError(f"loss.relations.heads must be ≥ 1, got {r.heads}")
+    if loss.relation_chunk < 0:
+        raise ValueError(f"loss.relation_chunk must be ≥ 0, got {loss.relation_chunk}")
+    e = loss.embeddings
+    if e.similarity not in SIMILARITIES:
+        raise ValueError(f"loss.embeddings.similarity must be one of {', '.join(SIMILARITIES)}, "
+                         f"got {e.similarity!r}")
+    if not e.temperature > 0:
+        raise ValueError(f"loss.embeddings.temperature must be > 0, got {e.temperature}")
+    if e.pooling not in ("auto", *POOLINGS):
+        raise ValueError(f"loss.embeddings.pooling must be auto, {', '.join(POOLINGS)}, got "
+                         f"{e.pooling!r}")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

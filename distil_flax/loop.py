@@ -33,7 +33,7 @@ from clu import parameter_overview
 from etils import epath
 
 from distil_flax import partitioning
-from distil_flax.checkpoint import Checkpointer, shapes_by_path
+from distil_flax.checkpoint import Checkpointer, trained_shapes
 from distil_flax.metric_writers import MetricWriter
 from distil_flax.stop_signals import StopSignals
 from distil_flax.train_state import TrainState
@@ -249,12 +249,12 @@ def _check_resumable(trainer: Trainer, checkpointer: Checkpointer, workdir: str)
     if step is None:
         return
     try:
-        saved = checkpointer.param_shapes(step)
+        saved = checkpointer.trained_shapes(step)
     except Exception as error:  # noqa: BLE001 — unreadable: the restore reports it by file.
         logging.warning("Cannot read the parameter shapes of checkpoint step %d (%s).", step,
                         error)
         return
-    ours = shapes_by_path(trainer.abstract.params)
+    ours = trained_shapes(trainer.abstract.params, trainer.abstract.projections)
     if ours == saved:
         return
     differ = trainer.explain_shapes() or [
@@ -262,8 +262,8 @@ def _check_resumable(trainer: Trainer, checkpointer: Checkpointer, workdir: str)
         for name in sorted(set(ours) | set(saved)) if ours.get(name) != saved.get(name)][:5]
     raise ValueError(
         f"{workdir} holds checkpoints of a model with other parameter shapes ("
-        + "; ".join(differ) + "). A run resumes only with the model it started with: use a new "
-        "--workdir, or the original model settings.")
+        + "; ".join(differ) + "). A run resumes only with the model (and the loss projections) "
+        "it started with: use a new --workdir, or the original model and loss settings.")
 
 
 def _close_all(*closers: Callable[[], None]) -> None:

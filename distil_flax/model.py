@@ -1,8 +1,10 @@
-"""The one transformer encoder: BERT (teacher) and DistilBERT (student) are configs of it.
+"""The one transformer encoder: BERT, DistilBERT, RoBERTa and XLM-R are configs of it.
 
-BERT and DistilBERT differ only by fields: number of layers, token-type embeddings, pooler, and the
-names their MLM heads carry in Hugging Face checkpoints. Both are post-LayerNorm encoders with
-learned absolute positions, exact (erf) GELU and LayerNorm eps 1e-12, so one module computes both.
+The families differ only by fields: number of layers, token-type embeddings (BERT 2, RoBERTa 1,
+DistilBERT none), pooler, LayerNorm epsilon (BERT 1e-12, RoBERTa 1e-5), the row of the position
+table where positions start (RoBERTa: 2, after fairseq's padding index), and the names their
+checkpoints give the parameters (`head_style`). All are post-LayerNorm encoders with learned
+absolute positions and exact (erf) GELU, so one module computes them all.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, …); the rules in
 `partitioning.py` map them to mesh axes. Activations get logical constraints on the same names.
@@ -21,9 +23,20 @@ if TYPE_CHECKING:  # Imported lazily: the benchmark machines lack ml_collections
 
 Array = jax.Array
 
-# BERT's LayerNorm epsilon; DistilBERT uses the same.
+# BERT's LayerNorm epsilon; DistilBERT uses the same (RoBERTa and XLM-R: 1e-5).
 LAYER_NORM_EPS = 1e-12
 INIT_STD = 0.02
+
+# The checkpoint families `head_style` names: which Hugging Face classes and parameter names hold
+# the model (`distil_flax.hf.names`). Only names differ; the computation comes from the fields.
+HEAD_STYLES = ("bert", "distilbert", "roberta", "xlm-roberta")
+
+# Model fields added after runs were first saved, and the value a config.json without them meant.
+LATER_FIELDS = {"attention_mask": "segments", "layer_norm_eps": LAYER_NORM_EPS,
+                "position_offset": 0}
+
+# RoBERTa's and XLM-R's embeddings and LayerNorms (the head style is set per family).
+_ROBERTA = dict(type_vocab_size=1, use_pooler=False, layer_norm_eps=1e-5, position_offset=2)
 
 # Sizes of the encoders this project trains, by name. `intermediate_size` is 4× hidden throughout.
 SIZES = {
@@ -44,6 +57,19 @@ SIZES = {
                  type_vocab_size=2, use_pooler=True, head_style="bert"),
     "tiny_student": dict(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
                          type_vocab_size=0, use_pooler=False, head_style="distilbert"),
+    # roberta-base (FacebookAI/roberta-base): DistilRoBERTa's teacher. One token type, positions
+    # from row 2 of a 514-row table (512 usable), LayerNorm eps 1e-5.
+    "roberta_base": dict(num_layers=12, hidden_size=768, num_heads=12, intermediate_size=3072,
+                         head_style="roberta", **_ROBERTA),
+    # distilroberta-base: half of roberta-base's layers; it keeps RoBERTa's one-row token-type
+    # table (its released config says type_vocab_size 1), so nothing is folded at init.
+    "distilroberta": dict(num_layers=6, hidden_size=768, num_heads=12, intermediate_size=3072,
+                          head_style="roberta", **_ROBERTA),
+    # RoBERTa-shaped "tiny" and "tiny_student", for unit tests.
+    "tiny_roberta": dict(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                         head_style="roberta", **_ROBERTA),
+    "tiny_roberta_student": dict(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                                 head_style="roberta", **_ROBERTA),
 }
 
 
@@ -55,7 +81,16 @@ def model_config(size: str) -> "ml_collections.ConfigDict":
         raise ValueError(f"unknown model size {size!r}; known sizes: {sorted(SIZES)}")
     c = ml_collections.ConfigDict()
     c.vocab_size = 0  # 0: take it from the tokenizer.
-    c.max_position_embeddings = 512  # Learned absolute positions, as BERT.
+    # Learned absolute positions: a row holds at most this many tokens. The table has
+    # max_position_embeddings + position_offset rows (RoBERTa: 512 + 2, HF's 514).
+    c.max_position_embeddings = 512
+    # Row of the position table where position 0 is (RoBERTa/XLM-R: 2, padding_idx + 1, as
+    # fairseq numbered them; BERT: 0). Rows restart positions at 0 in every packed segment.
+    c.position_offset = 0
+    c.layer_norm_eps = LAYER_NORM_EPS  # Every LayerNorm's epsilon (BERT 1e-12, RoBERTa 1e-5).
+    # Names of the checkpoint family (HEAD_STYLES): bert | distilbert | roberta | xlm-roberta.
+    # Only the Hugging Face names and classes differ; the computation comes from the fields.
+    c.head_style = "bert"
     c.dropout_rate = 0.1  # Hidden/embedding dropout (BERT and DistilBERT: 0.1).
     # Dropout on attention probabilities forces the unfused einsum attention path; flash kernels
     # have no dropout, so it is off by default (modern BERT recipes train without it too).
@@ -90,9 +125,9 @@ def _zeros(names: Sequence[str | None]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
 
 
-def _layer_norm(dtype, param_dtype, name: str) -> nn.LayerNorm:
+def _layer_norm(dtype, param_dtype, name: str, epsilon: float = LAYER_NORM_EPS) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+        epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=_zeros(("norm",)),
     )
@@ -128,8 +163,12 @@ class Attention(nn.Module):
     attention_mask: str = "segments"
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array, *, train: bool) -> Array:
-        """Args: x [batch, length, embed]; segment_ids [batch, length], 0 on padding."""
+    def __call__(self, x: Array, segment_ids: Array, *, train: bool
+                 ) -> tuple[Array, tuple[Array, Array, Array]]:
+        """Returns the attention output and (q, k, v), each [batch, length, heads, head_dim].
+
+        Args: x [batch, length, embed]; segment_ids [batch, length], 0 on padding.
+        """
         # Kernels keep Hugging Face's flat [embed, heads × head_dim] layout; the flat axis is
         # split on head boundaries when sharded over `tensor`.
         dense = lambda features, names, name: nn.Dense(  # noqa: E731
@@ -167,7 +206,7 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **mask_args)
         out = nn.with_logical_constraint(out, axes)
         out = out.reshape(*out.shape[:2], width)
-        return dense(self.hidden_size, ("heads", "embed"), "out")(out)
+        return dense(self.hidden_size, ("heads", "embed"), "out")(out), (q, k, v)
 
     def _einsum_attention(self, q, k, v, mask, use_dropout: bool) -> Array:
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(self.head_dim)
@@ -179,7 +218,8 @@ class Attention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One post-LayerNorm transformer block, as in BERT."""
+    """One post-LayerNorm transformer block, as in BERT; also returns its attention's q, k, v
+    (free: distillation losses read them for the layers they distil, XLA drops the others)."""
 
     num_heads: int
     hidden_size: int
@@ -190,36 +230,39 @@ class EncoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     attention_mask: str = "segments"
+    layer_norm_eps: float = LAYER_NORM_EPS
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array, train: bool) -> Array:
+    def __call__(self, x: Array, segment_ids: Array, train: bool
+                 ) -> tuple[Array, tuple[Array, Array, Array]]:
         dense = lambda features, names, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_dense_init(names), bias_init=_zeros(names[1:]), name=name)
         dropout = nn.Dropout(self.dropout_rate)
-        attended = Attention(
+        attended, qkv = Attention(
             num_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
             hidden_size=self.hidden_size, attention_dropout_rate=self.attention_dropout_rate,
             attention_impl=self.attention_impl, attention_mask=self.attention_mask,
             dtype=self.dtype, param_dtype=self.param_dtype, name="attention")(
                 x, segment_ids, train=train)
-        x = _layer_norm(self.dtype, self.param_dtype, "attention_norm")(
+        x = _layer_norm(self.dtype, self.param_dtype, "attention_norm", self.layer_norm_eps)(
             x + dropout(attended, deterministic=not train))
         h = _gelu(dense(self.intermediate_size, ("embed", "mlp"), "mlp_in")(x))
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = dense(self.hidden_size, ("mlp", "embed"), "mlp_out")(h)
-        x = _layer_norm(self.dtype, self.param_dtype, "mlp_norm")(
+        x = _layer_norm(self.dtype, self.param_dtype, "mlp_norm", self.layer_norm_eps)(
             x + dropout(h, deterministic=not train))
-        return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), qkv
 
 
 class Encoder(nn.Module):
-    """BERT/DistilBERT encoder with an optional pooler and a tied MLM head.
+    """BERT/DistilBERT/RoBERTa encoder with an optional pooler and a tied MLM head.
 
     `__call__` returns `(logits, out)`: MLM logits where asked for (or None), and a dict of named
     intermediates: `hidden` [batch, length, embed] (final hidden states), `pooled` [batch, embed]
-    when the model has a pooler, and `hidden_states` (embeddings, then every layer's output) when
-    `return_all_hidden`.
+    when the model has a pooler, `hidden_states` (embeddings, then every layer's output) when
+    `return_all_hidden`, and what distillation losses read of chosen layers: `hidden_at`
+    {index: [batch, length, embed]} and `qkv_at` {layer: (q, k, v)}.
     """
 
     vocab_size: int
@@ -227,11 +270,15 @@ class Encoder(nn.Module):
     hidden_size: int
     num_heads: int
     intermediate_size: int
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 0  # 0: no token-type embeddings (DistilBERT).
+    max_position_embeddings: int = 512  # Positions a row can use: 0 .. max - 1.
+    type_vocab_size: int = 0  # 0: no token-type embeddings (DistilBERT); RoBERTa 1.
     use_pooler: bool = False
     use_mlm_head: bool = True
-    head_style: str = "bert"  # bert | distilbert: only the Hugging Face names differ.
+    head_style: str = "bert"  # One of HEAD_STYLES: only the Hugging Face names differ.
+    layer_norm_eps: float = LAYER_NORM_EPS  # RoBERTa, XLM-R: 1e-5.
+    # Position p reads row p + position_offset of a table of max_position_embeddings +
+    # position_offset rows (RoBERTa, XLM-R: 2; the rows below are never read).
+    position_offset: int = 0
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
     attention_impl: str = "auto"  # See `attention.select_attention`.
@@ -248,11 +295,13 @@ class Encoder(nn.Module):
             embedding_init=embed_init(names), name=name)
         self.word_embeddings = embed(self.vocab_size, ("vocab", "embed"), "word_embeddings")
         self.position_embeddings = embed(
-            self.max_position_embeddings, ("positions", "embed"), "position_embeddings")
+            self.max_position_embeddings + self.position_offset, ("positions", "embed"),
+            "position_embeddings")
         if self.type_vocab_size:
             self.token_type_embeddings = embed(
                 self.type_vocab_size, ("types", "embed"), "token_type_embeddings")
-        self.embeddings_norm = _layer_norm(self.dtype, self.param_dtype, "embeddings_norm")
+        self.embeddings_norm = _layer_norm(self.dtype, self.param_dtype, "embeddings_norm",
+                                           self.layer_norm_eps)
         self.dropout = nn.Dropout(self.dropout_rate)
         policy = remat_policy_name(self.remat)
         layer_cls = EncoderLayer
@@ -265,7 +314,8 @@ class Encoder(nn.Module):
                 intermediate_size=self.intermediate_size, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 attention_impl=self.attention_impl, attention_mask=self.attention_mask,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")
+                layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"layers_{i}")
             for i in range(self.num_layers)
         ]
         dense = lambda names, name: nn.Dense(  # noqa: E731
@@ -275,7 +325,8 @@ class Encoder(nn.Module):
             self.pooler = dense(("embed", "transform"), "pooler")
         if self.use_mlm_head:
             self.mlm_transform = dense(("embed", "transform"), "mlm_transform")
-            self.mlm_norm = _layer_norm(self.dtype, self.param_dtype, "mlm_norm")
+            self.mlm_norm = _layer_norm(self.dtype, self.param_dtype, "mlm_norm",
+                                        self.layer_norm_eps)
             self.mlm_bias = self.param(
                 "mlm_bias", _zeros(("vocab",)), (self.vocab_size,), self.param_dtype)
 
@@ -289,21 +340,34 @@ class Encoder(nn.Module):
         logits_at: Array | Literal["all"] | None = None,
         train: bool = False,
         return_all_hidden: bool = False,
+        hidden_at: Sequence[int] = (),
+        qkv_at: Sequence[int] = (),
     ) -> tuple[Array | None, dict[str, Any]]:
         """Encodes packed rows.
 
         Args:
           input_ids: [batch, length] token ids.
           segment_ids: [batch, length] packed-document ids, 1, 2, … per row; 0 on padding.
-          positions: [batch, length] position of each token inside its segment.
+          positions: [batch, length] position of each token inside its segment, from 0 (the
+            model adds `position_offset`, so packed segments each start at RoBERTa's row 2).
           token_type_ids: [batch, length] BERT sentence A/B ids; zeros when None.
           logits_at: None for no MLM logits; "all" for logits at every position
             [batch, length, vocab]; or positions [batch, k] to gather first, giving
             [batch, k, vocab] (the head then costs k / length of the full head).
           train: enables dropout (needs a "dropout" rng).
           return_all_hidden: also return every layer's output in `out["hidden_states"]`.
+          hidden_at: hidden states to return in `out["hidden_at"]`, by index: 0 is the
+            embeddings' output, i the output of layer i − 1.
+          qkv_at: layers whose attention q, k, v [batch, length, heads, head_dim] to return in
+            `out["qkv_at"]`.
         """
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        for name, indices, end in (("hidden_at", hidden_at, self.num_layers + 1),
+                                   ("qkv_at", qkv_at, self.num_layers)):
+            if any(not 0 <= i < end for i in indices):
+                raise ValueError(f"{name} {tuple(indices)} is outside 0..{end - 1} for an encoder "
+                                 f"of {self.num_layers} layers")
+        x = (self.word_embeddings(input_ids)
+             + self.position_embeddings(positions + self.position_offset))
         if self.type_vocab_size:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)
@@ -311,12 +375,17 @@ class Encoder(nn.Module):
         x = self.dropout(self.embeddings_norm(x), deterministic=not train)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         hidden_states = [x]
-        for layer in self.layers:
-            x = layer(x, segment_ids, train)
+        qkv = {}
+        for i, layer in enumerate(self.layers):
+            x, qkv[i] = layer(x, segment_ids, train)
             hidden_states.append(x)
         out: dict[str, Any] = {"hidden": x}
         if return_all_hidden:
             out["hidden_states"] = tuple(hidden_states)
+        if hidden_at:
+            out["hidden_at"] = {i: hidden_states[i] for i in hidden_at}
+        if qkv_at:
+            out["qkv_at"] = {i: qkv[i] for i in qkv_at}
         if self.use_pooler:
             out["pooled"] = jnp.tanh(self.pooler(x[:, 0]))
         if logits_at is None:
@@ -393,13 +462,19 @@ def make_encoder(c: "ml_collections.ConfigDict", vocab_size: int | None = None) 
     if c.attention_impl not in attention.IMPLS:
         raise ValueError(f"model.attention_impl must be one of {', '.join(attention.IMPLS)}, "
                          f"got {c.attention_impl!r}")
-    attention_mask = getattr(c, "attention_mask", "segments")
+    attention_mask = later_field(c, "attention_mask")
     if attention_mask not in attention.MASKS:
         raise ValueError(f"model.attention_mask must be segments or lengths, got "
                          f"{attention_mask!r}")
     remat = remat_policy_name(c.remat)
-    if c.head_style not in ("bert", "distilbert"):
-        raise ValueError(f"model.head_style must be bert or distilbert, got {c.head_style!r}")
+    if c.head_style not in HEAD_STYLES:
+        raise ValueError(f"model.head_style must be one of {', '.join(HEAD_STYLES)}, got "
+                         f"{c.head_style!r}")
+    eps, offset = later_field(c, "layer_norm_eps"), later_field(c, "position_offset")
+    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+        raise ValueError(f"model.layer_norm_eps must be in (0, 1), got {eps!r}")
+    if not (isinstance(offset, int) and offset >= 0):
+        raise ValueError(f"model.position_offset must be an integer ≥ 0, got {offset!r}")
     return Encoder(
         vocab_size=vocab, num_layers=c.num_layers, hidden_size=c.hidden_size,
         num_heads=c.num_heads, intermediate_size=c.intermediate_size,
@@ -407,4 +482,9 @@ def make_encoder(c: "ml_collections.ConfigDict", vocab_size: int | None = None) 
         use_pooler=c.use_pooler, head_style=c.head_style, dropout_rate=c.dropout_rate,
         attention_dropout_rate=c.attention_dropout_rate, attention_impl=c.attention_impl,
         attention_mask=attention_mask, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype),
-        remat=remat)
+        remat=remat, layer_norm_eps=float(eps), position_offset=offset)
+
+
+def later_field(c: "ml_collections.ConfigDict", name: str) -> Any:
+    """A model field of `LATER_FIELDS`, or what a config.json saved before it existed meant."""
+    return getattr(c, name, LATER_FIELDS[name])

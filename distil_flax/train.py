@@ -20,11 +20,29 @@ from etils import epath
 from flax import linen as nn
 
 from distil_flax import config as config_lib
-from distil_flax import data, flops, hf, loop, partitioning, student_init, train_state
+from distil_flax import (
+    data,
+    embeddings,
+    flops,
+    hf,
+    loop,
+    partitioning,
+    student_init,
+    train_state,
+)
 from distil_flax import model as model_lib
 from distil_flax.checkpoint import restore_params
 from distil_flax.downstream import init as finetune_init
-from distil_flax.losses import LossSpec
+from distil_flax.losses import (
+    AttentionScores,
+    HiddenStates,
+    LossSpec,
+    Relations,
+    SentenceEmbeddings,
+    hidden_state_pairs,
+    layer_pairs,
+    projection_init,
+)
 from distil_flax.masking import MaskingSpec, smoothing_weights
 from distil_flax.model import Encoder, make_encoder
 from distil_flax.optim import make_optimizer
@@ -46,19 +64,24 @@ class Setup:
     teacher: Encoder | None
     teacher_params: Any
     teacher_init: Any  # Student parameters taken from teacher layers, before the teacher's cast.
+    loss: LossSpec  # The config's loss, its layers resolved against both models.
+    teacher_mlm: bool = True  # Whether the teacher has a trained MLM head (for its metrics).
 
 
 def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
     """Loads the teacher named by `teacher.checkpoint`, once, into its shardings.
 
     The checkpoint is either a distil_flax workdir (its config.json and latest params) or a
-    Hugging Face BERT/DistilBERT folder (config.json + safetensors), converted by `distil_flax.hf`.
+    Hugging Face BERT/DistilBERT folder (config.json + safetensors) or `hf://ORG/NAME[@REV]` id,
+    converted by `distil_flax.hf`.
 
     Returns:
-      (teacher model, float32 params in their shardings).
+      (teacher model, float32 params in their shardings, whether it has a trained MLM head).
     """
-    path = epath.Path(c.teacher.checkpoint)
+    path = epath.Path(hf.resolve_checkpoint(c.teacher.checkpoint))
+    has_mlm_head = True
     if hf.is_hf_checkpoint(str(path)):
+        has_mlm_head = hf.has_mlm_head(str(path))
         if c.loss.alpha_ce and not hf.has_mlm_head(str(path)):
             raise ValueError(
                 f"teacher.checkpoint={c.teacher.checkpoint!r} has no MLM head, but loss.alpha_ce "
@@ -90,9 +113,9 @@ def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
             f"the teacher's vocab_size {teacher.vocab_size} (teacher.checkpoint="
             f"{c.teacher.checkpoint!r}) differs from data.tokenizer's {vocab_size}: distil with "
             "the teacher's tokenizer")
-    logging.info("Teacher: %s (%s), %d layers × %d.", path, source, teacher.num_layers,
-                 teacher.hidden_size)
-    return teacher, params
+    logging.info("Teacher: %s (%s), %d layers × %d%s.", path, source, teacher.num_layers,
+                 teacher.hidden_size, "" if has_mlm_head else ", no MLM head")
+    return teacher, params, has_mlm_head
 
 
 def build(c: ml_collections.ConfigDict) -> Setup:
@@ -109,28 +132,101 @@ def build(c: ml_collections.ConfigDict) -> Setup:
     if student.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({student.vocab_size}) differs from data.tokenizer's "
                          f"({tokenizer.vocab_size})")
-    loss = loss_spec(c)
     teacher = teacher_params = teacher_init = None
-    if loss.needs_teacher:
-        teacher, teacher_params = load_teacher(c, tokenizer.vocab_size, mesh, rules)
-        if loss.alpha_cos and teacher.hidden_size != student.hidden_size:
+    teacher_mlm = False
+    if config_lib.teacher_terms(c):
+        teacher, teacher_params, teacher_mlm = load_teacher(c, tokenizer.vocab_size, mesh, rules)
+        if c.loss.alpha_cos and teacher.hidden_size != student.hidden_size:
             raise ValueError(
                 f"loss.alpha_cos compares hidden states, but the teacher's hidden size "
-                f"({teacher.hidden_size}) differs from model.hidden_size ({student.hidden_size})")
+                f"({teacher.hidden_size}) differs from model.hidden_size ({student.hidden_size}): "
+                "a narrower student distils through loss.hidden_states or loss.relations")
+        if not teacher_mlm:
+            logging.info("The teacher has no MLM head: no MLM metrics for it.")
         if c.init.from_teacher:
             abstract = jax.eval_shape(model_lib.init_fn(student), jax.random.PRNGKey(0))
             teacher_init = student_init.init_from_teacher(
-                teacher_params, nn.unbox(abstract), c.init.layer_map)
+                teacher_params, nn.unbox(abstract), c.init.layer_map,
+                num_heads=(teacher.num_heads, student.num_heads),
+                position_offset=(teacher.position_offset, student.position_offset))
         teacher_params = partitioning.cast(teacher_params, jnp.dtype(c.teacher.param_dtype))
     return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
-                 teacher_params, teacher_init)
+                 teacher_params, teacher_init,
+                 loss_spec(c, student, teacher, _teacher_pooling(c)), teacher_mlm)
 
 
-def loss_spec(c: ml_collections.ConfigDict) -> LossSpec:
-    return LossSpec(alpha_ce=c.loss.alpha_ce, alpha_mlm=c.loss.alpha_mlm,
-                    alpha_cos=c.loss.alpha_cos, temperature=c.loss.temperature,
-                    restrict_ce_to_mask=c.loss.restrict_ce_to_mask,
-                    head_chunk=c.loss.head_chunk)
+def _teacher_pooling(c: ml_collections.ConfigDict) -> str | None:
+    """The sentence-embedding pooling of a sentence-transformers teacher folder, if it has one."""
+    if not c.teacher.checkpoint or c.loss.embeddings.pooling != "auto":
+        return None
+    folder = hf.resolve_checkpoint(c.teacher.checkpoint)
+    return embeddings.read_pooling(folder) if hf.is_hf_checkpoint(folder) else None
+
+
+def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder | None,
+              teacher_pooling: str | None = None) -> LossSpec:
+    """The config's loss with its layers resolved against the two models.
+
+    Args:
+      teacher_pooling: the teacher folder's own sentence-embedding pooling (`loss.embeddings.
+        pooling=auto` takes it), None when it has none.
+
+    Raises:
+      ValueError: naming the field, when a layer map or layer is outside a model, or the models'
+        heads or widths do not fit a term.
+    """
+    loss = c.loss
+    spec = LossSpec(alpha_ce=loss.alpha_ce, alpha_mlm=loss.alpha_mlm, alpha_cos=loss.alpha_cos,
+                    temperature=loss.temperature, restrict_ce_to_mask=loss.restrict_ce_to_mask,
+                    head_chunk=loss.head_chunk, relation_chunk=loss.relation_chunk)
+    if teacher is None:  # Validation ensures that no intermediate-layer term has a weight.
+        return spec
+    layers = (student.num_layers, teacher.num_layers)
+
+    def pairs_of(name: str) -> tuple[tuple[int, int], ...]:
+        try:
+            return layer_pairs(tuple(loss[name].layer_map), *layers)
+        except ValueError as error:
+            raise ValueError(f"loss.{name}.layer_map: {error}") from None
+
+    def one_layer(field: str, index: int, count: int) -> int:
+        if not -count <= index < count:
+            raise ValueError(f"loss.relations.{field} {index} is outside a model of {count} "
+                             "layers")
+        return index % count
+
+    terms = {}
+    if loss.hidden_states.weight:
+        terms["hidden_states"] = HiddenStates(
+            weight=loss.hidden_states.weight, pairs=hidden_state_pairs(
+                pairs_of("hidden_states"), loss.hidden_states.embeddings))
+    if loss.attention_scores.weight:
+        if student.num_heads != teacher.num_heads:
+            raise ValueError(
+                f"loss.attention_scores compares heads one to one, but model.num_heads is "
+                f"{student.num_heads} and the teacher has {teacher.num_heads}: use "
+                "loss.relations, which needs no equal heads")
+        terms["attention_scores"] = AttentionScores(weight=loss.attention_scores.weight,
+                                                    pairs=pairs_of("attention_scores"))
+    r = loss.relations
+    if r.weight:
+        for width, name in ((student.hidden_size, "model.hidden_size"),
+                            (teacher.hidden_size, "the teacher's hidden size")):
+            if width % r.heads:
+                raise ValueError(f"loss.relations.heads ({r.heads}) must divide {name} ({width})")
+        terms["relations"] = Relations(
+            weight=r.weight, pairs=tuple(p.strip() for p in r.pairs.split(",")), heads=r.heads,
+            student_layer=one_layer("student_layer", r.student_layer, layers[0]),
+            teacher_layer=one_layer("teacher_layer", r.teacher_layer, layers[1]))
+    e = loss.embeddings
+    if any(e[name] for name in config_lib.EMBEDDING_WEIGHTS):
+        pooling = (teacher_pooling or "mean") if e.pooling == "auto" else e.pooling
+        terms["embeddings"] = SentenceEmbeddings(
+            mse=e.mse_weight, cosine=e.cosine_weight, similarity=e.similarity_weight,
+            similarity_kind=e.similarity, temperature=e.temperature, pooling=pooling,
+            # Every packed segment is at least [CLS] token [SEP].
+            max_segments=max(1, c.data.seq_len // 3))
+    return dataclasses.replace(spec, **terms)
 
 
 def masking_spec(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer") -> MaskingSpec:
@@ -147,17 +243,25 @@ def total_steps(c: ml_collections.ConfigDict, num_rows: int) -> int:
     return max(1, math.ceil(c.train.num_epochs * num_rows / c.train.batch_size))
 
 
+def _projection_init(setup: Setup):
+    teacher_width = setup.teacher.hidden_size if setup.teacher else setup.student.hidden_size
+    return projection_init(setup.loss, setup.student.hidden_size, teacher_width)
+
+
 def abstract_state(setup: Setup, optimizer) -> TrainState:
-    """The student's TrainState as `jax.ShapeDtypeStruct`s carrying shardings."""
+    """The student's TrainState (with the loss's projections) as `jax.ShapeDtypeStruct`s carrying
+    shardings."""
     params = partitioning.abstract_params(model_lib.init_fn(setup.student), setup.mesh,
                                           setup.rules)
-    return train_state.abstract_state(params, optimizer, partitioning.replicated(setup.mesh))
+    projections = partitioning.abstract_params(_projection_init(setup), setup.mesh, setup.rules)
+    return train_state.abstract_state(params, optimizer, partitioning.replicated(setup.mesh),
+                                      projections)
 
 
 def init_state(setup: Setup, optimizer, abstract: TrainState) -> TrainState:
     """A fresh state: student params from teacher layers when configured, else random."""
     c = setup.config
-    param_rng, state_rng = jax.random.split(jax.random.PRNGKey(c.seed))
+    param_rng, state_rng, projection_rng = jax.random.split(jax.random.PRNGKey(c.seed), 3)
     shardings = train_state.shardings_of(abstract)
     if setup.teacher_init is not None:
         dtype = jnp.dtype(c.model.param_dtype)
@@ -170,11 +274,18 @@ def init_state(setup: Setup, optimizer, abstract: TrainState) -> TrainState:
         params, _ = partitioning.sharded_init(
             model_lib.init_fn(setup.student), param_rng, setup.mesh, setup.rules)
         logging.info("Student initialised randomly.")
-    return train_state.fresh_state(params, optimizer, abstract, state_rng)
+    projections, _ = partitioning.sharded_init(
+        _projection_init(setup), projection_rng, setup.mesh, setup.rules)
+    if projections:
+        logging.info("Projections onto the teacher's width: %s (trained, never exported).",
+                     jax.tree.map(jnp.shape, projections))
+    return train_state.fresh_state(params, optimizer, abstract, state_rng, projections)
 
 
-def evaluate(setup: Setup, params, eval_fn, num_batches: int) -> dict[str, float]:
-    """Held-out MLM loss, accuracy and perplexity of student (and teacher), with agreement."""
+def evaluate(setup: Setup, state: TrainState, eval_fn, num_batches: int) -> dict[str, float]:
+    """Held-out metrics: what each configured term compares (hidden-state MSE and cosine per
+    mapped layer, attention-score MSE, relation KL), and MLM loss, accuracy and perplexity of the
+    student and teacher that have a trained MLM head, with their top-1 agreement."""
     c = setup.config
     batch_size = c.train.micro_batch_size or c.train.batch_size
     sharding = partitioning.batch_sharding(setup.mesh, setup.rules)
@@ -185,30 +296,41 @@ def evaluate(setup: Setup, params, eval_fn, num_batches: int) -> dict[str, float
     for index, local in enumerate(batches):
         batch = partitioning.host_to_global(local, sharding)
         rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), index)
-        sums = jax.device_get(eval_fn(params, setup.teacher_params, batch, rng))
+        sums = jax.device_get(eval_fn(state.params, state.projections, setup.teacher_params,
+                                      batch, rng))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     if not totals:
         return {}
-    n = max(totals["predictions"], 1.0)
-    metrics = {"student_mlm_loss": totals["student_nll"] / n,
-               "student_mlm_accuracy": totals["student_correct"] / n}
-    metrics["student_perplexity"] = math.exp(min(metrics["student_mlm_loss"], 50.0))
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    metrics = {name.removeprefix("feature/"): total / tokens for name, total in totals.items()
+               if name.startswith("feature/")}
+    n = max(totals.get("predictions", 0.0), 1.0)
+    if "student_nll" in totals:
+        metrics["student_mlm_loss"] = totals["student_nll"] / n
+        metrics["student_mlm_accuracy"] = totals["student_correct"] / n
+        metrics["student_perplexity"] = math.exp(min(metrics["student_mlm_loss"], 50.0))
     if "teacher_nll" in totals:
         metrics["teacher_mlm_loss"] = totals["teacher_nll"] / n
         metrics["teacher_mlm_accuracy"] = totals["teacher_correct"] / n
         metrics["teacher_perplexity"] = math.exp(min(metrics["teacher_mlm_loss"], 50.0))
+    if "agreement" in totals:
         metrics["agreement"] = totals["agreement"] / n
     return metrics
 
 
 def compile_steps(setup: Setup, optimizer, schedule, shardings: TrainState):
     """The jitted training and evaluation steps (`step.jit_steps`) of this setup."""
+    masked = setup.config.masking.mask_prob > 0
     return jit_steps(
         student=setup.student, teacher=setup.teacher, optimizer=optimizer, schedule=schedule,
-        masking=masking_spec(setup.config, setup.tokenizer), loss=loss_spec(setup.config),
+        masking=masking_spec(setup.config, setup.tokenizer), loss=setup.loss,
         mesh=setup.mesh, rules=setup.rules, state_shardings=shardings,
-        teacher_shardings=train_state.shardings_of(setup.teacher_params))
+        teacher_shardings=train_state.shardings_of(setup.teacher_params),
+        # MLM metrics only for heads that mean something (one a loss trains, a teacher's own)
+        # and where something is masked.
+        student_mlm=bool(setup.loss.alpha_mlm or setup.loss.alpha_ce) and masked,
+        teacher_mlm=setup.teacher_mlm and masked)
 
 
 def _explain_shapes(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -247,10 +369,10 @@ def make_trainer(setup: Setup, workdir: str) -> loop.Trainer:
         batch = partitioning.host_to_global(local, batch_sharding)
         return step_fn(state, setup.teacher_params, batch, token_weights)
 
-    loss = loss_spec(c)
+    loss = setup.loss
     ce_fraction = 1.0 if (loss.alpha_ce and not loss.restrict_ce_to_mask) else c.masking.mask_prob
     flops_per_token = flops.step_flops_per_token(
-        setup.student, setup.teacher, c.data.seq_len, ce_fraction,
+        setup.student, setup.teacher, c.data.seq_len, ce_fraction if loss.uses_heads else 0.0,
         ce_fraction if loss.alpha_ce else 0.0)
     peak = flops.peak_flops(override_tflops=c.train.peak_tflops)
 
@@ -277,7 +399,7 @@ def make_trainer(setup: Setup, workdir: str) -> loop.Trainer:
             async_checkpoints=c.train.async_checkpoints, strict_restore=c.train.strict_restore,
             max_consecutive_nonfinite=c.train.max_consecutive_nonfinite),
         evaluate=lambda state, step: loop.Evaluation(
-            evaluate(setup, state.params, eval_fn, c.train.eval_batches)),
+            evaluate(setup, state, eval_fn, c.train.eval_batches)),
         throughput=throughput, on_start=on_start,
         explain_shapes=lambda: _explain_shapes(c, workdir))
 
@@ -316,7 +438,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _log_summary(metrics: dict[str, float]) -> None:
-    if not metrics:
+    if "student_mlm_accuracy" not in metrics:
         return
     line = f"Held-out MLM accuracy: student {metrics['student_mlm_accuracy']:.4f}"
     if "teacher_mlm_accuracy" in metrics:

@@ -16,7 +16,7 @@ from distil_flax import attention as attention_lib
 from distil_flax import model as model_lib
 from distil_flax import partitioning
 from distil_flax.attention import select_attention
-from distil_flax.losses import LossSpec
+from distil_flax.losses import AttentionScores, LossSpec, Relations
 from distil_flax.masking import MaskingSpec
 from distil_flax.model import make_encoder, model_config
 from distil_flax.step import TrainState, distil_step
@@ -232,7 +232,8 @@ HEADS, BATCH, LENGTH = 2, 4, 256
 SCORES = f"tensor<{BATCH}x{HEADS}x{LENGTH}x{LENGTH}x"
 
 
-def _lowered_training_step(monkeypatch, platform: str, mask: str) -> str:
+def _lowered_training_step(monkeypatch, platform: str, mask: str,
+                           loss: LossSpec = LossSpec(head_chunk=64)) -> str:
     """The StableHLO of `distil_step` (2-layer teacher → 1-layer student) lowered for `platform`.
 
     Lowering needs no accelerator: this checks, on a CPU, that the program a GPU or TPU would
@@ -271,7 +272,7 @@ def _lowered_training_step(monkeypatch, platform: str, mask: str) -> str:
              for k in ("input_ids", "segment_ids", "positions")}
     step = functools.partial(
         distil_step, student=student, teacher=teacher, optimizer=optimizer,
-        schedule=optax.constant_schedule(1e-4), loss=LossSpec(head_chunk=64),
+        schedule=optax.constant_schedule(1e-4), loss=loss,
         masking=MaskingSpec(mask_id=4, vocab_size=256, special_ids=(0, 1, 2, 3, 4)))
     traced = jax.jit(step).trace(state, abstract_params(teacher, jnp.bfloat16), batch, None)
     return traced.lower(lowering_platforms=(platform,)).as_text()
@@ -304,6 +305,30 @@ def test_training_step_lowers_to_fused_attention_kernels(monkeypatch, platform, 
     else:  # Teacher and student forward in every layer; the student's backward in its one layer.
         assert _kernel_calls(text, forward) == 2 + 1 and _kernel_calls(text, backward) == 1
     assert SCORES not in text
+
+
+@pytest.mark.parametrize("platform, forward, backward", [
+    ("cuda", "__cudnn$fmhaScaleBiasSoftmax(", "__cudnn$fmhaScaleBiasSoftmaxBackward("),
+    ("tpu", "tpu_custom_call(", None),
+])
+def test_distilled_layers_keep_the_fused_kernels_and_chunk_their_relations(
+        monkeypatch, platform, forward, backward):
+    # MiniLM's relations (4 relation heads) between the student's layer and the teacher's last,
+    # and TinyBERT's attention scores of the same pair, in chunks of 64 query rows, beside L_cos
+    # (which reads both models' last outputs, so no attention output is dead code): the layers
+    # themselves still attend through the fused kernels, and the terms' scores exist one chunk
+    # at a time, never whole.
+    loss = LossSpec(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=1.0, relation_chunk=64,
+                    relations=Relations(weight=1.0, heads=4, student_layer=0, teacher_layer=1),
+                    attention_scores=AttentionScores(weight=1.0, pairs=((0, 1),)))
+    text = _lowered_training_step(monkeypatch, platform, "segments", loss)
+    if backward is None:
+        assert _kernel_calls(text, forward) == 2 + 1 + 2
+    else:
+        assert _kernel_calls(text, forward) == 2 + 1 and _kernel_calls(text, backward) == 1
+    assert SCORES not in text
+    assert f"tensor<{BATCH}x4x64x{LENGTH}x" in text  # A chunk of relations.
+    assert f"tensor<{BATCH}x{HEADS}x64x{LENGTH}x" in text  # A chunk of attention scores.
 
 
 def test_xla_attention_would_materialise_the_scores(monkeypatch):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -86,6 +87,27 @@ def test_both_benchmarks_report_the_same_fields_and_flops(records):
     head = 2 * (32**2 + 32 * 128)
     assert per_token(peer[0]) == pytest.approx(2 * layer + head + 3 * (layer + head))
     assert per_token(peer[1]) == pytest.approx(2 * layer + 0.15 * head + 3 * (layer + 0.15 * head))
+
+
+@pytest.mark.parametrize("recipe, terms", [
+    ("minilm", {"loss_relations", "relation_kl/qq", "relation_kl/kk", "relation_kl/vv"}),
+    ("tinybert", {"loss_hidden", "loss_attention"}),
+])
+def test_recipes_price_their_own_losses_on_a_narrower_student(recipe, terms):
+    bench_module = _load("step_throughput")
+    args = bench_module.parse_args([*TINY, "--dtype=float32", "--mode=all", "--attention=xla",
+                                    f"--recipe={recipe}", "--student_hidden=16",
+                                    "--student_intermediate=32", "--relation_heads=4"])
+    bench = bench_module.Bench(args, batch=8, seq=32, mode="all", attention="xla",
+                               attention_mask="lengths", head_chunk=16, remat="none")
+    _, metrics = bench.run(2)
+    assert terms <= set(metrics) and "loss_mlm" not in metrics  # No head runs in these recipes.
+    projections = jax.tree.map(lambda x: x.shape, bench.state.projections)
+    assert projections == ({"hidden": {"kernel": (16, 32), "bias": (32,)}}
+                           if recipe == "tinybert" else {})
+    # Useful FLOPs count the encoders only: no MLM head reads anything.
+    layer = lambda d, ff: 2 * (4 * d**2 + 2 * d * ff) + 4 * 32 * d  # noqa: E731
+    assert bench.flops_per_token() == pytest.approx(2 * layer(32, 64) + 3 * layer(16, 32))
 
 
 def test_comparison_table_reads_both_and_states_the_ratio(records, tmp_path):

@@ -152,3 +152,62 @@ def test_malformed_mesh_rules_are_named(tiny, rules, message):
     tiny.mesh.rules = rules
     with pytest.raises(ValueError, match=message):
         config_lib.validate(tiny)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_states.weight", -1.0, r"^loss\.hidden_states\.weight must be finite and ≥ 0"),
+    ("relations.weight", math.nan, r"^loss\.relations\.weight must be finite and ≥ 0"),
+    ("relations.pairs", "qq,qv", r"^loss\.relations\.pairs='qq,qv': each pair must be one of"),
+    ("relations.heads", 0, r"^loss\.relations\.heads must be ≥ 1, got 0"),
+    ("hidden_states.layer_map", (0, 1), r"^loss\.hidden_states\.layer_map \(0, 1\) has 2 "
+                                        r"entries but model\.num_layers is 1"),
+    ("relation_chunk", -1, r"^loss\.relation_chunk must be ≥ 0"),
+])
+def test_intermediate_layer_terms_are_validated(tiny, field, value, message):
+    tiny.loss.relations.weight = tiny.loss.hidden_states.weight = 1.0
+    config_lib.validate(tiny)
+    section, name = field.rsplit(".", 1) if "." in field else ("", field)
+    setattr(tiny.loss[section] if section else tiny.loss, name, value)
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(tiny)
+
+
+def test_teacher_terms_and_masking_are_named(tiny):
+    tiny.loss.alpha_ce = tiny.loss.alpha_cos = 0.0
+    tiny.loss.attention_scores.weight = 1.0
+    tiny.teacher.checkpoint = ""
+    with pytest.raises(ValueError, match=r"^loss\.attention_scores\.weight need a teacher"):
+        config_lib.validate(tiny)
+    tiny.loss.attention_scores.weight = 0.0
+    config_lib.validate(tiny)  # MLM alone: no teacher needed.
+    tiny.masking.mask_prob = 0.0
+    with pytest.raises(ValueError, match=r"^masking\.mask_prob is 0, which leaves "
+                                         r"loss\.alpha_mlm nothing to predict"):
+        config_lib.validate(tiny)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(attention_scores=1.0), r"^loss\.attention_scores compares heads one to one, but "
+                                 r"model\.num_heads is 4 and the teacher has 2"),
+    (dict(relations=1.0, heads=3), r"^loss\.relations\.heads \(3\) must divide model\.hidden_size "
+                                   r"\(16\)"),
+    (dict(relations=1.0, teacher_layer=2), r"^loss\.relations\.teacher_layer 2 is outside a "
+                                           r"model of 2 layers"),
+    (dict(hidden_states=1.0, layer_map=(2,)), r"^loss\.hidden_states\.layer_map: layer map "
+                                              r"\(2,\) names layers outside the teacher's 0\.\.1"),
+])
+def test_terms_are_checked_against_both_models(changes, message):
+    from distil_flax import train
+    from distil_flax.model import make_encoder, model_config
+
+    c = config_lib.load_config(f"{QUICKSTART}:tiny")
+    c.model.hidden_size, c.model.num_heads = 16, 4
+    for name in ("attention_scores", "relations", "hidden_states"):
+        c.loss[name].weight = changes.get(name, 0.0)
+    c.loss.relations.heads = changes.get("heads", 2)
+    c.loss.relations.teacher_layer = changes.get("teacher_layer", -1)
+    c.loss.hidden_states.layer_map = changes.get("layer_map", ())
+    teacher_config = model_config("tiny")  # 2 layers × 32, 2 heads.
+    student, teacher = (make_encoder(m, vocab_size=8) for m in (c.model, teacher_config))
+    with pytest.raises(ValueError, match=message):
+        train.loss_spec(c, student, teacher)

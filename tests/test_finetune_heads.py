@@ -27,7 +27,14 @@ def _hf_model(cls_name: str):
     torch.manual_seed(0)
     labels = 2 if "QuestionAnswering" in cls_name else 3
     id2label = {i: f"class_{i}" for i in range(labels)}
-    if cls_name.startswith("Bert"):
+    if cls_name.startswith(("Roberta", "XLMRoberta")):
+        config_class = (transformers.XLMRobertaConfig if cls_name.startswith("XLM")
+                        else transformers.RobertaConfig)
+        config = config_class(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=18, type_vocab_size=1,
+            layer_norm_eps=1e-5, id2label=id2label, attn_implementation="eager")
+    elif cls_name.startswith("Bert"):
         config = transformers.BertConfig(
             vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=16, id2label=id2label,

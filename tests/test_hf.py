@@ -420,7 +420,7 @@ def test_unexpected_keys_are_reported(saved_bert, caplog):
 @pytest.mark.parametrize("changes,message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"hidden_act": "gelu_new"}, "activation 'gelu_new'"),
-    ({"layer_norm_eps": 1e-5}, "layer_norm_eps 1e-05"),
+    ({"layer_norm_eps": 0}, "layer_norm_eps 0 must be in"),
     ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
 ])
 def test_unsupported_architecture(saved_bert, changes, message):

@@ -23,7 +23,7 @@ class _Tokenizer:
     special_ids: tuple = (0, 1, 2, 3, 4)
 
 
-def _config():
+def _config(recipe="distilbert"):
     c = base_config()
     c.model = model_config("tiny_student")
     c.model.dtype = "float32"
@@ -34,6 +34,17 @@ def _config():
     c.train.batch_size = BATCH
     c.train.micro_batch_size = 8  # Two micro-batches: accumulation runs sharded too.
     c.init.layer_map = [1]
+    if recipe == "narrow":
+        # A student half the teacher's width, distilled by every intermediate-layer term: the
+        # hidden-state projection is sharded too, and relations run in two chunks of rows.
+        c.model.hidden_size, c.model.intermediate_size = 16, 32
+        c.init.from_teacher = False
+        c.loss.alpha_ce = c.loss.alpha_cos = 0.0
+        c.loss.hidden_states.weight = 1.0
+        c.loss.attention_scores.weight = 1.0
+        c.loss.relations.weight = 1.0
+        c.loss.relations.heads = 4
+        c.loss.relation_chunk = LENGTH // 2
     return c
 
 
@@ -64,8 +75,8 @@ def _batch(rng):
     return {"input_ids": ids, "segment_ids": seg, "positions": pos}
 
 
-def _run(mesh_shape, devices, steps=2):
-    c = _config()
+def _run(mesh_shape, devices, steps=2, recipe="distilbert"):
+    c = _config(recipe)
     mesh = partitioning.make_mesh(mesh_shape, devices)
     rules = partitioning.DEFAULT_RULES
     teacher = _teacher()
@@ -79,7 +90,9 @@ def _run(mesh_shape, devices, steps=2):
         config=c, mesh=mesh, rules=rules, tokenizer=_Tokenizer(), train_rows={}, eval_rows={},
         student=student, teacher=teacher, teacher_params=teacher_params,
         teacher_init=student_init.init_from_teacher(
-            teacher_host, _host_params(student, 1), c.init.layer_map))
+            teacher_host, _host_params(student, 1), c.init.layer_map)
+        if c.init.from_teacher else None,
+        loss=train.loss_spec(c, student, teacher))
     optimizer, schedule = make_optimizer(c.train, 10)
     abstract = train.abstract_state(setup, optimizer)
     state = train.init_state(setup, optimizer, abstract)
@@ -115,6 +128,25 @@ def test_mesh_shapes_match_single_device(single_device, shape):
             np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  jax.device_get(state.params), jax.device_get(ref_state.params))
+
+
+@pytest.fixture(scope="module")
+def narrow_single_device():
+    return _run({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1], recipe="narrow")
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2},
+                                   {"data": 1, "fsdp": 8, "tensor": 1}])
+def test_intermediate_layer_terms_match_single_device(narrow_single_device, shape):
+    ref_state, ref_metrics = narrow_single_device
+    state, metrics = _run(shape, jax.devices(), recipe="narrow")
+    for ref, got in zip(ref_metrics, metrics):
+        for key in ("loss", "loss_hidden", "loss_attention", "loss_relations", "grad_norm"):
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert state.projections["hidden"]["kernel"].shape == (16, 32)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get((state.params, state.projections)),
+                 jax.device_get((ref_state.params, ref_state.projections)))
 
 
 def test_fsdp_really_shards_parameters_and_optimizer_state():

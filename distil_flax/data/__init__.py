@@ -12,6 +12,7 @@ from distil_flax.data.corpus import SOURCES, Tally, read_documents
 from distil_flax.data.loader import PackedSplit, build_datasets, token_counts
 from distil_flax.data.packing import pack_documents, padding_fraction
 from distil_flax.data.records import PreparedDataset
+from distil_flax.data.roberta_vocab import train_bpe
 from distil_flax.data.tokenizer import (
     Tokenizer,
     load_tokenizer,
@@ -33,6 +34,7 @@ __all__ = [
     "padding_fraction",
     "read_documents",
     "token_counts",
+    "train_bpe",
     "train_sentencepiece",
     "train_wordpiece",
 ]

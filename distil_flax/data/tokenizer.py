@@ -1,15 +1,25 @@
-"""Tokenizers: one small class over HF `tokenizers` WordPiece and SentencePiece, plus training.
+"""Tokenizers: one small class over HF `tokenizers` and SentencePiece backends, plus training.
 
-`load_tokenizer` picks the backend from the file name:
+`load_tokenizer` picks the backend from the path:
+  a folder  the first of tokenizer.json, vocab.json, vocab.txt, sentencepiece.bpe.model and
+           spiece.model that it holds (a Hugging Face model folder), read as below;
+  vocab.json or merges.txt  byte-level BPE (RoBERTa, GPT-2), the other file beside it
+           (`roberta_vocab`);
   *.txt    a BERT `vocab.txt`, with BERT's normalisation and pre-tokenisation (the same pipeline as
            `transformers.BertTokenizer`: clean text, CJK split, optional lowercase + accent strip,
            whitespace/punctuation split, greedy longest-match WordPiece with `##` continuations);
-  *.json   a HF `tokenizer.json`, used as written (its padding/truncation turned off);
+  *.json   a HF `tokenizer.json` (WordPiece, BPE, Unigram ...), used as written (its
+           padding/truncation turned off);
+  sentencepiece.bpe.model  XLM-R's SentencePiece model, with fairseq's ids (`roberta_vocab`);
   *.model  a SentencePiece model (ALBERT convention: `<pad>`, `<unk>`, `[CLS]`, `[SEP]`, `[MASK]`).
 
-Encoding never adds special tokens: the packer adds [CLS]/[SEP] where segments begin and end.
-Trained vocabularies put the special tokens first, [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4,
-as in BERT's vocab where [PAD] is 0.
+Encoding never adds special tokens. `Tokenizer.frame` adds them as the vocabulary's family does
+(`Tokenizer.family`): BERT `[CLS] a [SEP]` and `[CLS] a [SEP] b [SEP]`; RoBERTa and XLM-R
+`<s> a </s>` and `<s> a </s></s> b </s>`. The packer frames each pretraining segment as
+`cls … sep`, which is `[CLS] a [SEP]` or `<s> a </s>`: one shape for both families.
+Trained WordPiece and SentencePiece vocabularies put the special tokens first, [PAD]=0, [UNK]=1,
+[CLS]=2, [SEP]=3, [MASK]=4, as in BERT's vocab where [PAD] is 0; trained byte-level BPE ones use
+RoBERTa's ids, `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, `<mask>` last.
 """
 
 import collections
@@ -17,12 +27,13 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import sentencepiece as spm
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from distil_flax.data import wordpiece
+from distil_flax.data import roberta_vocab, wordpiece
 
 # The special tokens a vocabulary must have, in the order trained vocabularies put them (ids 0..4).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -44,28 +55,51 @@ SENTENCEPIECE_SYMBOLS = ("[CLS]", "[SEP]", "[MASK]")
 
 SUFFIXES = (".txt", ".json", ".model")
 
+# What `load_tokenizer` reads in a folder, the first present winning: tokenizer.json says most
+# (normaliser and post-processor included), so it goes before the bare vocabularies.
+FOLDER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "sentencepiece.bpe.model",
+                "spiece.model")
+
+# How special tokens frame one or two texts: BERT's [CLS] a [SEP] b [SEP], or RoBERTa's
+# <s> a </s></s> b </s> (XLM-R too).
+FAMILIES = ("bert", "roberta")
+
+
+class Framed(NamedTuple):
+    """One text or a pair, framed with special tokens for a model row (`Tokenizer.frame`)."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]  # BERT: 0 up to a's [SEP], 1 from b on; RoBERTa: all 0.
+    b_start: int | None  # Index of b's first token; None for one text.
+
 
 class Tokenizer:
     """Text ↔ ids for one vocabulary, with the special ids the packer and masking need.
 
     Attributes:
-      path: the file the tokenizer was loaded from.
+      path: what the tokenizer was loaded from (a file or a folder; `load_tokenizer(path)` loads
+        it again).
+      files: the files read, e.g. (`vocab.json`, `merges.txt`) or (`tokenizer.json`,).
       vocab_size: number of ids (the model's embedding rows must equal it).
-      pad_id, unk_id, cls_id, sep_id, mask_id: ids of the special tokens.
+      pad_id, unk_id, cls_id, sep_id, mask_id: ids of the special tokens; `bos_id` and `eos_id`
+        are RoBERTa's names for cls_id (`<s>`) and sep_id (`</s>`).
       special_ids: sorted ids of every special token (never masked or predicted).
-      fingerprint: identifies what the tokenizer does: a hash of its file and, for vocab.txt,
+      family: "bert" or "roberta": how `frame` places special tokens (see `FAMILIES`).
+      fingerprint: identifies what the tokenizer does: a hash of its files and, for vocab.txt,
         the lowercase flag. Prepared shards record it, so that training with another vocabulary
         is caught before it reads ids that mean other tokens.
     """
 
     def __init__(self, path: str, backend: tokenizers.Tokenizer | spm.SentencePieceProcessor,
-                 fingerprint: str = ""):
+                 fingerprint: str = "", files: Sequence[str] = ()):
         """Wraps a loaded backend; use `load_tokenizer` rather than calling this directly.
 
         Raises:
-          ValueError: if the vocabulary lacks any of [PAD], [UNK], [CLS], [SEP], [MASK].
+          ValueError: if the vocabulary lacks a pad, unk, cls, sep or mask token ([PAD] or
+            <pad>, [UNK] or <unk>, [CLS] or <s>, [SEP] or </s>, [MASK] or <mask>).
         """
         self.path = path
+        self.files = tuple(files) or (path,)
         self._backend = backend
         self.fingerprint = fingerprint
         if isinstance(backend, spm.SentencePieceProcessor):
@@ -78,11 +112,49 @@ class Tokenizer:
         ids = {name: self._find(name) for name in SPECIAL_TOKENS}
         missing = [name for name, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"Tokenizer {path} lacks special token(s) {', '.join(missing)}; "
-                             f"a BERT-style vocabulary needs all of {', '.join(SPECIAL_TOKENS)}.")
+            spellings = ", ".join(" or ".join(_ALIASES[name]) for name in missing)
+            raise ValueError(f"Tokenizer {path} lacks special token(s) {spellings}; a "
+                             "vocabulary needs pad, unk, cls, sep and mask tokens, spelled as "
+                             "BERT's ([PAD] ...) or RoBERTa's (<pad> ...).")
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             ids[name] for name in SPECIAL_TOKENS)
         self.special_ids = tuple(sorted(set(ids.values()) | set(extra)))
+        self.family = _family(backend, self.id_to_token(self.cls_id),
+                              self.id_to_token(self.sep_id))
+
+    @property
+    def bos_id(self) -> int:
+        """RoBERTa's name for the id that opens every row (`<s>`, BERT's [CLS])."""
+        return self.cls_id
+
+    @property
+    def eos_id(self) -> int:
+        """RoBERTa's name for the id that ends every segment (`</s>`, BERT's [SEP])."""
+        return self.sep_id
+
+    def num_special_tokens(self, pair: bool = False) -> int:
+        """How many special tokens `frame` adds: 2 to one text; 3 (BERT) or 4 (RoBERTa) to a
+        pair. Truncation leaves the rest of a row to the texts."""
+        if not pair:
+            return 2
+        return 4 if self.family == "roberta" else 3
+
+    def frame(self, a: Sequence[int], b: Sequence[int] | None = None) -> Framed:
+        """Token ids of one text (`a`) or a pair, framed as this family's models were trained.
+
+        BERT: `[CLS] a [SEP]`, `[CLS] a [SEP] b [SEP]`, type ids 0 then 1 from b on.
+        RoBERTa, XLM-R: `<s> a </s>`, `<s> a </s></s> b </s>`, type ids all 0 (their models
+        have one token type, and transformers gives them none).
+        """
+        ids = [self.cls_id, *a, self.sep_id]
+        if b is None:
+            return Framed(ids, [0] * len(ids), None)
+        if self.family == "roberta":
+            ids.append(self.sep_id)
+        b_start = len(ids)
+        ids += [*b, self.sep_id]
+        second_type = 1 if self.family == "bert" else 0
+        return Framed(ids, [0] * b_start + [second_type] * (len(ids) - b_start), b_start)
 
     def _find(self, name: str) -> int | None:
         """The id of special token `name` (or one of its aliases), None if absent."""
@@ -140,48 +212,90 @@ class Tokenizer:
         return token
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, pad={self.pad_id}, "
-                f"unk={self.unk_id}, cls={self.cls_id}, sep={self.sep_id}, mask={self.mask_id})")
+        return (f"Tokenizer({self.path!r}, {self.family}, vocab_size={self.vocab_size}, "
+                f"pad={self.pad_id}, unk={self.unk_id}, cls={self.cls_id}, sep={self.sep_id}, "
+                f"mask={self.mask_id})")
+
+
+def _family(backend: tokenizers.Tokenizer | spm.SentencePieceProcessor, cls_token: str,
+            sep_token: str) -> str:
+    """The framing a vocabulary's models were trained with (see `FAMILIES`)."""
+    post = getattr(backend, "post_processor", None)  # SentencePiece has none.
+    if isinstance(post, processors.RobertaProcessing):
+        return "roberta"
+    if isinstance(post, processors.BertProcessing):
+        return "bert"
+    # A template (XLM-R's, recent BERT files) or no post-processor: RoBERTa's spelling of the
+    # specials goes with RoBERTa's framing.
+    return "roberta" if (cls_token, sep_token) == ("<s>", "</s>") else "bert"
 
 
 def load_tokenizer(path: str, lowercase: bool = True) -> Tokenizer:
-    """Loads a tokenizer, choosing the backend from the file name (see the module docstring).
+    """Loads a tokenizer, choosing the backend from the path (see the module docstring).
 
     Args:
-      path: a `vocab.txt`, `tokenizer.json` or SentencePiece `.model` file.
+      path: a `vocab.txt`, `tokenizer.json`, `vocab.json` or `merges.txt` (byte-level BPE),
+        SentencePiece `.model` file, or a folder holding one of `FOLDER_FILES`.
       lowercase: for `.txt` vocabularies only: uncased BERT normalisation (lowercase and strip
-        accents), as for `bert-base-uncased`. `.json` and `.model` files carry their own.
+        accents), as for `bert-base-uncased`. The other kinds carry their own.
 
     Raises:
       FileNotFoundError: if `path` does not exist.
-      ValueError: unknown suffix, a file its backend cannot parse, a vocab.txt listing a token
-        twice, or a vocabulary without the BERT special tokens.
+      ValueError: unknown suffix, a folder without a tokenizer, a vocab.json without its
+        merges.txt (or the other way round), a file its backend cannot parse, a vocab.txt
+        listing a token twice, or a vocabulary without pad, unk, cls, sep and mask tokens.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        found = [f for f in FOLDER_FILES if os.path.isfile(os.path.join(path, f))]
+        if not found:
+            raise ValueError(f"Folder {path!r} holds no tokenizer: expected one of "
+                             f"{', '.join(FOLDER_FILES)}.")
+        file = os.path.join(path, found[0])
+    elif os.path.isfile(path):
+        file = path
+    else:
         raise FileNotFoundError(f"Tokenizer file {path!r} does not exist.")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    if path.endswith(".txt"):
+    name = os.path.basename(file)
+    if name in ("vocab.json", "merges.txt"):  # Before *.txt and *.json: names, not suffixes.
+        files = tuple(os.path.join(os.path.dirname(file), f) for f in ("vocab.json", "merges.txt"))
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise ValueError(f"Byte-level BPE {file!r} needs vocab.json and merges.txt side by "
+                             f"side; {absent[0]!r} does not exist.")
+        return Tokenizer(path, roberta_vocab.load_bpe(*files), _digest(*files), files)
+    digest = _digest(file)
+    if name.endswith(".txt"):
         fingerprint = f"{digest}-{'uncased' if lowercase else 'cased'}"
-        return Tokenizer(path, _wordpiece_from_vocab(path, lowercase), fingerprint)
-    if path.endswith(".json"):
+        return Tokenizer(path, _wordpiece_from_vocab(file, lowercase), fingerprint, (file,))
+    if name.endswith(".json"):
         try:
-            backend = tokenizers.Tokenizer.from_file(path)
+            backend = tokenizers.Tokenizer.from_file(file)
         except Exception as error:  # The Rust library raises a bare Exception.
-            raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json: {error}") from None
+            raise ValueError(f"{file!r} is not a Hugging Face tokenizer.json: {error}") from None
         # Rows are packed by us; padding or truncation configured for serving would corrupt them.
         backend.no_padding()
         backend.no_truncation()
-        return Tokenizer(path, backend, digest)
-    if path.endswith(".model"):
+        return Tokenizer(path, backend, digest, (file,))
+    if name == "sentencepiece.bpe.model":  # XLM-R's name; its ids are fairseq's, not its own.
+        return Tokenizer(path, roberta_vocab.load_xlmr_sentencepiece(file), digest, (file,))
+    if name.endswith(".model"):
         try:
-            backend = spm.SentencePieceProcessor(model_file=path)
+            backend = spm.SentencePieceProcessor(model_file=file)
         except (OSError, RuntimeError) as error:
-            raise ValueError(f"{path!r} is not a SentencePiece model: {error}") from None
-        return Tokenizer(path, backend, digest)
-    raise ValueError(f"Cannot tell the tokenizer kind of {path!r}: expected a name ending in "
-                     f"{', '.join(SUFFIXES)}.")
+            raise ValueError(f"{file!r} is not a SentencePiece model: {error}") from None
+        return Tokenizer(path, backend, digest, (file,))
+    raise ValueError(f"Cannot tell the tokenizer kind of {path!r}: expected a folder, vocab.json, "
+                     f"merges.txt or a name ending in {', '.join(SUFFIXES)}.")
+
+
+def _digest(*paths: str) -> str:
+    """A short hash of the files' bytes, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _bert_normalizer(lowercase: bool) -> normalizers.Normalizer:

@@ -10,7 +10,7 @@ import os
 import ml_collections
 from etils import epath
 
-from distil_flax import partitioning
+from distil_flax import hf, partitioning
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     # The pretrained encoder: a distil_flax pretraining/distillation workdir (its config.json and
-    # latest checkpoint), or a Hugging Face BERT/DistilBERT folder (config.json + safetensors).
+    # latest checkpoint), a Hugging Face BERT/DistilBERT folder (config.json + safetensors), or a
+    # Hub model "hf://ORG/NAME[@REVISION]" (from the Hugging Face cache, or downloaded).
     c.init.checkpoint = ""
 
     c.model = ml_collections.ConfigDict()
@@ -82,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.distill = ml_collections.ConfigDict()
     # Task-specific distillation ("DistilBERT (D)"): a teacher fine-tuned on the same task — a
-    # workdir of this fine-tuning (its best checkpoint) or a fine-tuned HF folder. "": none.
+    # workdir of this fine-tuning (its best checkpoint), a fine-tuned HF folder or "hf://ORG/NAME".
+    # "": none.
     c.distill.teacher = ""
     # loss = alpha · T² · KL(teacher ‖ student) + (1 − alpha) · task loss; for SQuAD the KL is
     # the mean over the start and end distributions; for regression, MSE to the teacher's score.
@@ -127,14 +129,24 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> None:
     c.distill.teacher_param_dtype = "float32"
 
 
+def _resolve(field: str, spec: str) -> str:
+    """A checkpoint field's folder: a Hub id becomes its cached snapshot (downloaded first when
+    missing and reachable); ValueError naming the field when it cannot."""
+    try:
+        return hf.resolve_checkpoint(spec)
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from None
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when a fine-tuning config cannot run."""
     if not c.init.checkpoint:
         raise ValueError("init.checkpoint is empty: set --config.init.checkpoint to a distil_flax "
-                         "workdir or a Hugging Face model folder")
-    if not epath.Path(c.init.checkpoint).exists():
+                         "workdir, a Hugging Face model folder or hf://ORG/NAME")
+    if not epath.Path(_resolve("init.checkpoint", c.init.checkpoint)).exists():
         raise ValueError(f"init.checkpoint={c.init.checkpoint!r} does not exist")
-    if c.distill.teacher and not epath.Path(c.distill.teacher).exists():
+    teacher = c.distill.teacher and _resolve("distill.teacher", c.distill.teacher)
+    if teacher and not epath.Path(teacher).exists():
         raise ValueError(f"distill.teacher={c.distill.teacher!r} does not exist")
     if not 0 <= c.distill.alpha <= 1:
         raise ValueError(f"distill.alpha must be in [0, 1], got {c.distill.alpha}")

@@ -5,13 +5,15 @@ Starting points (`load_pretrained`, from `init.checkpoint`):
     latest checkpoint; the tokenizer is that run's `data.tokenizer`;
   * a distil_flax fine-tuning workdir: the encoder of its best checkpoint (a second fine-tuning);
   * a Hugging Face BERT/DistilBERT folder, bare, *ForMaskedLM or fine-tuned (`distil_flax.hf`
-    converts it); the tokenizer is the folder's vocab.txt / tokenizer.json / spiece.model.
+    converts it); the tokenizer is the folder's vocab.txt / tokenizer.json / spiece.model;
+  * a Hub model, `hf://ORG/NAME[@REVISION]`: that folder, from the Hugging Face cache
+    (`hf.resolve_checkpoint`; downloaded when missing and the Hub is reachable).
 The head is always freshly initialised; the encoder's MLM head is dropped and, for BERT-style
 classification heads on an encoder saved without a pooler, a fresh pooler is added — both are
 logged, as transformers logs "newly initialized" weights.
 
 Fine-tuned models (`load_finetuned`, for the distillation teacher and for export): a fine-tuning
-workdir (`task_model.json` + its best checkpoint) or a fine-tuned HF folder.
+workdir (`task_model.json` + its best checkpoint), or a fine-tuned HF folder or Hub model.
 """
 
 import dataclasses
@@ -97,9 +99,14 @@ def is_finetuning_run(workdir: str) -> bool:
 def load_pretrained(path: str) -> Pretrained:
     """Describes the encoder at `init.checkpoint` (weights are read by `encoder_params`).
 
+    Args:
+      path: a distil_flax workdir, an HF folder, or `hf://ORG/NAME[@REVISION]`.
+
     Raises:
-      ValueError: neither a distil_flax workdir nor an HF folder.
+      ValueError: neither a distil_flax workdir nor an HF folder; a Hub model that is neither
+        cached nor reachable.
     """
+    path = hf.resolve_checkpoint(path)
     if hf.is_hf_checkpoint(path):
         tokenizer, lowercase = _hf_tokenizer(path)
         if _is_hf_task_folder(path):
@@ -189,14 +196,16 @@ def load_finetuned(path: str, mesh, rules, *, dtype: str | None = None,
     """A fine-tuned model: a fine-tuning workdir (its best checkpoint) or an HF task folder.
 
     Args:
-      path: the workdir or folder.
+      path: the workdir or folder, or `hf://ORG/NAME[@REVISION]`.
       mesh, rules: where to place the parameters.
       dtype: compute dtype to run it in (None: as saved).
       step: a workdir's checkpoint step (the best one or a kept last one); None: the best.
 
     Raises:
-      ValueError: not a fine-tuned model, or no such step.
+      ValueError: not a fine-tuned model, or no such step; a Hub model that is neither cached
+        nor reachable.
     """
+    path = hf.resolve_checkpoint(path)
     if hf.is_hf_checkpoint(path):
         if not _is_hf_task_folder(path):
             raise ValueError(f"{path} is a Hugging Face model without a task head; a teacher "

@@ -1,9 +1,12 @@
 """Writing `transformers`-loadable folders: config.json, model.safetensors and tokenizer files.
 
-`export_hf` writes `DistilBertForMaskedLM` for a DistilBERT-shaped model (no token types, no
-pooler, head_style "distilbert"), else `BertForMaskedLM`; or the bare `*Model` with head="none".
+`export_hf` writes `RobertaForMaskedLM` / `XLMRobertaForMaskedLM` for head_style "roberta" /
+"xlm-roberta", `DistilBertForMaskedLM` for a DistilBERT-shaped model (no token types, no pooler,
+head_style "distilbert"), else `BertForMaskedLM`; or the bare `*Model` with head="none".
 `export_task_hf` writes a fine-tuned `heads.TaskModel` as its *For<Task> class
 (`names.TASK_CLASSES`), with id2label, problem_type and the head's dropout in config.json.
+Every export carries a model card, README.md (`card.py`): a run's (`card.run_card`) when the
+caller passes one, else one that says what the model is.
 Weights go through `safetensors.numpy`, so exporting needs no torch; every export is written
 beside its destination and renamed into place, so a failure leaves nothing behind.
 """
@@ -19,15 +22,20 @@ import jax
 import ml_collections
 import numpy as np
 import safetensors.numpy
+import tokenizers
 from absl import logging
+from huggingface_hub import ModelCard
 
 from distil_flax import model as model_lib
+from distil_flax.data import roberta_vocab
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.downstream import heads as heads_lib
+from distil_flax.hf import card as card_lib
 from distil_flax.hf.names import (
     BERT,
     DISTILBERT,
     EXPORT_HEADS,
+    OFFSET_FAMILIES,
     SAFETENSORS,
     TASK_CLASSES,
     TASK_HEADS,
@@ -47,16 +55,42 @@ from distil_flax.workdir_lock import process_alive
 
 
 def hf_config(model_cfg: ml_collections.ConfigDict, *, head: str = "mlm",
-              pad_token_id: int = 0) -> dict[str, Any]:
-    """The transformers config.json for an export of a model with config `model_cfg`."""
+              pad_token_id: int | None = None, bos_token_id: int | None = None,
+              eos_token_id: int | None = None) -> dict[str, Any]:
+    """The transformers config.json for an export of a model with config `model_cfg`.
+
+    Args:
+      model_cfg: the model section.
+      head: "mlm" or "none".
+      pad_token_id, bos_token_id, eos_token_id: the tokenizer's ids; None: the family's default
+        (BERT pad 0; RoBERTa pad position_offset − 1, bos 0, eos 2). BERT-family configs carry
+        no bos / eos.
+
+    Raises:
+      ValueError: a RoBERTa-family model whose pad id is not position_offset − 1: transformers
+        numbers RoBERTa's positions from pad_token_id + 1, so the two must agree.
+    """
     _check_head(head)
     arch = export_architecture(model_cfg)
+    offset = model_lib.later_field(model_cfg, "position_offset")
+    if arch in OFFSET_FAMILIES:
+        if offset < 1:
+            raise ValueError(f"model.position_offset is {offset}, but transformers numbers "
+                             f"{arch.model_type} positions from pad_token_id + 1 ≥ 1 (RoBERTa: 2)")
+        if pad_token_id is not None and pad_token_id != offset - 1:
+            raise ValueError(
+                f"pad_token_id {pad_token_id}: transformers numbers "
+                f"{arch.model_type} positions from pad_token_id + 1, and this model's start at "
+                f"row {offset} (model.position_offset): use a vocabulary whose pad id is "
+                f"{offset - 1} (RoBERTa's <pad> is 1)")
+        pad_token_id = offset - 1
     common = {
         "architectures": [arch.mlm_class if head == "mlm" else arch.base_class],
         "model_type": arch.model_type,
         "vocab_size": int(model_cfg.vocab_size),
-        "max_position_embeddings": int(model_cfg.max_position_embeddings),
-        "pad_token_id": int(pad_token_id),
+        # HF's table holds every row, the `offset` ones before the first position included.
+        "max_position_embeddings": int(model_cfg.max_position_embeddings) + offset,
+        "pad_token_id": int(pad_token_id or 0),
         "initializer_range": model_lib.INIT_STD,
         "tie_word_embeddings": True,
     }
@@ -68,16 +102,43 @@ def hf_config(model_cfg: ml_collections.ConfigDict, *, head: str = "mlm",
             "attention_dropout": float(model_cfg.attention_dropout_rate),
             "sinusoidal_pos_embds": False,
         }
+    if arch in OFFSET_FAMILIES:
+        common |= {"bos_token_id": int(0 if bos_token_id is None else bos_token_id),
+                   "eos_token_id": int(2 if eos_token_id is None else eos_token_id)}
     return common | {
         "hidden_size": int(model_cfg.hidden_size), "num_hidden_layers": int(model_cfg.num_layers),
         "num_attention_heads": int(model_cfg.num_heads),
         "intermediate_size": int(model_cfg.intermediate_size), "hidden_act": "gelu",
         "hidden_dropout_prob": float(model_cfg.dropout_rate),
         "attention_probs_dropout_prob": float(model_cfg.attention_dropout_rate),
-        # HF's BERT always has token-type embeddings; a model without them exports one zero row.
+        # HF's BERT and RoBERTa always have token-type embeddings; a model without them exports
+        # one zero row.
         "type_vocab_size": max(int(model_cfg.type_vocab_size), 1),
-        "layer_norm_eps": model_lib.LAYER_NORM_EPS, "position_embedding_type": "absolute",
+        "layer_norm_eps": float(model_lib.later_field(model_cfg, "layer_norm_eps")),
+        "position_embedding_type": "absolute",
     }
+
+
+def _special_ids(tokenizer: tokenizer_lib.Tokenizer | None,
+                 model_cfg: ml_collections.ConfigDict) -> dict[str, int | None]:
+    """The ids `hf_config` writes, from the export's tokenizer (None: the family's defaults).
+
+    Raises:
+      ValueError: naming the tokenizer, when its pad id cannot be a RoBERTa export's.
+    """
+    if tokenizer is None:
+        return {"pad_token_id": None}
+    offset = model_lib.later_field(model_cfg, "position_offset")
+    if export_architecture(model_cfg) in OFFSET_FAMILIES and tokenizer.pad_id != offset - 1:
+        raise ValueError(
+            f"tokenizer {tokenizer.path}: its pad id is {tokenizer.pad_id}, but transformers "
+            f"numbers {model_cfg.head_style} positions from pad_token_id + 1 and this model's "
+            f"start at row {offset} (model.position_offset): use a vocabulary whose pad id is "
+            f"{offset - 1} (RoBERTa's <pad> is 1)")
+    ids: dict[str, int | None] = {"pad_token_id": tokenizer.pad_id}
+    if tokenizer.family == "roberta":
+        ids |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    return ids
 
 
 def hf_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict, *,
@@ -99,12 +160,13 @@ def hf_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDic
     pooler = bool(model_cfg.use_pooler)
     if pooler and head == "mlm":
         # BertForMaskedLM has no pooler; it would report the keys as unexpected.
-        logging.info("BertForMaskedLM has no pooler: the pooler is not exported (head='none' "
-                     "exports it with BertModel).")
+        logging.info("%s has no pooler: the pooler is not exported (head='none' exports it with "
+                     "%s).", arch.mlm_class, arch.base_class)
         pooler = False
-    if arch is BERT and head == "none" and not pooler:
-        logging.warning("BertModel always has a pooler: transformers will initialise a fresh "
-                        "one for this pooler-less model (pooler.dense.* reported missing).")
+    if arch is not DISTILBERT and head == "none" and not pooler:
+        logging.warning("%s always has a pooler: transformers will initialise a fresh one for "
+                        "this pooler-less model (pooler.dense.* reported missing).",
+                        arch.base_class)
     return _backbone_state(flat, model_cfg, prefix=arch.prefix if head == "mlm" else "",
                            pooler=pooler, mlm_head=head == "mlm")
 
@@ -118,11 +180,11 @@ def _backbone_state(flat: Mapping[str, np.ndarray], model_cfg: ml_collections.Co
     """Encoder parameters by our path → HF state dict entries under `prefix`."""
     arch = export_architecture(model_cfg)
     flat = dict(flat)
-    if arch is BERT and not model_cfg.type_vocab_size > 0:
-        # HF's BERT always adds a token-type embedding: one zero row adds nothing.
+    if arch.token_types and not model_cfg.type_vocab_size > 0:
+        # HF's BERT and RoBERTa always add a token-type embedding: one zero row adds nothing.
         flat["token_type_embeddings/embedding"] = np.zeros((1, model_cfg.hidden_size), np.float32)
         logging.info("No token-type embeddings: exporting one zero row (type_vocab_size=1).")
-    names = name_map(arch, model_cfg.num_layers, prefix=prefix, token_types=arch is BERT,
+    names = name_map(arch, model_cfg.num_layers, prefix=prefix, token_types=bool(arch.token_types),
                      pooler=pooler, mlm_head=mlm_head)
     return {hf: np.ascontiguousarray(flat[ours].T if is_transposed(ours) else flat[ours])
             for ours, hf in names.items()}
@@ -139,7 +201,8 @@ def _check_head(head: str) -> None:
 
 def export_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
               output_dir: str | os.PathLike, *, tokenizer_path: str | None = None,
-              lowercase: bool = True, head: str = "mlm", overwrite: bool = False) -> list[str]:
+              lowercase: bool = True, head: str = "mlm", overwrite: bool = False,
+              card: ModelCard | None = None) -> list[str]:
     """Writes a folder that `transformers.AutoModelForMaskedLM` / `AutoModel` and `AutoTokenizer`
     load offline, with no missing or unexpected keys.
 
@@ -150,17 +213,19 @@ def export_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
       params: `Encoder` parameters (jax or numpy arrays).
       model_cfg: their model config section.
       output_dir: the folder to create.
-      tokenizer_path: the run's `data.tokenizer` (vocab.txt, tokenizer.json or SentencePiece
-        .model); None writes no tokenizer files.
+      tokenizer_path: the run's `data.tokenizer` (vocab.txt, tokenizer.json, vocab.json /
+        merges.txt, a SentencePiece .model, or a folder of one); None writes no tokenizer files.
       lowercase: for vocab.txt: uncased normalisation (the run's `data.lowercase`).
-      head: "mlm" (DistilBertForMaskedLM / BertForMaskedLM) or "none" (the bare *Model).
+      head: "mlm" (*ForMaskedLM) or "none" (the bare *Model).
       overwrite: replace an existing non-empty `output_dir`.
+      card: the model card to write as README.md (`card.run_card`); None: `card.plain_card`.
 
     Returns:
       Names of the files written, sorted.
 
     Raises:
-      ValueError: a task head, or params that do not match `model_cfg`.
+      ValueError: a task head, params that do not match `model_cfg`, or a RoBERTa-family model
+        with a tokenizer whose pad id is not position_offset − 1.
       FileExistsError: `output_dir` exists, is not empty, and `overwrite` is False.
     """
     _check_head(head)
@@ -169,8 +234,11 @@ def export_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
     tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path, lowercase=lowercase)
                  if tokenizer_path else None)
     state = hf_state_dict(params, model_cfg, head=head)
-    config = hf_config(model_cfg, head=head, pad_token_id=tokenizer.pad_id if tokenizer else 0)
-    return _write_export(output_dir, config, state, tokenizer, model_cfg, lowercase=lowercase)
+    config = hf_config(model_cfg, head=head, **_special_ids(tokenizer, model_cfg))
+    card = card or card_lib.plain_card(config, head, name=os.path.basename(output_dir),
+                                       has_tokenizer=tokenizer is not None)
+    return _write_export(output_dir, config, state, tokenizer, model_cfg, card,
+                         lowercase=lowercase)
 
 
 def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> str:
@@ -183,8 +251,10 @@ def _check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> str:
 
 def _write_export(output_dir: str, config: Mapping[str, Any], state: Mapping[str, np.ndarray],
                   tokenizer: tokenizer_lib.Tokenizer | None,
-                  model_cfg: ml_collections.ConfigDict, *, lowercase: bool) -> list[str]:
-    """Writes config, weights and tokenizer into a temporary folder, then renames it into place."""
+                  model_cfg: ml_collections.ConfigDict, card: ModelCard, *,
+                  lowercase: bool) -> list[str]:
+    """Writes config, weights, tokenizer and model card into a temporary folder, then renames
+    it into place."""
     arch = export_architecture(model_cfg)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
@@ -193,6 +263,7 @@ def _write_export(output_dir: str, config: Mapping[str, Any], state: Mapping[str
     os.mkdir(tmp)  # Not mkdtemp: its 0o700 would survive the rename; mkdir honours the umask.
     try:
         _write_model(tmp, config, state)
+        card.save(os.path.join(tmp, "README.md"))
         if tokenizer:
             _write_tokenizer(tmp, tokenizer, arch, lowercase=lowercase,
                              max_length=int(model_cfg.max_position_embeddings))
@@ -248,11 +319,18 @@ def _write_json(path: str, value: Any) -> None:
 
 def _write_tokenizer(directory: str, tokenizer: tokenizer_lib.Tokenizer, arch: Architecture, *,
                      lowercase: bool, max_length: int) -> None:
-    """Copies the run's vocabulary and writes the tokenizer_config AutoTokenizer needs.
+    """Writes the run's vocabulary (`tokenizer.files`) as the tokenizer_config AutoTokenizer needs.
 
-    vocab.txt → (Distil)BertTokenizer with `do_lower_case`; tokenizer.json → copied as is (its
-    normaliser and post-processor already say everything); SentencePiece .model → spiece.model
-    with AlbertTokenizer, whose special-token layout (<pad>, <unk>, [CLS], [SEP], [MASK]) is ours.
+    vocab.txt → (Distil)BertTokenizer with `do_lower_case`;
+    vocab.json + merges.txt (byte-level BPE) → copied, with the equivalent tokenizer.json (which
+      says `<mask>` absorbs the space before it), for RobertaTokenizer(Fast);
+    XLM-R's sentencepiece.bpe.model → copied, with the equivalent tokenizer.json (fairseq's ids),
+      for XLMRobertaTokenizer(Fast);
+    tokenizer.json → copied as is (its normaliser and post-processor already say everything):
+      RobertaTokenizer for a RoBERTa-family BPE (vocab.json + merges.txt written beside it),
+      XLMRobertaTokenizer for a RoBERTa-family Unigram, else PreTrainedTokenizerFast;
+    other SentencePiece .model → spiece.model with AlbertTokenizer, whose special-token layout
+      (<pad>, <unk>, [CLS], [SEP], [MASK]) is ours.
     """
     special = {
         "pad_token": tokenizer.id_to_token(tokenizer.pad_id),
@@ -261,26 +339,52 @@ def _write_tokenizer(directory: str, tokenizer: tokenizer_lib.Tokenizer, arch: A
         "sep_token": tokenizer.id_to_token(tokenizer.sep_id),
         "mask_token": tokenizer.id_to_token(tokenizer.mask_id),
     }
-    source = tokenizer.path
+    roberta = tokenizer.family == "roberta"
+    if roberta:  # RoBERTa's names for <s> and </s>, which its tokenizers also set.
+        special |= {"bos_token": special["cls_token"], "eos_token": special["sep_token"]}
+    files = {os.path.basename(f): f for f in tokenizer.files}
+    source = tokenizer.files[0]
+    name = os.path.basename(source)
+    target = lambda file: os.path.join(directory, file)  # noqa: E731
     tokenizer_config: dict[str, Any] = {"model_max_length": max_length, **special}
-    if source.endswith(".txt"):
-        shutil.copyfile(source, os.path.join(directory, "vocab.txt"))
-        tokenizer_config |= {"tokenizer_class": arch.tokenizer_class,
+    if "vocab.json" in files and "merges.txt" in files:
+        for file in ("vocab.json", "merges.txt"):
+            shutil.copyfile(files[file], target(file))
+        roberta_vocab.load_bpe(files["vocab.json"], files["merges.txt"]).save(
+            target("tokenizer.json"))
+        tokenizer_config |= {"tokenizer_class": "RobertaTokenizer", "add_prefix_space": False,
+                             "trim_offsets": True}
+    elif name == "sentencepiece.bpe.model":
+        shutil.copyfile(source, target(name))
+        roberta_vocab.load_xlmr_sentencepiece(source).save(target("tokenizer.json"))
+        tokenizer_config["tokenizer_class"] = "XLMRobertaTokenizer"
+    elif name.endswith(".txt"):
+        shutil.copyfile(source, target("vocab.txt"))
+        bert_class = arch.tokenizer_class if arch in (BERT, DISTILBERT) else BERT.tokenizer_class
+        tokenizer_config |= {"tokenizer_class": bert_class,
                              "do_lower_case": bool(lowercase), "strip_accents": None,
                              "tokenize_chinese_chars": True, "do_basic_tokenize": True}
-    elif source.endswith(".json"):
-        shutil.copyfile(source, os.path.join(directory, "tokenizer.json"))
-        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    elif name.endswith(".json"):
+        shutil.copyfile(source, target("tokenizer.json"))
+        model = tokenizers.Tokenizer.from_file(source).model if roberta else None
+        if isinstance(model, tokenizers.models.BPE):
+            model.save(directory)  # vocab.json + merges.txt, as RoBERTa ships them.
+            tokenizer_config |= {"tokenizer_class": "RobertaTokenizer",
+                                 "add_prefix_space": False, "trim_offsets": True}
+        elif isinstance(model, tokenizers.models.Unigram):
+            tokenizer_config["tokenizer_class"] = "XLMRobertaTokenizer"
+        else:
+            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     else:
-        shutil.copyfile(source, os.path.join(directory, "spiece.model"))
+        shutil.copyfile(source, target("spiece.model"))
         # Case folding and NFKC live in the model's own normaliser; don't add ALBERT's on top.
         tokenizer_config |= {"tokenizer_class": "AlbertTokenizer", "do_lower_case": False,
                              "keep_accents": True, "remove_space": True}
-    if arch is DISTILBERT:
-        # DistilBERT's forward takes no token_type_ids; the tokenizer must not produce them.
+    if arch is DISTILBERT or roberta:
+        # DistilBERT's forward takes no token_type_ids; RoBERTa's tokenizers produce none.
         tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
-    _write_json(os.path.join(directory, "tokenizer_config.json"), tokenizer_config)
-    _write_json(os.path.join(directory, "special_tokens_map.json"), special)
+    _write_json(target("tokenizer_config.json"), tokenizer_config)
+    _write_json(target("special_tokens_map.json"), special)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,10 +393,12 @@ def _write_tokenizer(directory: str, tokenizer: tokenizer_lib.Tokenizer, arch: A
 
 
 def hf_task_config(model_cfg: ml_collections.ConfigDict, task: heads_lib.TaskHead, *,
-                   pad_token_id: int = 0) -> dict[str, Any]:
-    """The transformers config.json of a fine-tuned model's export."""
+                   pad_token_id: int | None = None, bos_token_id: int | None = None,
+                   eos_token_id: int | None = None) -> dict[str, Any]:
+    """The transformers config.json of a fine-tuned model's export (ids as `hf_config`)."""
     arch = export_architecture(model_cfg)
-    config = hf_config(model_cfg, head="none", pad_token_id=pad_token_id)
+    config = hf_config(model_cfg, head="none", pad_token_id=pad_token_id,
+                       bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     config["architectures"] = [TASK_CLASSES[(arch.model_type, task.head)]]
     names = task.label_names or tuple(f"LABEL_{i}" for i in range(task.num_labels))
     if len(names) != task.num_labels:
@@ -332,13 +438,14 @@ def hf_task_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.Conf
         raise ValueError(f"a {heads_lib.task_pooling(model_cfg)} {task.head} head has no "
                          f"{arch.model_type} transformers class")
     pooler = exports_pooler(arch, task.head)
-    if model_cfg.use_pooler and not pooler:
+    names = head_names(arch, task.head)  # RoBERTa's seq_cls head holds our pooler.
+    if model_cfg.use_pooler and not pooler and "encoder/pooler/kernel" not in names:
         logging.info("%s has no pooler: the pooler is not exported.",
                      TASK_CLASSES[(arch.model_type, task.head)])
     encoder = {k[len("encoder/"):]: v for k, v in flat.items() if k.startswith("encoder/")}
     state = _backbone_state(encoder, model_cfg, prefix=arch.prefix, pooler=pooler,
                             mlm_head=False)
-    for ours, hf in head_names(arch, task.head).items():
+    for ours, hf in names.items():
         state[hf] = np.ascontiguousarray(flat[ours].T if is_transposed_task(ours) else flat[ours])
     return state
 
@@ -346,7 +453,7 @@ def hf_task_state_dict(params: Mapping[str, Any], model_cfg: ml_collections.Conf
 def export_task_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
                    task: heads_lib.TaskHead, output_dir: str | os.PathLike, *,
                    tokenizer_path: str | None = None, lowercase: bool = True,
-                   overwrite: bool = False) -> list[str]:
+                   overwrite: bool = False, card: ModelCard | None = None) -> list[str]:
     """Writes a fine-tuned model as its transformers class (e.g.
     `DistilBertForSequenceClassification`), loadable with no missing or unexpected keys, with
     id2label and the head's dropout in config.json. Atomic, as `export_hf`.
@@ -355,7 +462,7 @@ def export_task_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDi
       params: `heads.TaskModel` parameters ({"encoder": ..., head modules}).
       model_cfg: the encoder's model config section (`use_pooler` as trained).
       task: the head.
-      output_dir, tokenizer_path, lowercase, overwrite: as `export_hf`.
+      output_dir, tokenizer_path, lowercase, overwrite, card: as `export_hf`.
 
     Returns:
       Names of the files written, sorted.
@@ -364,5 +471,8 @@ def export_task_hf(params: Mapping[str, Any], model_cfg: ml_collections.ConfigDi
     tokenizer = (tokenizer_lib.load_tokenizer(tokenizer_path, lowercase=lowercase)
                  if tokenizer_path else None)
     state = hf_task_state_dict(params, model_cfg, task)
-    config = hf_task_config(model_cfg, task, pad_token_id=tokenizer.pad_id if tokenizer else 0)
-    return _write_export(output_dir, config, state, tokenizer, model_cfg, lowercase=lowercase)
+    config = hf_task_config(model_cfg, task, **_special_ids(tokenizer, model_cfg))
+    card = card or card_lib.plain_card(config, task.head, name=os.path.basename(output_dir),
+                                       has_tokenizer=tokenizer is not None)
+    return _write_export(output_dir, config, state, tokenizer, model_cfg, card,
+                         lowercase=lowercase)

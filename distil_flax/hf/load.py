@@ -1,9 +1,11 @@
-"""Reading Hugging Face folders: BERT / DistilBERT checkpoints in, our config and params out.
+"""Reading Hugging Face folders: BERT-family checkpoints in, our config and params out.
 
 `load_hf_checkpoint` reads a folder written by `save_pretrained`:
   BertModel (with or without the `bert.` prefix, e.g. sentence-transformers exports),
   BertForMaskedLM, BertForPreTraining (its NSP head `cls.seq_relationship.*` is ignored),
-  DistilBertModel, DistilBertForMaskedLM;
+  DistilBertModel, DistilBertForMaskedLM, RobertaModel, RobertaForMaskedLM, XLMRobertaModel,
+  XLMRobertaForMaskedLM (RoBERTa's positions start at row pad_token_id + 1: our
+  `position_offset`);
   weights from `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), or
   (only when torch is installed, and only through `torch.load(weights_only=True)`) a legacy
   `pytorch_model.bin`. Nothing from the folder is ever executed (no `auto_map` / remote code).
@@ -31,6 +33,7 @@ from distil_flax.hf.names import (
     ARCHITECTURES,
     DISTILBERT,
     HEAD_MODULES,
+    OFFSET_FAMILIES,
     SAFETENSORS,
     SAFETENSORS_INDEX,
     TASK_CLASSES,
@@ -46,11 +49,9 @@ from distil_flax.hf.names import (
     is_transposed_task,
     name_map,
     task_shapes,
+    task_uses_pooler,
     unflatten,
 )
-
-# Our Encoder hard-codes BERT's LayerNorm epsilon; a checkpoint trained with another would drift.
-_EPS_TOLERANCE = 1e-15
 
 
 def is_hf_checkpoint(path: str | os.PathLike) -> bool:
@@ -83,7 +84,14 @@ def _model_config(hf: Mapping[str, Any], config_file: str) -> ml_collections.Con
         raise ValueError(
             f"{config_file}: model_type {model_type!r} is not supported; distil_flax reads "
             f"{sorted(ARCHITECTURES)} checkpoints (post-LayerNorm BERT encoders)")
-    if model_type == "bert":
+    offset = 0
+    if model_type == "distilbert":
+        # DistilBERT hard-codes LayerNorm eps 1e-12 in transformers.
+        act, eps = hf.get("activation", "gelu"), model_lib.LAYER_NORM_EPS
+        sizes = dict(num_layers=hf["n_layers"], hidden_size=hf["dim"], num_heads=hf["n_heads"],
+                     intermediate_size=hf["hidden_dim"], type_vocab_size=0,
+                     dropout_rate=hf.get("dropout", 0.1))
+    else:  # BERT, RoBERTa and XLM-R configs name the same fields (their defaults are BERT's).
         act, eps = hf.get("hidden_act", "gelu"), hf.get("layer_norm_eps", 1e-12)
         sizes = dict(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
                      num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
@@ -94,23 +102,30 @@ def _model_config(hf: Mapping[str, Any], config_file: str) -> ml_collections.Con
             raise ValueError(f"{config_file}: position_embedding_type {position_type!r}; only "
                              "learned absolute positions are supported")
         if hf.get("is_decoder") or hf.get("add_cross_attention"):
-            raise ValueError(f"{config_file}: a decoder / cross-attention BERT is not an encoder "
-                             "distil_flax can run")
-    else:
-        # DistilBERT hard-codes LayerNorm eps 1e-12 in transformers.
-        act, eps = hf.get("activation", "gelu"), 1e-12
-        sizes = dict(num_layers=hf["n_layers"], hidden_size=hf["dim"], num_heads=hf["n_heads"],
-                     intermediate_size=hf["hidden_dim"], type_vocab_size=0,
-                     dropout_rate=hf.get("dropout", 0.1))
+            raise ValueError(f"{config_file}: a decoder / cross-attention {model_type} model is "
+                             "not an encoder distil_flax can run")
+        if ARCHITECTURES[model_type] in OFFSET_FAMILIES:
+            # RobertaEmbeddings numbers real tokens from padding_idx + 1 (fairseq's make_positions).
+            pad = hf.get("pad_token_id", 1)
+            if not isinstance(pad, int) or pad < 0:
+                raise ValueError(f"{config_file}: pad_token_id {pad!r}; {model_type} numbers "
+                                 "positions from pad_token_id + 1, so it must be an id ≥ 0")
+            offset = pad + 1
     if act != "gelu":
         raise ValueError(f"{config_file}: activation {act!r}; our Encoder computes exact (erf) "
                          "GELU, which transformers calls 'gelu' (gelu_new / tanh variants differ)")
-    if abs(eps - model_lib.LAYER_NORM_EPS) > _EPS_TOLERANCE:
-        raise ValueError(f"{config_file}: layer_norm_eps {eps}; our Encoder uses BERT's "
-                         f"{model_lib.LAYER_NORM_EPS}")
+    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+        raise ValueError(f"{config_file}: layer_norm_eps {eps!r} must be in (0, 1)")
+    positions = int(hf.get("max_position_embeddings", 512)) - offset
+    if positions < 1:
+        raise ValueError(f"{config_file}: max_position_embeddings "
+                         f"{hf.get('max_position_embeddings', 512)} leaves no position after the "
+                         f"{offset} row(s) before pad_token_id + 1")
     c = model_lib.model_config("base")
     c.vocab_size = int(hf["vocab_size"])
-    c.max_position_embeddings = int(hf.get("max_position_embeddings", 512))
+    c.max_position_embeddings = positions  # Usable positions; the table has `offset` more rows.
+    c.position_offset = offset
+    c.layer_norm_eps = float(eps)
     # Attention dropout stays at our default (0): flash attention kernels have none, see model.py.
     for key, value in sizes.items():
         setattr(c, key, type(getattr(c, key))(value))
@@ -186,7 +201,7 @@ def _read_tensors(files: Mapping[str, str], keys: list[str]) -> dict[str, np.nda
 
 
 def _backbone_prefix(arch: Architecture, keys: set[str], source: str) -> str:
-    """"bert." / "distilbert." for models with heads, "" for a bare *Model export."""
+    """"bert." / "roberta." / ... for models with heads, "" for a bare *Model export."""
     word = "embeddings.word_embeddings.weight"
     if arch.prefix + word in keys:
         return arch.prefix
@@ -211,13 +226,15 @@ def _fresh_mlm_head(hidden: int, vocab: int, seed: int) -> dict[str, np.ndarray]
 
 def load_hf_checkpoint(path: str | os.PathLike, *, seed: int = 0
                        ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """Reads a HF BERT / DistilBERT folder into our config and parameter tree.
+    """Reads a HF BERT / DistilBERT / RoBERTa / XLM-R folder into our config and parameter tree.
 
-    The architecture comes from config.json (model_type bert | distilbert, exact GELU, LayerNorm
-    eps 1e-12); the pooler is kept when the checkpoint has one. A checkpoint without an MLM head
-    (BertModel, DistilBertModel, sentence-transformers exports) gets a freshly initialised head —
-    a teacher or student needs one, and distilling or MLM training then learns it — and says so in
-    the log. The returned config keeps our defaults for dtype ("bfloat16" compute) and attention.
+    The architecture comes from config.json (model_type bert | distilbert | roberta |
+    xlm-roberta, exact GELU; its LayerNorm eps and, for RoBERTa, the position offset
+    pad_token_id + 1); the pooler is kept when the checkpoint has one. A checkpoint without an
+    MLM head (BertModel, DistilBertModel, RobertaModel, sentence-transformers exports) gets a
+    freshly initialised head — a teacher or student needs one, and distilling or MLM training
+    then learns it — and says so in the log. The returned config keeps our defaults for dtype
+    ("bfloat16" compute) and attention.
 
     Args:
       path: a folder written by `save_pretrained` (config.json + weights).
@@ -347,10 +364,11 @@ def load_hf_task_checkpoint(
     files = _weight_index(path)
     keys = set(files)
     prefix = _backbone_prefix(arch, keys, path)
-    model_cfg.use_pooler = exports_pooler(arch, head)
+    # RobertaForSequenceClassification keeps the pooler in its head (`names.head_names`).
+    model_cfg.use_pooler = task_uses_pooler(arch, head)
     names = {f"encoder/{ours}": key for ours, key in name_map(
         arch, model_cfg.num_layers, prefix=prefix, token_types=model_cfg.type_vocab_size > 0,
-        pooler=model_cfg.use_pooler, mlm_head=False).items()}
+        pooler=exports_pooler(arch, head), mlm_head=False).items()}
     names.update(head_names(arch, head))
     missing = sorted(k for k in names.values() if k not in keys)
     if missing:
@@ -368,6 +386,8 @@ def load_hf_task_checkpoint(
     if arch is DISTILBERT:
         dropout = hf.get("qa_dropout", 0.1) if head == "qa" else (
             hf.get("seq_classif_dropout", 0.2) if head != "token_cls" else model_cfg.dropout_rate)
+    elif arch in OFFSET_FAMILIES and head == "multiple_choice":
+        dropout = model_cfg.dropout_rate  # RobertaForMultipleChoice: hidden_dropout_prob.
     else:
         dropout = 0.0 if head == "qa" else (hf.get("classifier_dropout")
                                             if hf.get("classifier_dropout") is not None

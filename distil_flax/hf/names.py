@@ -8,6 +8,11 @@ contract: the key set and shapes of `model.Encoder`'s parameter tree (`expected_
 Layout: torch `Linear` weights are [out, in], Flax `Dense` kernels [in, out]: exactly the entries
 of `_TRANSPOSED` (and every task-head kernel) are transposed. The MLM decoder is tied to the word
 embeddings on both sides.
+
+Families: BERT, DISTILBERT, ROBERTA and XLM_ROBERTA (XLM-R names every parameter as RoBERTa does;
+only the classes and model_type differ). `model.head_style` records the family, so it survives a
+run's config.json. RoBERTa's position table starts at row pad_token_id + 1 = 2: HF's
+`max_position_embeddings` (514) is our `max_position_embeddings + position_offset` (512 + 2).
 """
 
 import dataclasses
@@ -166,17 +171,64 @@ DISTILBERT = Architecture(
     buffers=("embeddings.position_ids",),
 )
 
-ARCHITECTURES = {a.model_type: a for a in (BERT, DISTILBERT)}
+# RoBERTa: BERT's backbone names under "roberta.", its own MLM head (`lm_head`), and a token-type
+# table of one row. Positions start at row pad_token_id + 1 (see the module docstring).
+ROBERTA = Architecture(
+    model_type="roberta",
+    prefix="roberta.",
+    mlm_class="RobertaForMaskedLM",
+    base_class="RobertaModel",
+    tokenizer_class="RobertaTokenizer",
+    embeddings=_EMBEDDINGS,
+    token_types=BERT.token_types,
+    layer_prefix=BERT.layer_prefix,
+    layer=BERT.layer,
+    pooler=BERT.pooler,
+    mlm_head={
+        "mlm_transform/kernel": "lm_head.dense.weight",
+        "mlm_transform/bias": "lm_head.dense.bias",
+        "mlm_norm/scale": "lm_head.layer_norm.weight",
+        "mlm_norm/bias": "lm_head.layer_norm.bias",
+        "mlm_bias": "lm_head.bias",
+    },
+    tied={"lm_head.decoder.weight": "word_embeddings/embedding",
+          "lm_head.decoder.bias": "mlm_bias"},
+    ignored_heads=(),
+    buffers=("embeddings.position_ids", "embeddings.token_type_ids"),
+)
+
+# XLM-R: RoBERTa's names exactly (its classes subclass RoBERTa's), its own classes and model_type.
+XLM_ROBERTA = dataclasses.replace(
+    ROBERTA, model_type="xlm-roberta", mlm_class="XLMRobertaForMaskedLM",
+    base_class="XLMRobertaModel", tokenizer_class="XLMRobertaTokenizer")
+
+ARCHITECTURES = {a.model_type: a for a in (BERT, DISTILBERT, ROBERTA, XLM_ROBERTA)}
+# Families whose position table starts after fairseq's padding row (pad_token_id + 1).
+OFFSET_FAMILIES = (ROBERTA, XLM_ROBERTA)
 
 
 def export_architecture(model_cfg: ml_collections.ConfigDict) -> Architecture:
-    """DISTILBERT when HF's DistilBERT can hold the model exactly, else BERT.
+    """The HF family that holds a model: its `head_style` for RoBERTa and XLM-R; DISTILBERT when
+    HF's DistilBERT can hold the model exactly; else BERT.
 
     The same fields decide `heads.task_pooling`, so a first-token classifier always exports as a
-    DistilBERT *For<Task> and a pooler classifier as a BERT one.
+    DistilBERT *For<Task> and a pooler classifier as a BERT or RoBERTa one.
+
+    Raises:
+      ValueError: a BERT-style model whose positions start past row 0 (`position_offset`), which
+        only the RoBERTa family's checkpoints express.
     """
+    if model_cfg.head_style in ("roberta", "xlm-roberta"):
+        return ARCHITECTURES[model_cfg.head_style]
+    offset = model_lib.later_field(model_cfg, "position_offset")
+    if offset:
+        raise ValueError(
+            f"model.position_offset is {offset}, but {model_cfg.head_style} checkpoints start "
+            "positions at row 0: only head_style roberta or xlm-roberta exports an offset")
+    # transformers' DistilBERT hard-codes LayerNorm eps 1e-12; BERT's config carries any.
     if (model_cfg.type_vocab_size == 0 and not model_cfg.use_pooler
-            and model_cfg.head_style == "distilbert"):
+            and model_cfg.head_style == "distilbert"
+            and model_lib.later_field(model_cfg, "layer_norm_eps") == model_lib.LAYER_NORM_EPS):
         return DISTILBERT
     return BERT
 
@@ -193,9 +245,9 @@ def name_map(arch: Architecture, num_layers: int, *, prefix: str, token_types: b
     """Our parameter path → HF key for one model layout.
 
     Args:
-      arch: BERT or DISTILBERT.
+      arch: one of `ARCHITECTURES`.
       num_layers: encoder depth.
-      prefix: backbone prefix of the keys ("bert.", "distilbert." or "" for a bare *Model).
+      prefix: backbone prefix of the keys ("bert.", "roberta."... or "" for a bare *Model).
       token_types, pooler, mlm_head: which optional parts the model has.
 
     Returns:
@@ -229,6 +281,14 @@ def name_map(arch: Architecture, num_layers: int, *, prefix: str, token_types: b
 
 # transformers class of each (family, head); the heads' parameter names are HF's module names.
 TASK_CLASSES = {
+    ("roberta", "seq_cls"): "RobertaForSequenceClassification",
+    ("roberta", "multiple_choice"): "RobertaForMultipleChoice",
+    ("roberta", "qa"): "RobertaForQuestionAnswering",
+    ("roberta", "token_cls"): "RobertaForTokenClassification",
+    ("xlm-roberta", "seq_cls"): "XLMRobertaForSequenceClassification",
+    ("xlm-roberta", "multiple_choice"): "XLMRobertaForMultipleChoice",
+    ("xlm-roberta", "qa"): "XLMRobertaForQuestionAnswering",
+    ("xlm-roberta", "token_cls"): "XLMRobertaForTokenClassification",
     ("bert", "seq_cls"): "BertForSequenceClassification",
     ("bert", "multiple_choice"): "BertForMultipleChoice",
     ("bert", "qa"): "BertForQuestionAnswering",
@@ -238,8 +298,11 @@ TASK_CLASSES = {
     ("distilbert", "qa"): "DistilBertForQuestionAnswering",
     ("distilbert", "token_cls"): "DistilBertForTokenClassification",
 }
-# The HF modules of each head: also our `TaskModel`'s parameter names; the last gives the logits.
+# Our `TaskModel`'s head modules of each (family, head), HF's names too except RoBERTa's seq_cls
+# (`head_names`); the last gives the logits.
 HEAD_MODULES = {
+    **{(family, head): ("qa_outputs",) if head == "qa" else ("classifier",)
+       for family in ("roberta", "xlm-roberta") for head in TASK_HEADS},
     ("bert", "seq_cls"): ("classifier",),
     ("bert", "multiple_choice"): ("classifier",),
     ("distilbert", "seq_cls"): ("pre_classifier", "classifier"),
@@ -252,13 +315,33 @@ HEAD_MODULES = {
 
 
 def exports_pooler(arch: Architecture, head: str) -> bool:
-    """Whether the HF class of `head` in family `arch` holds a pooler."""
-    # BertForQuestionAnswering / ForTokenClassification build BertModel(add_pooling_layer=False).
+    """Whether the HF class of `head` in family `arch` holds a pooler in its backbone."""
+    # BertForQuestionAnswering / ForTokenClassification build BertModel(add_pooling_layer=False);
+    # RobertaForSequenceClassification too: its classifier.dense is our pooler (`head_names`).
+    if arch in OFFSET_FAMILIES:
+        return head == "multiple_choice"
     return arch is BERT and head in ("seq_cls", "multiple_choice")
 
 
+def task_uses_pooler(arch: Architecture, head: str) -> bool:
+    """Whether our `TaskModel` of `head` in family `arch` has an encoder pooler (pooling
+    "pooler"), wherever the HF class keeps it."""
+    return arch is not DISTILBERT and head in ("seq_cls", "multiple_choice")
+
+
 def head_names(arch: Architecture, head: str) -> dict[str, str]:
-    """Our head parameter paths → HF keys (Dense kernel ↔ Linear weight, transposed)."""
+    """Our head parameter paths → HF keys (Dense kernel ↔ Linear weight, transposed).
+
+    RoBERTa's sequence classifier (`RobertaClassificationHead`) is dense → tanh → out_proj on the
+    <s> token: exactly our BERT-style pooler (tanh(dense) of the first token) and classifier, so
+    our `encoder/pooler` is its `classifier.dense` and our `classifier` its `classifier.out_proj`
+    (only the training-time dropout before `dense` differs).
+    """
+    if arch in OFFSET_FAMILIES and head == "seq_cls":
+        return {"encoder/pooler/kernel": "classifier.dense.weight",
+                "encoder/pooler/bias": "classifier.dense.bias",
+                "classifier/kernel": "classifier.out_proj.weight",
+                "classifier/bias": "classifier.out_proj.bias"}
     names = {}
     for module in HEAD_MODULES[(arch.model_type, head)]:
         names[f"{module}/kernel"] = f"{module}.weight"

@@ -4,7 +4,8 @@ Local files: `data.dir` holds `train-v1.1.json` and `dev-v1.1.json` (the officia
 TFDS `squad/v1.1`. A training answer whose text is not at its `answer_start` in the context is
 skipped and counted, as BERT's reference code does; evaluation keeps every question.
 
-Features follow BERT's `run_squad.py`: `[CLS] question [SEP] context window [SEP]`, the question
+Features follow BERT's `run_squad.py`: `[CLS] question [SEP] context window [SEP]` (framed by the
+tokenizer's family: `<s> question </s></s> context window </s>` for RoBERTa), the question
 cut to `max_query_length` tokens, long contexts split into windows `doc_stride` tokens apart.
 Each context token keeps its character span in the context, so a predicted token span maps back
 to the exact characters of the original text. A training window that does not contain the
@@ -214,7 +215,8 @@ def build_features(examples: list[SquadExample], tokenizer: Tokenizer, *, max_le
       `example_index` [rows], `offsets` [rows, length, 2] (character span of each context token in
       its context, −1 elsewhere) and `max_context` [rows, length] (bool).
     """
-    if max_query_length + 4 > max_length:
+    specials = tokenizer.num_special_tokens(pair=True)
+    if max_query_length + specials + 1 > max_length:
         raise ValueError(f"data.max_query_length ({max_query_length}) leaves no room for the "
                          f"context in data.max_length ({max_length})")
     if doc_stride <= 0:
@@ -229,16 +231,15 @@ def build_features(examples: list[SquadExample], tokenizer: Tokenizer, *, max_le
         if not len(ctx_ids):
             empty += 1
             continue
-        window = max_length - len(question) - 3
+        window = max_length - len(question) - specials
         spans = _windows(len(ctx_ids), window, doc_stride)
         best = _max_context(spans, len(ctx_ids))
         if train:
             answer_start = example.answer_starts[0]
             answer_end = answer_start + len(example.answers[0])
         for span_index, (start, length) in enumerate(spans):
-            ids = [tokenizer.cls_id, *question, tokenizer.sep_id,
-                   *ctx_ids[start:start + length].tolist(), tokenizer.sep_id]
-            first = len(question) + 2  # Row position of the window's first context token.
+            framed = tokenizer.frame(question, ctx_ids[start:start + length].tolist())
+            first = framed.b_start  # Row position of the window's first context token.
             offsets = ctx_offsets[start:start + length]
             labels = (0, 0)
             if train and offsets[0, 0] <= answer_start and offsets[-1, 1] >= answer_end:
@@ -246,13 +247,14 @@ def build_features(examples: list[SquadExample], tokenizer: Tokenizer, *, max_le
                 token_start = int(np.nonzero(offsets[:, 0] <= answer_start)[0][-1])
                 token_end = int(np.nonzero(offsets[:, 1] >= answer_end)[0][0])
                 labels = (first + token_start, first + token_end)
-            rows.append((index, ids, first, offsets,
+            rows.append((index, framed, first, offsets,
                          best[start:start + length] == span_index, labels))
     if empty:
         # Not skipped silently: an evaluation question without windows scores 0.
         logging.warning("%d SQuAD example(s) have an empty context and no windows.", empty)
 
-    length = text_lib.row_length(max((len(r[1]) for r in rows), default=1), max_length)
+    length = text_lib.row_length(max((len(r[1].input_ids) for r in rows), default=1),
+                                 max_length)
     n = len(rows)
     arrays = {name: np.zeros((n, length), np.int32)
               for name in ("input_ids", "token_type_ids", "attention_mask")}
@@ -260,10 +262,11 @@ def build_features(examples: list[SquadExample], tokenizer: Tokenizer, *, max_le
     offsets_out = np.full((n, length, 2), -1, np.int32)
     max_context = np.zeros((n, length), bool)
     positions = np.zeros((n, 2), np.int32)
-    for r, (_, ids, first, offsets, is_max, labels) in enumerate(rows):
+    for r, (_, framed, first, offsets, is_max, labels) in enumerate(rows):
+        ids = framed.input_ids
         arrays["input_ids"][r, :len(ids)] = ids
         arrays["attention_mask"][r, :len(ids)] = 1
-        arrays["token_type_ids"][r, first:len(ids)] = 1  # Context and its [SEP].
+        arrays["token_type_ids"][r, :len(ids)] = framed.token_type_ids
         offsets_out[r, first:first + len(offsets)] = offsets
         max_context[r, first:first + len(offsets)] = is_max
         positions[r] = labels

@@ -1,10 +1,12 @@
-"""Text → model rows for fine-tuning: `[CLS] a [SEP] (b [SEP])`, one example per row, no packing.
+"""Text → model rows for fine-tuning, one example per row, no packing, framed by the tokenizer:
+`[CLS] a [SEP] (b [SEP])` for BERT, `<s> a </s> (</s> b </s>)` for RoBERTa (`Tokenizer.frame`).
 
-A row is `input_ids`, `token_type_ids` (0 for the first text and its specials, 1 for the second)
-and `attention_mask` (1 on tokens, 0 on padding), int32 [rows, length]. The encoder reads the
-attention mask as its segment ids, so padding never mixes with tokens, and positions restart at 0
-in every row. Rows are as long as the longest one needs, rounded up to a multiple of 8 and capped
-at `max_length`, so short-sentence tasks do not pay for 128 or 512 positions.
+A row is `input_ids`, `token_type_ids` (BERT: 0 for the first text and its specials, 1 for the
+second; RoBERTa: all 0) and `attention_mask` (1 on tokens, 0 on padding), int32 [rows, length].
+The encoder reads the attention mask as its segment ids, so padding never mixes with tokens, and
+positions restart at 0 in every row. Rows are as long as the longest one needs, rounded up to a
+multiple of 8 and capped at `max_length`, so short-sentence tasks do not pay for 128 or 512
+positions.
 """
 
 from collections.abc import Sequence
@@ -87,22 +89,19 @@ def encode_pairs(tokenizer: Tokenizer, texts_a: Sequence[str], texts_b: Sequence
       (rows, truncated): `input_ids`, `token_type_ids`, `attention_mask` int32 [n, length], and
       how many examples lost tokens to truncation.
     """
-    if max_length < 4:
-        raise ValueError(f"max_length must be at least 4, got {max_length}")
+    specials = tokenizer.num_special_tokens(pair=texts_b is not None)
+    least = max(4, specials + 1)  # Room for at least one token of the texts.
+    if max_length < least:
+        raise ValueError(f"max_length must be at least {least}, got {max_length}")
     ids_a = tokenizer.encode_batch(list(texts_a))
     ids_b = tokenizer.encode_batch(list(texts_b)) if texts_b is not None else [None] * len(ids_a)
-    specials = 3 if texts_b is not None else 2
     rows = []
     truncated = 0
     for a, b in zip(ids_a, ids_b):
         ta, tb = truncate_pair(a, b, max_length - specials)
         truncated += len(ta) + len(tb) < len(a) + len(b or [])
-        ids = [tokenizer.cls_id, *ta, tokenizer.sep_id]
-        types = [0] * len(ids)
-        if b is not None:
-            ids += [*tb, tokenizer.sep_id]
-            types += [1] * (len(tb) + 1)
-        rows.append((ids, types))
+        framed = tokenizer.frame(ta, tb if b is not None else None)
+        rows.append((framed.input_ids, framed.token_type_ids))
     length = row_length(max((len(ids) for ids, _ in rows), default=1), max_length)
     out = {name: np.zeros((len(rows), length), np.int32)
            for name in ("input_ids", "token_type_ids", "attention_mask")}

@@ -15,7 +15,6 @@ instead and runs projection, both terms and their gradients chunk by chunk under
 more than one chunk of logits ever exists (`LossSpec.head_chunk`).
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -23,35 +22,17 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from distil_flax.losses.spec import LossSpec
+
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """Weights of the three terms; a term with weight 0 is not computed at all."""
-
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    temperature: float = 2.0
-    # False: L_ce on every non-pad position (the released DistilBERT). True: only on the masked
-    # ones.
-    restrict_ce_to_mask: bool = False
-    # Positions per row in each chunk of the fused head + loss (`fused_distillation_loss`); a chunk
-    # holds [batch, head_chunk, vocab] logits. 0: the plain path (`distillation_loss`).
-    head_chunk: int = 128
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.alpha_ce > 0 or self.alpha_cos > 0
-
-
-def _wide(x: Array) -> Array:
+def wide(x: Array) -> Array:
     """`x` in float32, or wider if it already is (float64 in tests)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _weighted_mean(values: Array, weights: Array) -> Array:
+def weighted_mean(values: Array, weights: Array) -> Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -63,10 +44,10 @@ def soft_target_kl(student_logits: Array, teacher_logits: Array, weights: Array,
       student_logits, teacher_logits: [..., vocab].
       weights: [...] 1.0 where the loss reads, 0.0 elsewhere (padding).
     """
-    log_p_s = jax.nn.log_softmax(_wide(student_logits) / temperature, axis=-1)
-    log_p_t = jax.nn.log_softmax(_wide(teacher_logits) / temperature, axis=-1)
+    log_p_s = jax.nn.log_softmax(wide(student_logits) / temperature, axis=-1)
+    log_p_t = jax.nn.log_softmax(wide(teacher_logits) / temperature, axis=-1)
     kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
-    return temperature**2 * _weighted_mean(kl, weights)
+    return temperature**2 * weighted_mean(kl, weights)
 
 
 def masked_lm_loss(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
@@ -75,20 +56,20 @@ def masked_lm_loss(logits: Array, labels: Array, weights: Array) -> tuple[Array,
     Args:
       logits: [..., vocab]; labels: [...] int ids; weights: [...] 1.0 for real predictions.
     """
-    log_p = jax.nn.log_softmax(_wide(logits), axis=-1)
+    log_p = jax.nn.log_softmax(wide(logits), axis=-1)
     nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return _weighted_mean(nll, weights), _weighted_mean(correct, weights)
+    return weighted_mean(nll, weights), weighted_mean(correct, weights)
 
 
 def cosine_distance(student_hidden: Array, teacher_hidden: Array, weights: Array) -> Array:
     """Mean of 1 − cos(h_s, h_t) over weighted positions. hidden: [..., embed]; weights: [...]."""
-    s = _wide(student_hidden)
-    t = _wide(teacher_hidden)
+    s = wide(student_hidden)
+    t = wide(teacher_hidden)
     dot = jnp.sum(s * t, axis=-1)
     norms = jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
     cos = dot / jnp.maximum(norms, 1e-8)
-    return _weighted_mean(1.0 - cos, weights)
+    return weighted_mean(1.0 - cos, weights)
 
 
 def distillation_loss(
@@ -137,7 +118,7 @@ def distillation_loss(
         _, teacher_accuracy = masked_lm_loss(teacher_mlm_logits, mlm_labels, mlm_weights)
         agree = jnp.argmax(teacher_mlm_logits, -1) == jnp.argmax(student_mlm_logits, -1)
         metrics["teacher_mlm_accuracy"] = teacher_accuracy
-        metrics["agreement"] = _weighted_mean(agree.astype(jnp.float32), mlm_weights)
+        metrics["agreement"] = weighted_mean(agree.astype(jnp.float32), mlm_weights)
     metrics["loss"] = loss
     return loss, metrics
 
@@ -193,7 +174,7 @@ def fused_distillation_loss(
         label_weights = jnp.zeros((batch, n), mlm_weights.dtype).at[rows, label_positions].set(
             mlm_weights, unique_indices=True)
     loss, sums = _fused_head(spec, student_head, teacher_head,
-                             (_wide(ce_weights), labels, _wide(label_weights)))
+                             (wide(ce_weights), labels, wide(label_weights)))
     sums = jax.lax.stop_gradient(sums)
     predictions = jnp.maximum(jnp.sum(mlm_weights), 1.0)
     metrics = {"loss_mlm": sums["nll"] / predictions,
@@ -270,7 +251,7 @@ def _fused_head_local(spec: LossSpec, student: HeadInputs, teacher: HeadInputs |
     ce_scale, mlm_scale = scales
     batch, n, _ = features.shape
     dtype = features.dtype
-    wide = jnp.promote_types(dtype, jnp.float32)  # Accumulators and reductions.
+    acc_dtype = jnp.promote_types(dtype, jnp.float32)  # Accumulators and reductions.
     chunk = min(spec.head_chunk, n)
     num_chunks = -(-n // chunk)
     temperature = spec.temperature
@@ -287,7 +268,7 @@ def _fused_head_local(spec: LossSpec, student: HeadInputs, teacher: HeadInputs |
         d_decoder, d_bias, sums = carry
         h, ce_w, label, label_w = xs[:4]
         # Logits in the compute dtype, as the plain head makes them; every reduction in float32.
-        s = _wide(jnp.einsum("bcd,vd->bcv", h, s_decoder) + s_bias)
+        s = wide(jnp.einsum("bcd,vd->bcv", h, s_decoder) + s_bias)
         lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
         label_logit = jnp.take_along_axis(s, label[..., None], axis=-1)[..., 0]
         student_top = jnp.argmax(s, axis=-1)
@@ -299,7 +280,7 @@ def _fused_head_local(spec: LossSpec, student: HeadInputs, teacher: HeadInputs |
             grad += (mlm_scale * label_w)[..., None] * (
                 jnp.exp(s - lse) - jax.nn.one_hot(label, s.shape[-1], dtype=s.dtype))
         if teacher is not None:
-            t = _wide(jnp.einsum("bcd,vd->bcv", xs[4], t_decoder) + t_bias)
+            t = wide(jnp.einsum("bcd,vd->bcv", xs[4], t_decoder) + t_bias)
             teacher_top = jnp.argmax(t, axis=-1)
             sums["teacher_correct"] += jnp.sum(label_w * (teacher_top == label))
             sums["agreement"] += jnp.sum(label_w * (teacher_top == student_top))
@@ -311,15 +292,15 @@ def _fused_head_local(spec: LossSpec, student: HeadInputs, teacher: HeadInputs |
                 grad += (ce_scale * ce_w)[..., None] * (jnp.exp(log_p_s) - p_t)
         grad = grad.astype(dtype)
         d_h = jnp.einsum("bcv,vd->bcd", grad, s_decoder)
-        d_decoder += jnp.einsum("bcv,bcd->vd", grad, h, preferred_element_type=wide)
-        d_bias += jnp.sum(grad, axis=(0, 1), dtype=wide)
+        d_decoder += jnp.einsum("bcv,bcd->vd", grad, h, preferred_element_type=acc_dtype)
+        d_bias += jnp.sum(grad, axis=(0, 1), dtype=acc_dtype)
         return (d_decoder, d_bias, sums), d_h
 
     names = ["nll", "student_correct"]
     if teacher is not None:
         names += ["teacher_correct", "agreement"] + (["kl"] if spec.alpha_ce else [])
-    zeros = (jnp.zeros(decoder.shape, wide), jnp.zeros(bias.shape, wide),
-             {name: jnp.zeros((), wide) for name in names})
+    zeros = (jnp.zeros(decoder.shape, acc_dtype), jnp.zeros(bias.shape, acc_dtype),
+             {name: jnp.zeros((), acc_dtype) for name in names})
     xs = tuple(chunks(x) for x in (features, ce_weights, labels, label_weights))
     if teacher is not None:
         xs += (chunks(teacher[0]),)

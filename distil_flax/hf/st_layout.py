@@ -1,0 +1,218 @@
+"""The sentence-transformers layout: an encoder export that `SentenceTransformer(DIR)` loads.
+
+    DIR/  config.json, model.safetensors,      the bare BertModel / DistilBertModel
+          tokenizer files, README.md           (`export.export_hf` with head="none")
+          modules.json                         Transformer (path "") → Pooling → [Normalize]
+          sentence_bert_config.json            max_seq_length; do_lower_case false (the
+                                               tokenizer lowercases an uncased vocab itself)
+          config_sentence_transformers.json    cosine similarity
+          1_Pooling/config.json                mean or cls (`embeddings.pooling_config`)
+
+The files are the classic layout (module types `sentence_transformers.models.*`, one boolean per
+pooling mode), as all-MiniLM-L6-v2 ships it: sentence-transformers 2 to 6 load it, and so does
+`embeddings.read_pooling`. `SentenceTransformer(DIR).encode(sentences)` then computes what
+`embeddings.embed` computes with the same pooling (normalised when the Normalize module is there).
+
+`read_sentence_config` reads a folder's pooling, Normalize module and max_seq_length (a teacher's,
+so a student exports the way its teacher embeds); `export_sentence_transformers` writes the
+layout; `sentence_card` turns a card (`card.run_card` / `plain_card`) into the card of such an
+export. Named st_layout, not sentence_transformers, so that importing it never reads as importing
+the library.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import ml_collections
+from absl import logging
+from huggingface_hub import ModelCard
+
+from distil_flax import embeddings
+from distil_flax.hf import card as card_lib
+from distil_flax.hf import export as export_lib
+
+# modules.json types of the classic layout; sentence-transformers 6 still maps them.
+TRANSFORMER = "sentence_transformers.models.Transformer"
+POOLING = "sentence_transformers.models.Pooling"
+NORMALIZE = "sentence_transformers.models.Normalize"
+POOLING_DIR = "1_Pooling"
+NORMALIZE_DIR = "2_Normalize"
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+            f"{POOLING_DIR}/config.json")
+# The module classes whose output our embeddings reproduce (by class name, any package path).
+_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceConfig:
+    """How a sentence-transformers folder turns token states into a sentence embedding.
+
+    Attributes:
+      pooling: "mean" or "cls"; None when the folder names no Pooling module.
+      normalize: a Normalize module follows the pooling (unit-length embeddings).
+      max_seq_length: sentence_bert_config.json's, None when absent.
+      transformer_path: the folder of the Transformer module, relative ("" for the root).
+      other_modules: module types we do not compute (Dense, ...): our embeddings are the
+        pooled (and normalised) ones before them.
+    """
+
+    pooling: str | None
+    normalize: bool = False
+    max_seq_length: int | None = None
+    transformer_path: str = ""
+    other_modules: tuple[str, ...] = ()
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def read_sentence_config(folder: str | os.PathLike) -> SentenceConfig | None:
+    """The sentence-transformers setup of `folder`; None when it is no such folder (neither
+    modules.json nor 1_Pooling/config.json).
+
+    Raises:
+      ValueError: damaged JSON, or a pooling we do not compute (`embeddings.read_pooling`).
+    """
+    folder = os.fspath(folder)
+    modules_file = os.path.join(folder, "modules.json")
+    has_modules = os.path.isfile(modules_file)
+    if not has_modules and not os.path.isfile(os.path.join(folder, POOLING_DIR, "config.json")):
+        return None
+    modules = _read_json(modules_file) if has_modules else []
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ValueError(f"{modules_file} is not a list of modules")
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    transformer = next((str(m.get("path", "")) for m, k in zip(modules, kinds)
+                        if k == "Transformer"), "")
+    others = tuple(str(m.get("type")) for m, k in zip(modules, kinds)
+                   if k not in _KNOWN_MODULES)
+    max_seq_length = None
+    config_file = os.path.join(folder, transformer, "sentence_bert_config.json")
+    if os.path.isfile(config_file):
+        value = _read_json(config_file)
+        if isinstance(value, dict) and isinstance(value.get("max_seq_length"), int):
+            max_seq_length = value["max_seq_length"]
+    return SentenceConfig(embeddings.read_pooling(folder), "Normalize" in kinds, max_seq_length,
+                          transformer, others)
+
+
+def modules_json(normalize: bool) -> list[dict[str, Any]]:
+    """modules.json: the Transformer at the folder's root, the Pooling, and maybe Normalize."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": TRANSFORMER},
+               {"idx": 1, "name": "1", "path": POOLING_DIR, "type": POOLING}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": NORMALIZE})
+    return modules
+
+
+def sentence_card(card: ModelCard, *, name: str, pooling: str, normalize: bool,
+                  max_seq_length: int) -> ModelCard:
+    """`card` (of a head="none" export) as the card of a sentence-transformers export: library
+    sentence-transformers, pipeline sentence-similarity, and a section on how it embeds."""
+    card = ModelCard(str(card))  # A copy: the caller's card is left as it was.
+    card.data.library_name = "sentence-transformers"
+    card.data.pipeline_tag = "sentence-similarity"
+    tags = list(card.data.tags or [])
+    card.data.tags = tags + [t for t in ("sentence-transformers", "sentence-similarity",
+                                         "feature-extraction") if t not in tags]
+    pooled = {"mean": "the mean of the token states (padding excluded, [CLS] and [SEP] included)",
+              "cls": "the [CLS] token's state"}[pooling]
+    section = (
+        "## Sentence embeddings\n\n"
+        f"A sentence's embedding is {pooled}"
+        + (", scaled to unit length" if normalize else "")
+        + f"; inputs are cut at {max_seq_length} tokens. With sentence-transformers:\n\n"
+        "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        f"model = SentenceTransformer(\"{name}\")  # The folder, or its Hub id.\n"
+        "embeddings = model.encode([\"A sentence.\", \"Another one.\"])\n"
+        "print(model.similarity(embeddings, embeddings))\n```\n\n")
+    text = card.text
+    at = text.find("## Usage")
+    card.text = text[:at] + section + text[at:] if at >= 0 else text.rstrip() + "\n\n" + section
+    return card
+
+
+def export_sentence_transformers(
+        params: Mapping[str, Any], model_cfg: ml_collections.ConfigDict,
+        output_dir: str | os.PathLike, *, pooling: str = "mean", normalize: bool = False,
+        max_seq_length: int | None = None, tokenizer_path: str | None = None,
+        lowercase: bool = True, overwrite: bool = False, card: ModelCard | None = None
+) -> list[str]:
+    """Writes the bare encoder in the sentence-transformers layout (see the module docstring).
+
+    Atomic as `export.export_hf`: everything is written beside `output_dir` and renamed into
+    place, so a failure leaves nothing behind.
+
+    Args:
+      params, model_cfg: the encoder (as `export.export_hf`; an MLM head is not exported).
+      output_dir: the folder to create.
+      pooling: "mean" or "cls".
+      normalize: add a Normalize module (unit-length embeddings), as the teacher had.
+      max_seq_length: tokens per sentence, [CLS] and [SEP] included; None: the model's
+        max_position_embeddings.
+      tokenizer_path, lowercase, overwrite: as `export.export_hf`.
+      card: the model card of the head="none" export (`card.run_card`); None: a plain one. Either
+        gets `sentence_card`'s section.
+
+    Returns:
+      Paths of the files written, relative to `output_dir`, sorted.
+
+    Raises:
+      ValueError: a bad pooling or max_seq_length, or params that do not match `model_cfg`.
+      FileExistsError: `output_dir` exists, is not empty, and `overwrite` is False.
+    """
+    embeddings.pooling_config(pooling, 1)  # Checks the pooling's name.
+    positions = int(model_cfg.max_position_embeddings)
+    max_seq_length = positions if max_seq_length is None else int(max_seq_length)
+    if not 3 <= max_seq_length <= positions:
+        raise ValueError(f"max_seq_length must be between 3 ([CLS] token [SEP]) and the model's "
+                         f"max_position_embeddings ({positions}), got {max_seq_length}")
+    output_dir = export_lib._check_output_dir(output_dir, overwrite)
+    name = os.path.basename(output_dir)
+    if card is None:
+        card = card_lib.plain_card(export_lib.hf_config(model_cfg, head="none"), "none",
+                                   name=name, has_tokenizer=bool(tokenizer_path))
+    card = sentence_card(card, name=name, pooling=pooling, normalize=normalize,
+                         max_seq_length=max_seq_length)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    export_lib._remove_stale_tmp(output_dir)
+    # The HF export goes into a staging folder named as export_hf's own temporary folders (so a
+    # killed export's is cleaned up the same way), the layout is added, then it is renamed.
+    staging = export_lib._sibling(output_dir, "tmp")
+    try:
+        export_lib.export_hf(params, model_cfg, staging, tokenizer_path=tokenizer_path,
+                             lowercase=lowercase, head="none", card=card)
+        _write_layout(staging, pooling=pooling, normalize=normalize,
+                      max_seq_length=max_seq_length, dim=int(model_cfg.hidden_size))
+        written = sorted(os.path.relpath(os.path.join(root, f), staging)
+                         for root, _, files in os.walk(staging) for f in files)
+        export_lib._replace_dir(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logging.info("Exported a sentence-transformers model (%s pooling%s, max_seq_length %d) to "
+                 "%s.", pooling, ", normalised" if normalize else "", max_seq_length, output_dir)
+    return written
+
+
+def _write_layout(folder: str, *, pooling: str, normalize: bool, max_seq_length: int,
+                  dim: int) -> None:
+    write = export_lib._write_json
+    write(os.path.join(folder, "modules.json"), modules_json(normalize))
+    # do_lower_case here lowercases the text before the tokenizer sees it; the tokenizer already
+    # lowercases for an uncased vocabulary (tokenizer_config.json), and a cased one must not be.
+    write(os.path.join(folder, "sentence_bert_config.json"),
+          {"max_seq_length": max_seq_length, "do_lower_case": False})
+    write(os.path.join(folder, "config_sentence_transformers.json"),
+          {"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None})
+    os.mkdir(os.path.join(folder, POOLING_DIR))
+    write(os.path.join(folder, POOLING_DIR, "config.json"),
+          embeddings.pooling_config(pooling, dim))
