@@ -10,14 +10,15 @@ Transformers" (Findings of ACL 2021, arXiv:2012.15828).
         --config.data.dir=data/wiki_en
 
 The recipe: the only loss is the KL between the teacher's and the student's Q–Q, K–K and V–V
-scaled dot-product relations (`loss.relations`), each split into 48 relation heads, so the
-student's 12 heads of 32 need not match the teacher's 12 of 64. One layer of each: the student's
-last and, for a base-size teacher, the teacher's last (the paper takes an upper-middle layer of
-large teachers: set `loss.relations.teacher_layer`). The student starts from random weights; the
-text is not masked (no MLM term reads it). Optimisation as the paper's base-size runs: batch 1024
-sequences of 512 tokens, Adam (β₂ 0.999) with peak learning rate 6e-4, 4 % warmup and linear
-decay, weight decay 0.01, 400K steps, on English Wikipedia + BookCorpus (here: Wikipedia from
-TFDS, as `configs/distil6.py`).
+scaled dot-product relations (`loss.relations`), each split into relation heads, so the student's
+12 heads of 32 need not match the teacher's 12 of 64. One layer of each: the student's last and,
+for a base-size teacher, the teacher's last (the paper takes an upper-middle layer of large
+teachers: set `loss.relations.teacher_layer`). The student starts from random weights; the text is
+not masked (no MLM term reads it). Settings we could not take from the paper's own text here and
+took from public reimplementations of it instead: 48 relation heads, batch 1024 sequences of 512
+tokens, Adam (β₂ 0.999) with peak learning rate 6e-4, 4 % warmup and linear decay, weight decay
+0.01, 400K steps — check them against the paper before quoting this config as its recipe. Data:
+English Wikipedia from TFDS (the paper adds BookCorpus), as `configs/distil6.py`.
 
 `:tiny` runs in seconds on a CPU against the tests' tiny teacher (2 × 32) with a narrower 2 × 16
 student.

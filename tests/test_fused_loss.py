@@ -232,7 +232,7 @@ def test_step_gradients_match_between_fused_and_plain_heads():
     def run(head_chunk):
         spec = losses.LossSpec(head_chunk=head_chunk)
         return jax.jit(lambda p, tp, micro: step._loss_and_grads(
-            p, tp, micro, None, jax.random.PRNGKey(7), student=student, teacher=teacher,
+            p, {}, tp, micro, None, jax.random.PRNGKey(7), student=student, teacher=teacher,
             masking=masking, loss=spec))(params, teacher_params, micro)
 
     grads_plain, metrics_plain = run(0)

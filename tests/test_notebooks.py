@@ -12,7 +12,7 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = ("quickstart", "ablations")
+NOTEBOOKS = ("quickstart", "ablations", "embeddings")
 
 
 def _read(name: str) -> nbformat.NotebookNode:

@@ -1,0 +1,268 @@
+"""Our sentence-embedding distillation beside sentence-transformers' own recipe: the same teacher,
+student layers, corpus and minutes, scored the same way, in one table.
+
+    python bench/embedding_peer.py --minutes=8 --workdir=runs/embedding_peer \
+        --output=bench/results/embedding_peer.json
+    python bench/embedding_peer.py --minutes=8 --ours=none          # the peer alone
+
+One run, on the first --cores cores this process may use (both trainings inherit them):
+  1. The peer: `bench/peer_sentence_transformers.py` for --minutes on --threads torch threads —
+     all-MiniLM-L6-v2 with all but the layers of our config's `init.layer_map` removed,
+     MSELoss against the teacher's sentence embeddings, on the bundled corpus's sentences.
+     It also saves its student as it started (the init-only student).
+  2. Ours: `python -m distil_flax.main --config=OURS --workdir=WORKDIR/ours
+     --config.train.num_steps=N`, with its held-out evaluation and checkpoint only at the end
+     (the peer does neither along the way). Our run is bounded by steps, so N is chosen for our
+     whole command to take as long as the peer's whole command took (both include starting
+     up, loading the teacher and saving): a calibration run of --calibration_steps measures our
+     step time (the median `train/step_time_s` after the first logged interval, which holds the
+     compilation) and the rest of the command's time; N = (peer's seconds − the rest) / step
+     time. --ours_steps=N skips the calibration.
+  3. Each student against the teacher: `python -m distil_flax.evaluate_embeddings
+     --text=WORKDIR/held_out.txt`, --sentences prose sentences of CPython's help topics
+     (`recipes.held_out_sentences`), another domain than the training corpus.
+
+Printed: a markdown table (and, with --output, JSON) of system, minutes (the whole command),
+load (the machine's 1-minute load average, sampled every 10 s while it ran, mean: the cores are
+often shared), steps, texts and tokens seen in training, text_cosine_spearman (Spearman of all
+pairwise cosine similarities against the teacher's) and text_recall@10 (of the teacher's nearest
+neighbours), with the init-only student — the teacher with layers removed, before training —
+through sentence-transformers' layer removal and, when ours ran, through our `init_from_teacher`
+(the two should agree). Texts seen: the peer's are sentences; ours are packed segments, each a piece
+of whole sentences of up to `data.max_len` tokens, estimated as our real tokens seen (the
+metrics' `train/real_tokens`) over the mean segment length of the prepared training split.
+Tokens: real tokens, [CLS] and [SEP] included, padding not. Every run below --workdir is
+started afresh.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path[:0] = [BENCH, ROOT]
+
+import peer_sentence_transformers as peer  # noqa: E402
+from recipes import _run, held_out_sentences  # noqa: E402
+
+OURS = "configs/embed_minilm.py"
+
+
+def run_sampling_load(command: list[str], log: str, every: float = 10.0) -> tuple[float, float]:
+    """`recipes._run` of a command, sampling the machine's 1-minute load average meanwhile;
+    returns (minutes, the mean of the samples)."""
+    samples, done = [os.getloadavg()[0]], threading.Event()
+
+    def sample():
+        while not done.wait(every):
+            samples.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        minutes = _run(command, log)
+    finally:
+        done.set()
+        sampler.join()
+    return minutes, statistics.mean(samples)
+
+
+def _fresh(path: str) -> str:
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    return path
+
+
+def use_cores(count: int) -> list[int]:
+    """Restricts this process (and what it starts) to the first `count` of its cores."""
+    cores = sorted(os.sched_getaffinity(0))[:count] if count else sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
+def config_layers(config: str) -> tuple[int, ...]:
+    """`init.layer_map` of a config file (with its `:preset`)."""
+    from distil_flax.config import load_config
+
+    return tuple(int(i) for i in load_config(os.path.join(ROOT, config)).init.layer_map)
+
+
+def step_seconds(workdir: str) -> float:
+    """The median `train/step_time_s` of a run after its first logged interval (compilation)."""
+    from distil_flax.metric_writers import read_metrics
+
+    times = [r["train/step_time_s"] for r in read_metrics(workdir) if "train/step_time_s" in r]
+    if len(times) < 2:
+        sys.exit(f"error: {workdir} logged {len(times)} step times; the calibration needs 2 "
+                 "or more (raise --calibration_steps)")
+    return statistics.median(times[1:])
+
+
+def seen_by_run(workdir: str) -> dict[str, float]:
+    """Real tokens a run trained on (`train/real_tokens` per step × the steps of each logged
+    interval) and the segments that makes at the prepared training split's mean segment length.
+    """
+    from distil_flax.config import load_json
+    from distil_flax.data import load_tokenizer, prepare, records
+    from distil_flax.metric_writers import read_metrics
+
+    tokens, step = 0.0, 0
+    for record in read_metrics(workdir):
+        if "train/real_tokens" in record:
+            tokens += record["train/real_tokens"] * (record["step"] - step)
+            step = record["step"]
+    c = load_json(os.path.join(workdir, "config.json"))
+    tokenizer = load_tokenizer(c.data.tokenizer, lowercase=c.data.lowercase)
+    split = records.PreparedDataset(prepare.default_directory(c.data, tokenizer)).split("train")
+    # Pieces longer than a row are cut into several segments, each with its [CLS] and [SEP].
+    per_piece = -(-(split.num_tokens // split.num_records) // (c.data.seq_len - 2))
+    mean_segment = (split.num_tokens + 2 * per_piece * split.num_records) / (
+        per_piece * split.num_records)
+    return {"steps": step, "tokens_seen": round(tokens), "segments_seen": round(tokens /
+            mean_segment), "mean_segment_tokens": round(mean_segment, 2)}
+
+
+def evaluate(student: str, teacher: str, text: str, report: str) -> dict:
+    """evaluate_embeddings' report of a student against the teacher on the held-out text."""
+    _run([sys.executable, "-m", "distil_flax.evaluate_embeddings", f"--student={student}",
+          f"--teacher={teacher}", f"--text={text}", f"--output={report}"],
+         report.removesuffix(".json") + ".log")
+    with open(report) as f:
+        return json.load(f)
+
+
+def _scores(metrics: dict) -> dict:
+    return {"text_cosine_spearman": metrics["text_cosine_spearman"],
+            "text_recall@10": metrics["text_recall@10"]}
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as a markdown table (— where a row has no value)."""
+    def cell(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    lines = ["| system | minutes | load | steps | texts seen | tokens seen | pairwise-cosine "
+             "Spearman | recall@10 |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {cell(r.get('minutes'), '.1f')} | "
+                     f"{cell(r.get('load'), '.1f')} | "
+                     f"{cell(r.get('steps'), 'd')} | {r.get('texts_seen') or '—'} | "
+                     f"{cell(r.get('tokens_seen'), ',d')} | "
+                     f"{cell(r['text_cosine_spearman'], '.3f')} | "
+                     f"{cell(r['text_recall@10'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--minutes", type=float, default=8.0, help="the peer's training budget")
+    p.add_argument("--workdir", default="runs/embedding_peer")
+    p.add_argument("--teacher", default="", help="default: the packaged all-MiniLM-L6-v2")
+    p.add_argument("--ours", default=OURS, help="our config (with :preset), or none")
+    p.add_argument("--ours_steps", default="auto", help="auto (calibrated) or a step count")
+    p.add_argument("--calibration_steps", type=int, default=30)
+    p.add_argument("--layers", default="", help="the peer's kept layers; default: the --ours "
+                   "config's init.layer_map (with --ours=none: the peer script's default)")
+    p.add_argument("--cores", type=int, default=2, help="cores for everything; 0: all")
+    p.add_argument("--threads", type=int, default=2, help="the peer's torch threads")
+    p.add_argument("--sentences", type=int, default=1000, help="held-out sentences")
+    p.add_argument("--peer_max_steps", type=int, default=0, help="also stop the peer here")
+    p.add_argument("--output", default="", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    ours = None if args.ours == "none" else args.ours
+    teacher = args.teacher or peer.default_teacher()
+    layers = args.layers or ",".join(map(str, config_layers(ours) if ours
+                                          else peer.default_layers()))
+    cores = use_cores(args.cores)
+    os.makedirs(args.workdir, exist_ok=True)
+    text = os.path.join(args.workdir, "held_out.txt")
+    with open(text, "w") as f:
+        f.write("\n".join(held_out_sentences(args.sentences)) + "\n")
+    load = os.getloadavg()
+    print(f"cores {cores}; load average {load[0]:.1f} at the start", flush=True)
+
+    # ---------------------------------------------------------------------- the peer
+    peer_dir = os.path.join(args.workdir, "peer")
+    init_dir = os.path.join(args.workdir, "peer_init")
+    peer_minutes, peer_load = run_sampling_load(
+        [sys.executable, os.path.join(BENCH, "peer_sentence_transformers.py"),
+         f"--teacher={teacher}", f"--output={peer_dir}", f"--init_output={init_dir}",
+         f"--layers={layers}", f"--minutes={args.minutes}", f"--threads={args.threads}",
+         f"--max_steps={args.peer_max_steps}", "--overwrite"], f"{peer_dir}.log")
+    with open(f"{peer_dir}.json") as f:
+        peer_run = json.load(f)
+    print(f"peer: {peer_minutes:.2f} min, {peer_run['steps']} steps", flush=True)
+
+    # ---------------------------------------------------------------------- ours
+    ours_run, ours_minutes, ours_load, calibration = None, None, None, None
+    if ours:
+        workdir = os.path.join(args.workdir, "ours")
+        command = [sys.executable, "-m", "distil_flax.main", f"--config={ours}",
+                   f"--config.teacher.checkpoint={teacher}"]
+        if args.ours_steps == "auto":
+            probe = _fresh(os.path.join(args.workdir, "ours_calibration"))
+            n = args.calibration_steps
+            minutes = _run([*command, f"--workdir={probe}", f"--config.train.num_steps={n}",
+                            f"--config.train.eval_every={n}", "--config.train.log_every=5",
+                            f"--config.train.checkpoint_every={n}"], f"{probe}.log")
+            step = step_seconds(probe)
+            fixed = minutes * 60 - n * step
+            steps = max(1, int((peer_minutes * 60 - fixed) / step))
+            calibration = {"steps": n, "minutes": round(minutes, 2), "step_seconds": step,
+                           "fixed_seconds": round(fixed, 1)}
+            print(f"calibration: {step:.3f} s a step + {fixed:.0f} s → {steps} steps", flush=True)
+        else:
+            steps = int(args.ours_steps)
+        _fresh(workdir)
+        ours_minutes, ours_load = run_sampling_load(
+            [*command, f"--workdir={workdir}", f"--config.train.num_steps={steps}",
+             f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}"],
+            f"{workdir}.log")
+        ours_run = seen_by_run(workdir)
+        print(f"ours: {ours_minutes:.2f} min, {ours_run['steps']} steps", flush=True)
+
+    # ---------------------------------------------------------------------- evaluation
+    reports = {"peer": evaluate(peer_dir, teacher, text, f"{peer_dir}.embeddings.json"),
+               "peer_init": evaluate(init_dir, teacher, text, f"{init_dir}.embeddings.json")}
+    if ours:
+        reports["ours"] = evaluate(workdir, teacher, text, f"{workdir}.embeddings.json")
+    rows = [{"system": "sentence-transformers (torch, MSELoss)", "minutes": peer_minutes,
+             "steps": peer_run["steps"], "texts_seen": f"{peer_run['sentences_seen']:,} sentences",
+             "tokens_seen": peer_run["tokens_seen"], "load": peer_load,
+             **_scores(reports["peer"]["metrics"]["student"])}]
+    if ours:
+        rows.append({"system": f"distil_flax ({ours})", "minutes": ours_minutes,
+                     "steps": ours_run["steps"],
+                     "texts_seen": f"≈ {ours_run['segments_seen']:,} segments",
+                     "tokens_seen": ours_run["tokens_seen"], "load": ours_load,
+                     **_scores(reports["ours"]["metrics"]["student"])})
+    rows.append({"system": f"init-only: teacher layers {peer_run['layers']} "
+                           "(sentence-transformers)",
+                 **_scores(reports["peer_init"]["metrics"]["student"])})
+    if ours and "init_only" in reports["ours"]["metrics"]:
+        mapped = reports["ours"]["init_only"]["layer_map"]
+        rows.append({"system": f"init-only: teacher layers {mapped} (distil_flax)",
+                     **_scores(reports["ours"]["metrics"]["init_only"])})
+    end_load = os.getloadavg()
+    print(f"\nload average {end_load[0]:.1f} at the end\n")
+    print(format_table(rows))
+    result = {"teacher": teacher, "layers": [int(i) for i in layers.split(",")],
+              "minutes_budget": args.minutes, "cores": cores, "peer_threads": args.threads,
+              "load_average": {"start": load, "end": end_load},
+              "held_out": {"source": "pydoc_data.topics", "sentences": args.sentences},
+              "peer": peer_run, "ours": ours_run, "ours_config": ours,
+              "calibration": calibration, "rows": rows}
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
