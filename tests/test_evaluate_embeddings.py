@@ -25,6 +25,8 @@ from flax import linen as nn  # noqa: E402
 
 from distil_flax import checkpoint, cli, embeddings, hf, student_init  # noqa: E402
 from distil_flax import config as config_lib  # noqa: E402
+from distil_flax import embedding_files as files_lib  # noqa: E402
+from distil_flax import embedding_metrics as metrics_lib  # noqa: E402
 from distil_flax import evaluate_embeddings as ev  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax import pooling as pooling_lib  # noqa: E402
@@ -160,14 +162,14 @@ def test_agreement_metrics_against_direct_computation():
     shuffled = teacher[rng.permutation(60)]
     noisy = teacher + 0.5 * rng.normal(size=teacher.shape)
 
-    assert ev.pairwise_agreement(perfect, teacher) == pytest.approx(1.0)
-    assert ev.neighbour_recall(perfect, teacher, 10) == 1.0
-    assert abs(ev.pairwise_agreement(shuffled, teacher)) < 0.2
-    assert ev.neighbour_recall(shuffled, teacher, 10) < 0.4
+    assert metrics_lib.pairwise_agreement(perfect, teacher) == pytest.approx(1.0)
+    assert metrics_lib.neighbour_recall(perfect, teacher, 10) == 1.0
+    assert abs(metrics_lib.pairwise_agreement(shuffled, teacher)) < 0.2
+    assert metrics_lib.neighbour_recall(shuffled, teacher, 10) < 0.4
 
     upper = np.triu_indices(60, 1)
     direct = scipy.stats.spearmanr(_cosines(noisy)[upper], _cosines(teacher)[upper]).statistic
-    assert ev.pairwise_agreement(noisy, teacher) == pytest.approx(direct, abs=1e-12)
+    assert metrics_lib.pairwise_agreement(noisy, teacher) == pytest.approx(direct, abs=1e-12)
 
     def top(x, i, k=10):
         sims = _cosines(x)[i]
@@ -175,20 +177,20 @@ def test_agreement_metrics_against_direct_computation():
         return set(np.argsort(-sims)[:k].tolist())
 
     direct = np.mean([len(top(noisy, i) & top(teacher, i)) / 10 for i in range(60)])
-    assert ev.neighbour_recall(noisy, teacher, 10, block=7) == pytest.approx(direct)
+    assert metrics_lib.neighbour_recall(noisy, teacher, 10, block=7) == pytest.approx(direct)
     with pytest.raises(ValueError, match="more than 10"):
-        ev.neighbour_recall(teacher[:10], teacher[:10], 10)
+        metrics_lib.neighbour_recall(teacher[:10], teacher[:10], 10)
 
 
 def test_sts_spearman_and_pair_sampling():
     rng = np.random.default_rng(1)
     a, b, gold = rng.normal(size=(30, 8)), rng.normal(size=(30, 8)), rng.uniform(0, 5, 30)
     cosines = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x, y in zip(a, b)]
-    assert ev.sts_spearman(a, b, gold) == pytest.approx(
+    assert metrics_lib.sts_spearman(a, b, gold) == pytest.approx(
         scipy.stats.spearmanr(cosines, gold).statistic, abs=1e-12)
-    i, j, sampled = ev.pair_indices(100, max_pairs=500, seed=3)
+    i, j, sampled = metrics_lib.pair_indices(100, max_pairs=500, seed=3)
     assert sampled and len(i) == 500 and np.all(i != j) and j.max() < 100
-    assert not ev.pair_indices(30, max_pairs=500)[2]
+    assert not metrics_lib.pair_indices(30, max_pairs=500)[2]
 
 
 def test_probe_finds_the_logistic_regression_optimum():
@@ -196,7 +198,7 @@ def test_probe_finds_the_logistic_regression_optimum():
     n, d, k = 120, 6, 3
     y = rng.integers(0, k, n)
     x = rng.normal(size=(n, d)) + 0.7 * np.eye(k, d)[y]
-    w, b = ev.fit_logistic(x, y, k)
+    w, b = metrics_lib.fit_logistic(x, y, k)
 
     # scikit-learn's objective in numpy, minimised by scipy's BFGS to high precision.
     onehot = np.eye(k)[y]
@@ -215,10 +217,10 @@ def test_probe_finds_the_logistic_regression_optimum():
     side = x[:, 0] > 0
     labels = np.array(["neg", "pos"])[side.astype(int)]
     separated = x + np.where(side, 2.0, -2.0)[:, None] * np.eye(d)[0]
-    assert ev.probe_accuracy(10 * separated, labels, folds=4) == [1.0] * 4  # Any scale.
-    chance = ev.probe_accuracy(x, rng.permutation(labels), folds=4)
+    assert metrics_lib.probe_accuracy(10 * separated, labels, folds=4) == [1.0] * 4  # Any scale.
+    chance = metrics_lib.probe_accuracy(x, rng.permutation(labels), folds=4)
     assert len(chance) == 4 and np.mean(chance) < 0.75
-    assert np.bincount(ev.stratified_folds(y, 5)).min() >= n // 5
+    assert np.bincount(metrics_lib.stratified_folds(y, 5)).min() >= n // 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,19 +231,19 @@ def test_probe_finds_the_logistic_regression_optimum():
 def test_file_formats(tmp_path):
     sts = tmp_path / "sts.tsv"
     sts.write_text("s1\ts2\tsimilarity\nA cat.\tA dog.\t1.5\n\nA cat.\tThe cat.\t4\r\n")
-    pairs = ev.read_sts(str(sts))
+    pairs = files_lib.read_sts(str(sts))
     assert pairs.header and pairs.sentences2 == ["A dog.", "The cat."]
     np.testing.assert_array_equal(pairs.gold, [1.5, 4.0])
     # GLUE STS-B: columns found by the header's names.
     glue = tmp_path / "glue.tsv"
     glue.write_text("index\tsentence1\tsentence2\tscore\n0\tA b.\tC d.\t1\n1\tE.\tF.\t2\n")
-    assert ev.read_sts(str(glue)).sentences1 == ["A b.", "E."]
+    assert files_lib.read_sts(str(glue)).sentences1 == ["A b.", "E."]
     labelled = tmp_path / "labelled.tsv"
     labelled.write_text("pos\tgood\twords\nneg\tbad\n")
-    assert ev.read_labelled(str(labelled)).texts == ["good\twords", "bad"]
+    assert files_lib.read_labelled(str(labelled)).texts == ["good\twords", "bad"]
     sst = tmp_path / "sst.tsv"
     sst.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
-    assert ev.read_labelled(str(sst)).labels == ["1", "0"]
+    assert files_lib.read_labelled(str(sst)).labels == ["1", "0"]
 
 
 @pytest.mark.parametrize("flag,content,message", [
