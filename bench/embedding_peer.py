@@ -1,7 +1,9 @@
 """Our sentence-embedding distillation beside sentence-transformers' own recipe: the same teacher,
 student layers, corpus and minutes, scored the same way, in one table.
 
+    python bench/offline_text.py --out=runs/embed_text     # more held-out text (optional)
     python bench/embedding_peer.py --minutes=8 --workdir=runs/embedding_peer \
+        --more_text=runs/embed_text/fortunes.txt,runs/embed_text/definitions.txt \
         --output=bench/results/embedding_peer.json
     python bench/embedding_peer.py --minutes=8 --ours=none          # the peer alone
 
@@ -20,17 +22,19 @@ One run, on the first --cores cores this process may use (both trainings inherit
      time. --ours_steps=N skips the calibration.
   3. Each student against the teacher: `python -m distil_flax.evaluate_embeddings
      --text=WORKDIR/held_out.txt`, --sentences prose sentences of CPython's help topics
-     (`recipes.held_out_sentences`), another domain than the training corpus.
+     (`recipes.held_out_sentences`), another domain than the training corpus, and on each
+     file of --more_text (one sentence a line; `bench/offline_text.py` writes quotations and
+     dictionary definitions, two more domains).
 
-Printed: a markdown table (and, with --output, JSON) of system, minutes (the whole command),
-load (the machine's 1-minute load average, sampled every 10 s while it ran, mean: the cores are
-often shared), steps, texts and tokens seen in training, text_cosine_spearman (Spearman of all
-pairwise cosine similarities against the teacher's) and text_recall@10 (of the teacher's nearest
-neighbours), with the init-only student — the teacher with layers removed, before training —
-through sentence-transformers' layer removal and, when ours ran, through our `init_from_teacher`
+Printed: a markdown table (and, with --output, JSON) of system, minutes (the whole command), load
+(the machine's 1-minute load average, sampled every 10 s while it ran, mean: the cores are often
+shared), steps, texts and tokens seen in training, text_cosine_spearman (Spearman of all pairwise
+cosine similarities against the teacher's) and text_recall@10 (of the teacher's nearest neighbours)
+on each held-out text, with the init-only student — the teacher with layers removed, before training
+— through sentence-transformers' layer removal and, when ours ran, through our `init_from_teacher`
 (the two should agree). Texts seen: the peer's are sentences; ours are packed segments, each a piece
-of whole sentences of up to `data.max_len` tokens, estimated as our real tokens seen (the
-metrics' `train/real_tokens`) over the mean segment length of the prepared training split.
+of whole sentences of up to `data.max_len` tokens, estimated as our real tokens seen (the metrics'
+`train/real_tokens`) over the mean segment length of the prepared training split.
 Tokens: real tokens, [CLS] and [SEP] included, padding not. Every run below --workdir is
 started afresh.
 """
@@ -136,25 +140,31 @@ def evaluate(student: str, teacher: str, text: str, report: str) -> dict:
         return json.load(f)
 
 
-def _scores(metrics: dict) -> dict:
-    return {"text_cosine_spearman": metrics["text_cosine_spearman"],
-            "text_recall@10": metrics["text_recall@10"]}
+def _scores(reports: dict[str, dict], model: str) -> dict:
+    """{text: {"text_cosine_spearman", "text_recall@10"}} of one model ("student" or
+    "init_only") in one system's reports, a report per held-out text."""
+    return {text: {key: report["metrics"][model][key]
+                   for key in ("text_cosine_spearman", "text_recall@10")}
+            for text, report in reports.items()}
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows as a markdown table (— where a row has no value)."""
+    """The rows as a markdown table (— where a row has no value), a column per held-out text:
+    pairwise-cosine Spearman / recall@10."""
     def cell(value, spec):
         return "—" if value is None else format(value, spec)
 
-    lines = ["| system | minutes | load | steps | texts seen | tokens seen | pairwise-cosine "
-             "Spearman | recall@10 |", "|---|---|---|---|---|---|---|---|"]
+    texts = list(rows[0]["scores"])
+    lines = ["| system | minutes | load | steps | texts seen | tokens seen | "
+             + " | ".join(f"{t}: Spearman / recall@10" for t in texts) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(texts)]
     for r in rows:
+        scores = " | ".join(f"{r['scores'][t]['text_cosine_spearman']:.3f} / "
+                            f"{r['scores'][t]['text_recall@10']:.3f}" for t in texts)
         lines.append(f"| {r['system']} | {cell(r.get('minutes'), '.1f')} | "
                      f"{cell(r.get('load'), '.1f')} | "
                      f"{cell(r.get('steps'), 'd')} | {r.get('texts_seen') or '—'} | "
-                     f"{cell(r.get('tokens_seen'), ',d')} | "
-                     f"{cell(r['text_cosine_spearman'], '.3f')} | "
-                     f"{cell(r['text_recall@10'], '.3f')} |")
+                     f"{cell(r.get('tokens_seen'), ',d')} | {scores} |")
     return "\n".join(lines)
 
 
@@ -171,6 +181,9 @@ def main(argv=None) -> dict:
     p.add_argument("--cores", type=int, default=2, help="cores for everything; 0: all")
     p.add_argument("--threads", type=int, default=2, help="the peer's torch threads")
     p.add_argument("--sentences", type=int, default=1000, help="held-out sentences")
+    p.add_argument("--more_text", default="", help="comma-separated files of held-out "
+                   "sentences (one a line) to score on too, e.g. bench/offline_text.py's "
+                   "fortunes.txt and definitions.txt")
     p.add_argument("--peer_max_steps", type=int, default=0, help="also stop the peer here")
     p.add_argument("--output", default="", help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -178,9 +191,17 @@ def main(argv=None) -> dict:
     teacher = args.teacher or peer.default_teacher()
     layers = args.layers or ",".join(map(str, config_layers(ours) if ours
                                           else peer.default_layers()))
+    more = [f for f in args.more_text.split(",") if f]
+    names = ["pydoc"] + [os.path.splitext(os.path.basename(f))[0] for f in more]
+    for f in more:  # Checked now, not after sixteen minutes of training.
+        if not os.path.isfile(f):
+            sys.exit(f"error: --more_text: {f} is not a file")
+    if len(set(names)) < len(names):
+        sys.exit(f"error: --more_text: the held-out texts need distinct names, got {names}")
     cores = use_cores(args.cores)
     os.makedirs(args.workdir, exist_ok=True)
     text = os.path.join(args.workdir, "held_out.txt")
+    texts = dict(zip(names, [text, *more]))
     with open(text, "w") as f:
         f.write("\n".join(held_out_sentences(args.sentences)) + "\n")
     load = os.getloadavg()
@@ -227,34 +248,39 @@ def main(argv=None) -> dict:
         print(f"ours: {ours_minutes:.2f} min, {ours_run['steps']} steps", flush=True)
 
     # ---------------------------------------------------------------------- evaluation
-    reports = {"peer": evaluate(peer_dir, teacher, text, f"{peer_dir}.embeddings.json"),
-               "peer_init": evaluate(init_dir, teacher, text, f"{init_dir}.embeddings.json")}
+    def evaluate_all(student: str, name: str) -> dict[str, dict]:
+        return {t: evaluate(student, teacher, path, f"{name}.{t}.embeddings.json")
+                for t, path in texts.items()}
+
+    reports = {"peer": evaluate_all(peer_dir, peer_dir),
+               "peer_init": evaluate_all(init_dir, init_dir)}
     if ours:
-        reports["ours"] = evaluate(workdir, teacher, text, f"{workdir}.embeddings.json")
+        reports["ours"] = evaluate_all(workdir, workdir)
     rows = [{"system": "sentence-transformers (torch, MSELoss)", "minutes": peer_minutes,
              "steps": peer_run["steps"], "texts_seen": f"{peer_run['sentences_seen']:,} sentences",
              "tokens_seen": peer_run["tokens_seen"], "load": peer_load,
-             **_scores(reports["peer"]["metrics"]["student"])}]
+             "scores": _scores(reports["peer"], "student")}]
     if ours:
         rows.append({"system": f"distil_flax ({ours})", "minutes": ours_minutes,
                      "steps": ours_run["steps"],
                      "texts_seen": f"≈ {ours_run['segments_seen']:,} segments",
                      "tokens_seen": ours_run["tokens_seen"], "load": ours_load,
-                     **_scores(reports["ours"]["metrics"]["student"])})
+                     "scores": _scores(reports["ours"], "student")})
     rows.append({"system": f"init-only: teacher layers {peer_run['layers']} "
                            "(sentence-transformers)",
-                 **_scores(reports["peer_init"]["metrics"]["student"])})
-    if ours and "init_only" in reports["ours"]["metrics"]:
-        mapped = reports["ours"]["init_only"]["layer_map"]
-        rows.append({"system": f"init-only: teacher layers {mapped} (distil_flax)",
-                     **_scores(reports["ours"]["metrics"]["init_only"])})
+                 "scores": _scores(reports["peer_init"], "student")})
+    first = reports["ours"]["pydoc"] if ours else {}
+    if "init_only" in first.get("metrics", {}):
+        rows.append({"system": f"init-only: teacher layers {first['init_only']['layer_map']} "
+                               "(distil_flax)", "scores": _scores(reports["ours"], "init_only")})
     end_load = os.getloadavg()
     print(f"\nload average {end_load[0]:.1f} at the end\n")
     print(format_table(rows))
     result = {"teacher": teacher, "layers": [int(i) for i in layers.split(",")],
               "minutes_budget": args.minutes, "cores": cores, "peer_threads": args.threads,
               "load_average": {"start": load, "end": end_load},
-              "held_out": {"source": "pydoc_data.topics", "sentences": args.sentences},
+              "held_out": {"pydoc": f"{args.sentences} sentences of pydoc_data.topics",
+                           **{t: path for t, path in texts.items() if t != "pydoc"}},
               "peer": peer_run, "ours": ours_run, "ours_config": ours,
               "calibration": calibration, "rows": rows}
     if args.output:

@@ -58,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from distil_flax import embeddings, hf, student_init  # noqa: E402
+from distil_flax import embeddings, hf, onnx_runtime, student_init  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax import pooling as pooling_lib  # noqa: E402
 from distil_flax.hf import st_layout  # noqa: E402
@@ -137,24 +137,6 @@ def pydoc_sentences(n: int, min_words: int = 5, max_words: int = 60) -> list[str
                     seen.add(sentence)
                     found.append(sentence)
     return [found[i % len(found)] for i in range(n)]
-
-
-def make_batches(token_ids: list[list[int]], batch: int, pad_multiple: int, pad_id: int,
-                 max_len: int) -> list[dict[str, np.ndarray]]:
-    """Padded int64 batches: input_ids, attention_mask, token_type_ids (zeros)."""
-    batches = []
-    for start in range(0, len(token_ids), batch):
-        rows = token_ids[start:start + batch]
-        longest = max(len(r) for r in rows)
-        length = min(max_len, -(-longest // pad_multiple) * pad_multiple)
-        ids = np.full((len(rows), length), pad_id, np.int64)
-        mask = np.zeros((len(rows), length), np.int64)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-            mask[i, :len(row)] = 1
-        batches.append({"input_ids": ids, "attention_mask": mask,
-                        "token_type_ids": np.zeros_like(ids)})
-    return batches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,11 +221,9 @@ def torch_encoder(folder: str, pooling: str, threads: int):
 
 
 def onnx_encoder(path: str, threads: int, inputs: list[str]):
-    from distil_flax import export_onnx
-
     # No spinning: teacher and student sessions take turns, and one's spinning threads would
     # take the cores from the other.
-    session = export_onnx.session(path, threads, spinning=False)
+    session = onnx_runtime.session(path, threads, spinning=False)
     return lambda b: session.run(["sentence_embedding"], {n: b[n] for n in inputs})[0]
 
 
@@ -334,10 +314,10 @@ def prepare(args, scratch: str) -> dict:
     if args.order == "length":  # By tokens, stable: batches of similar lengths.
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         sentences, token_ids = [sentences[i] for i in order], [token_ids[i] for i in order]
-    batches = make_batches(token_ids, args.batch, args.pad_multiple, tokenizer.pad_token_id,
-                           args.max_len)
-    singles = make_batches(token_ids[:args.latency_sentences], 1, args.pad_multiple,
-                           tokenizer.pad_token_id, args.max_len)
+    batches = onnx_runtime.padded_batches(token_ids, args.batch, tokenizer.pad_token_id,
+                                          args.max_len, args.pad_multiple)
+    singles = onnx_runtime.padded_batches(token_ids[:args.latency_sentences], 1,
+                                          tokenizer.pad_token_id, args.max_len, args.pad_multiple)
     batches_file = os.path.join(scratch, "batches.npz")
     np.savez(batches_file, **{f"{kind}{i}/{k}": v
                               for kind, group in (("batch", batches), ("single", singles))

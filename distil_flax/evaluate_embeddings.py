@@ -30,7 +30,9 @@ Metrics, each on the files given:
 Rows: the teacher; the init-only student — the teacher with layers removed as the student run
 started (`student_init.init_from_teacher` with the run's init.layer_map), when the student is a
 distil_flax workdir as wide as its teacher — so that what distillation gained is visible; and the
-student. The table goes to stdout and, with --output, the same numbers to JSON with what was
+student; then each --onnx file, an ONNX export of the student (`export_onnx`, fp32 or int8), run
+by ONNX Runtime on the same sentences one to a row, so that what quantisation costs is measured
+the same way. The table goes to stdout and, with --output, the same numbers to JSON with what was
 evaluated (files, sizes, pooling, tokenizer). A bad file or model ends in one `error:` line.
 """
 
@@ -48,7 +50,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
-from distil_flax import cli, embeddings, hf, partitioning, student_init
+from distil_flax import cli, embeddings, hf, onnx_runtime, partitioning, student_init
 from distil_flax import config as config_lib
 from distil_flax import model as model_lib
 from distil_flax import pooling as pooling_lib
@@ -214,8 +216,8 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
              tokenizer: str | None = None, lowercase: bool | None = None,
              pooling: str = "auto", folds: int = 5, neighbours: int = 10, max_len: int = 128,
              batch_size: int = 64, dtype: str = "float32", init_only: bool = True,
-             seed: int = 0, max_pairs: int = MAX_PAIRS, output: str | None = None
-             ) -> dict[str, Any]:
+             seed: int = 0, max_pairs: int = MAX_PAIRS, onnx: str | None = None,
+             output: str | None = None) -> dict[str, Any]:
     """Embeds the files with the teacher, the init-only student and the student; scores them.
 
     Args: as the flags of the same names (see the module docstring); `output` is written last,
@@ -242,6 +244,10 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
         raise ValueError(f"--folds={folds}: need at least 2 folds and at least as many "
                          f"examples as folds ({labelled} has {len(examples.labels)})")
     sentences = read_text(text) if text else None
+    onnx_files = [f for f in (onnx or "").split(",") if f]
+    for path in onnx_files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--onnx={path}: no such file")
     if sentences is not None and len(sentences) <= neighbours:
         raise ValueError(f"{text} (--text) has {len(sentences)} sentences; recall@{neighbours} "
                          f"needs more than {neighbours}")
@@ -293,6 +299,27 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
     for name, p in packed.items():
         data[name].update(rows=int(p.rows["input_ids"].shape[0]), truncated=p.truncated)
 
+    def score(embedded: dict[str, np.ndarray], detail: dict[str, Any],
+              teacher_text: np.ndarray | None) -> dict[str, float]:
+        """One model's metrics on each file's embeddings (`teacher_text`: the teacher's, for
+        the agreement; None while embedding the teacher itself)."""
+        row: dict[str, float] = {}
+        if pairs:
+            n = len(pairs.gold)
+            row["sts_spearman"] = sts_spearman(embedded["sts"][:n], embedded["sts"][n:],
+                                               pairs.gold)
+        if examples:
+            accuracy = probe_accuracy(embedded["labelled"], examples.labels, folds=folds,
+                                      seed=seed)
+            row["probe_accuracy"] = float(np.mean(accuracy))
+            detail["probe_fold_accuracy"] = accuracy
+        if sentences is not None and teacher_text is not None:
+            row["text_cosine_spearman"] = pairwise_agreement(
+                embedded["text"], teacher_text, max_pairs=max_pairs, seed=seed)
+            row[f"text_recall@{neighbours}"] = neighbour_recall(
+                embedded["text"], teacher_text, neighbours)
+        return row
+
     metrics: dict[str, dict[str, float]] = {}
     details: dict[str, dict[str, Any]] = {}
     teacher_text = None
@@ -306,31 +333,32 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
         embedded = {name: embeddings.embed_packed(encoder, params, p, pooling=pooling,
                                                   batch_size=batch_size)
                     for name, p in packed.items()}
-        row: dict[str, float] = {}
         details[role] = {"embed_seconds": round(time.perf_counter() - started, 3)}
-        if pairs:
-            n = len(pairs.gold)
-            row["sts_spearman"] = sts_spearman(embedded["sts"][:n], embedded["sts"][n:],
-                                               pairs.gold)
-        if examples:
-            accuracy = probe_accuracy(embedded["labelled"], examples.labels, folds=folds,
-                                      seed=seed)
-            row["probe_accuracy"] = float(np.mean(accuracy))
-            details[role]["probe_fold_accuracy"] = accuracy
-        if sentences is not None:
-            if role == "teacher":
-                teacher_text = embedded["text"]
-            else:
-                row["text_cosine_spearman"] = pairwise_agreement(
-                    embedded["text"], teacher_text, max_pairs=max_pairs, seed=seed)
-                row[f"text_recall@{neighbours}"] = neighbour_recall(
-                    embedded["text"], teacher_text, neighbours)
-        metrics[role] = row
-        logging.info("%s: %s", role, row)
+        metrics[role] = score(embedded, details[role], teacher_text)
+        if role == "teacher" and sentences is not None:  # The others agree with it.
+            teacher_text = embedded["text"]
+        logging.info("%s: %s", role, metrics[role])
+    # The student's ONNX exports, on the same sentences, one at a time (framed, padded).
+    texts = {"sts": pairs and pairs.sentences1 + pairs.sentences2,
+             "labelled": examples and examples.texts, "text": sentences}
+    framed = {name: [tok.frame(ids[:max_len - 2]).input_ids
+                     for ids in tok.encode_batch(texts[name])]
+              for name in packed} if onnx_files else {}
+    onnx_rows = {}
+    for path in onnx_files:
+        role = f"onnx:{os.path.basename(path)}"
+        started = time.perf_counter()
+        embedded = {name: onnx_runtime.embed(path, ids, tok.pad_id, max_len, batch_size)
+                    for name, ids in framed.items()}
+        details[role] = {"embed_seconds": round(time.perf_counter() - started, 3)}
+        metrics[role] = score(embedded, details[role], teacher_text)
+        onnx_rows[role] = {"path": path, "source": "onnx",
+                           "hidden_size": int(next(iter(embedded.values())).shape[-1])}
+        logging.info("%s: %s", role, metrics[role])
 
     report = {
         "metrics": metrics,
-        "models": {role: m.describe() for role, m in models.items()},
+        "models": {**{role: m.describe() for role, m in models.items()}, **onnx_rows},
         "init_only": ({"layer_map": list(models["student"].run_config.init.layer_map)}
                       if "init_only" in models else {"skipped": init_note}),
         "pooling": pooling, "pooling_source": pooling_source,
@@ -357,11 +385,10 @@ def format_table(report: dict[str, Any]) -> str:
     columns = list(dict.fromkeys(k for row in metrics.values() for k in row))
     header = ["model", "layers×width", *columns]
     lines = [header]
-    for role in ROLES:
-        if role not in metrics:
-            continue
+    for role in metrics:  # ROLES, then the ONNX files.
         described = report["models"][role]
-        cells = [ROLE_NAMES[role], f"{described['layers']}×{described['hidden_size']}"]
+        layers = "onnx" if described["source"] == "onnx" else described["layers"]
+        cells = [ROLE_NAMES.get(role, role), f"{layers}×{described['hidden_size']}"]
         for column in columns:
             value = metrics[role].get(column, "—")
             cells.append("nan" if value is None else
@@ -412,6 +439,9 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
             "init_only", True, "Also evaluate the student as its run started (teacher layers "
             "init.layer_map), when the student is a distil_flax workdir as wide as the teacher."),
         "seed": flags.DEFINE_integer("seed", 0, "Seeds the probe's folds and pair sampling."),
+        "onnx": flags.DEFINE_string(
+            "onnx", None, "Comma-separated ONNX exports of the student (export_onnx: fp32, "
+            "int8): each is scored as another row, on the same sentences."),
         "output": flags.DEFINE_string("output", None, "Write the report here as JSON."),
     }
 

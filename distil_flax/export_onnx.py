@@ -37,6 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from distil_flax import cli
+from distil_flax.onnx_runtime import session
 
 OPSET = 17
 TOLERANCE = 1e-4  # Max |ONNX − PyTorch| of either output, fp32.
@@ -205,24 +206,6 @@ def parity_batches(folder: str, vocab_size: int, sentences: Sequence[str] | None
 # ----------------------------------------------------------------------------------------------
 # Export, check, quantise.
 # ----------------------------------------------------------------------------------------------
-
-
-def session(path: str, threads: int | None = None, *, spinning: bool = True):
-    """An ONNX Runtime CPU session of `path`.
-
-    Args:
-      threads: intra-op threads; None: onnxruntime's default (one per core).
-      spinning: idle intra-op threads spin before they sleep (onnxruntime's default, lowest
-        latency); off where several sessions take turns on the same cores.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -126,6 +126,22 @@ def test_training_sentences_skip_held_out_chapters():
     assert every[0] == "In the beginning God created the heavens and the earth."
 
 
+def test_side_by_side_checks_its_held_out_files_before_training(tmp_path):
+    side_by_side = _load_bench("embedding_peer")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "quotes.txt").write_text("One.\n")
+    (b / "quotes.txt").write_text("Two.\n")
+    workdir = tmp_path / "work"
+    with pytest.raises(SystemExit, match="--more_text: .*missing.txt is not a file"):
+        side_by_side.main([f"--workdir={workdir}", f"--more_text={tmp_path / 'missing.txt'}",
+                           "--ours=none", "--layers=0"])
+    with pytest.raises(SystemExit, match="distinct names"):
+        side_by_side.main([f"--workdir={workdir}", "--ours=none", "--layers=0",
+                           f"--more_text={a / 'quotes.txt'},{b / 'quotes.txt'}"])
+    assert not workdir.exists()  # Nothing ran.
+
+
 # ----------------------------------------------------------------------------------------------
 # notebooks/embeddings.ipynb, executed as tests/test_notebooks.py executes the others.
 # ----------------------------------------------------------------------------------------------

@@ -151,6 +151,32 @@ def test_onnx_from_a_workdir(folders, tmp_path):
                                atol=1e-6)
 
 
+def test_evaluation_scores_onnx_exports_beside_the_student(folders, tmp_path):
+    from distil_flax import evaluate_embeddings
+
+    folder, cfg, _ = folders["bert_st"]
+    teacher, _, _ = folders["distil_hf"]
+    exported = export_onnx.export_onnx(str(folder), str(tmp_path / "s.onnx"), quantize="int8")
+    rng = np.random.default_rng(0)
+    text = tmp_path / "text.txt"
+    text.write_text("".join(" ".join(rng.choice(WORDS, rng.integers(3, 12))) + "\n"
+                            for _ in range(60)))
+    report = evaluate_embeddings.evaluate(
+        str(folder), str(teacher), text=str(text), pooling="cls", neighbours=5, max_len=32,
+        tokenizer=folders["vocab"], onnx=f"{exported.output},{exported.int8_output}")
+    metrics = report["metrics"]
+    assert list(metrics) == ["teacher", "student", "onnx:s.onnx", "onnx:s_int8.onnx"]
+    # The fp32 graph is the student: the same agreement with the teacher, to rounding.
+    for key in ("text_cosine_spearman", "text_recall@5"):
+        assert abs(metrics["onnx:s.onnx"][key] - metrics["student"][key]) < 1e-3, key
+        assert -1 <= metrics["onnx:s_int8.onnx"][key] <= 1
+    table = evaluate_embeddings.format_table(report)
+    assert f"onnx:s_int8.onnx  onnx×{cfg.hidden_size}" in table, table
+    with pytest.raises(FileNotFoundError, match="--onnx=.*nope.onnx: no such file"):
+        evaluate_embeddings.evaluate(str(folder), str(teacher), text=str(text),
+                                     tokenizer=folders["vocab"], onnx=str(tmp_path / "nope.onnx"))
+
+
 def test_onnx_command_prints_its_differences(folders, tmp_path):
     folder, _, _ = folders["bert_st"]
     text = tmp_path / "sentences.txt"
