@@ -79,6 +79,8 @@ def deb_members(deb: str, pattern: str) -> Iterator[tuple[str, bytes]]:
 
 def find_deb(debs: str, package: str) -> str:
     """The newest cached .deb of `package` in `debs`."""
+    if not os.path.isdir(debs):
+        raise FileNotFoundError(f"--debs={debs}: no such directory")
     names = sorted(n for n in os.listdir(debs)
                    if n.startswith(package + "_") and n.endswith(".deb"))
     if not names:

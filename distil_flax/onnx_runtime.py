@@ -51,9 +51,22 @@ def padded_batches(token_ids: Sequence[Sequence[int]], batch: int, pad_id: int, 
 
 def embed(path: str, token_ids: Sequence[Sequence[int]], pad_id: int, max_len: int,
           batch_size: int = 64) -> np.ndarray:
-    """[sentences, hidden] float32: the graph's sentence_embedding of each framed sentence."""
-    runner = session(path)
+    """[sentences, hidden] float32: the graph's sentence_embedding of each framed sentence.
+
+    Raises:
+      ValueError: naming `path`, for a file ONNX Runtime cannot load or a graph without
+        `export_onnx`'s inputs and sentence_embedding output.
+    """
+    try:
+        runner = session(path)
+    except Exception as error:  # onnxruntime's errors (InvalidProtobuf, Fail …) are bare.
+        raise ValueError(f"{path}: ONNX Runtime cannot load it ({error})") from None
     inputs = [i.name for i in runner.get_inputs()]
+    outputs = [o.name for o in runner.get_outputs()]
+    known = {"input_ids", "attention_mask", "token_type_ids"}
+    if "sentence_embedding" not in outputs or not set(inputs) <= known:
+        raise ValueError(f"{path} is not an export_onnx graph: inputs {inputs}, outputs "
+                         f"{outputs} (expected some of {sorted(known)} → sentence_embedding)")
     return np.concatenate([
         runner.run(["sentence_embedding"], {name: b[name] for name in inputs})[0]
         for b in padded_batches(token_ids, batch_size, pad_id, max_len)])

@@ -152,7 +152,7 @@ def test_onnx_from_a_workdir(folders, tmp_path):
 
 
 def test_evaluation_scores_onnx_exports_beside_the_student(folders, tmp_path):
-    from distil_flax import evaluate_embeddings
+    from distil_flax import evaluate_embeddings, onnx_runtime
 
     folder, cfg, _ = folders["bert_st"]
     teacher, _, _ = folders["distil_hf"]
@@ -175,6 +175,10 @@ def test_evaluation_scores_onnx_exports_beside_the_student(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="--onnx=.*nope.onnx: no such file"):
         evaluate_embeddings.evaluate(str(folder), str(teacher), text=str(text),
                                      tokenizer=folders["vocab"], onnx=str(tmp_path / "nope.onnx"))
+    garbled = tmp_path / "garbled.onnx"
+    garbled.write_bytes(b"\x08\x07not a model")
+    with pytest.raises(ValueError, match="garbled.onnx: ONNX Runtime cannot load it"):
+        onnx_runtime.embed(str(garbled), [[2, 5, 3]], 0, 32)
 
 
 def test_onnx_command_prints_its_differences(folders, tmp_path):

@@ -111,6 +111,8 @@ def test_missing_packages_stop_with_one_error_line(tmp_path, capsys):
         offline_text.main([f"--out={tmp_path / 'out'}", f"--debs={tmp_path}"])
     assert str(stop.value).startswith("error: no python3.11-doc_*.deb in ")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="error: --debs=.*nowhere: no such directory"):
+        offline_text.main([f"--out={tmp_path / 'out'}", f"--debs={tmp_path / 'nowhere'}"])
 
 
 def test_a_garbled_package_stops_with_one_error_line_and_writes_nothing(tmp_path):
