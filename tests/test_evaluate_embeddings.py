@@ -22,8 +22,9 @@ import pytest  # noqa: E402
 import scipy.optimize  # noqa: E402
 import scipy.stats  # noqa: E402
 from flax import linen as nn  # noqa: E402
+from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
 
-from distil_flax import checkpoint, cli, embeddings, hf, student_init  # noqa: E402
+from distil_flax import checkpoint, embeddings, hf, student_init  # noqa: E402
 from distil_flax import config as config_lib  # noqa: E402
 from distil_flax import embedding_files as files_lib  # noqa: E402
 from distil_flax import embedding_metrics as metrics_lib  # noqa: E402
@@ -31,16 +32,6 @@ from distil_flax import evaluate_embeddings as ev  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax import pooling as pooling_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
-
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-WORDS = ("the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "to", "house", "big", "small",
-         "red", "blue", "in", "out", "of", "is", "was", "it", "he", "she", "they", ".", ",")
-
-
-def _vocab(tmp_path: pathlib.Path) -> str:
-    path = tmp_path / "vocab.txt"
-    path.write_text("".join(t + "\n" for t in SPECIALS + WORDS))
-    return str(path)
 
 
 def _sentences(n: int, seed: int = 0) -> list[str]:
@@ -61,15 +52,6 @@ def _tiny(num_layers: int = 2, seed: int = 0):
     params = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), params)
     return cfg, params
 
-
-def _error_line(capsys, job) -> str:
-    """What `cli.run` prints for a failing job: exactly one `error:` line, status 1."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run(job)
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +83,7 @@ def test_pool_segments_matches_a_loop_over_segments():
 @pytest.mark.parametrize("pooling", pooling_lib.POOLINGS)
 def test_packed_sentences_embed_as_if_alone(tmp_path, pooling):
     cfg, params = _tiny()
-    tokenizer = load_tokenizer(_vocab(tmp_path))
+    tokenizer = load_tokenizer(write_vocab(tmp_path))
     model = embeddings.embedding_encoder(cfg)
     params = embeddings.encoder_only(params)
     sentences = _sentences(7) + ["", "the " * 40]  # An empty sentence, and one cut to fit.
@@ -257,14 +239,14 @@ def test_file_formats(tmp_path):
     ("text", "one\ntwo\n", "recall@10 needs more than 10"),
     ("sts", None, r"--sts=.*sts\.tsv: no such file"),
 ])
-def test_bad_files_end_in_one_error_line(tmp_path, capsys, flag, content, message):
+def test_bad_files_end_in_oneerror_line(tmp_path, capsys, flag, content, message):
     path = tmp_path / {"sts": "sts.tsv", "labelled": "labelled.tsv", "text": "text.txt"}[flag]
     if isinstance(content, bytes):
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
     # The files are read before any model: the model paths need not exist.
-    line = _error_line(capsys, lambda: ev.evaluate(
+    line = error_line(capsys, lambda: ev.evaluate(
         str(tmp_path / "student"), str(tmp_path / "teacher"), **{flag: str(path)}))
     assert re.search(message, line), line
 
@@ -278,7 +260,7 @@ def test_bad_files_end_in_one_error_line(tmp_path, capsys, flag, content, messag
 def tiny_pair(tmp_path):
     """A tiny HF BertModel teacher (2 layers) and a distil_flax student workdir: the teacher's
     layer 1, then perturbed (as if trained)."""
-    vocab = _vocab(tmp_path)
+    vocab = write_vocab(tmp_path)
     teacher_cfg, teacher_params = _tiny(num_layers=2)
     teacher = tmp_path / "teacher"
     hf.export_hf(teacher_params, teacher_cfg, teacher, tokenizer_path=vocab, head="none")
@@ -376,12 +358,12 @@ def test_no_init_only_for_an_hf_student(tiny_pair):
 
 def test_model_faults_are_one_line(tiny_pair, tmp_path, capsys):
     teacher, student, files = tiny_pair
-    line = _error_line(capsys, lambda: ev.evaluate(str(tmp_path / "nothing"), str(teacher),
+    line = error_line(capsys, lambda: ev.evaluate(str(tmp_path / "nothing"), str(teacher),
                                                    **files))
     assert "--student=" in line and "no such directory" in line
-    line = _error_line(capsys, lambda: ev.evaluate(str(student), str(tmp_path), **files))
+    line = error_line(capsys, lambda: ev.evaluate(str(student), str(tmp_path), **files))
     assert "neither a distil_flax workdir nor a Hugging Face model folder" in line
-    line = _error_line(capsys, lambda: ev.evaluate(str(student), str(teacher), max_len=64,
+    line = error_line(capsys, lambda: ev.evaluate(str(student), str(teacher), max_len=64,
                                                    **files))
     assert "--max_len=64 exceeds" in line
 

@@ -10,7 +10,6 @@ timing is asserted).
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -26,7 +25,9 @@ from flax import linen as nn  # noqa: E402
 torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test]'")
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime: pip install -e '.[test]'")
 
-from distil_flax import checkpoint, cli, embeddings, export_onnx, hf  # noqa: E402
+from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
+
+from distil_flax import checkpoint, embeddings, export_onnx, hf  # noqa: E402
 from distil_flax import config as config_lib  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
@@ -34,15 +35,7 @@ from distil_flax.hf import st_layout  # noqa: E402
 
 TOL = 1e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-WORDS = ("the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "to", "house", "big", "small",
-         "red", "blue", "in", "out", "of", "is", "was", "it", "he", "she", "they", ".", ",")
 
-
-def _vocab(tmp_path: pathlib.Path) -> str:
-    path = tmp_path / "vocab.txt"
-    path.write_text("".join(t + "\n" for t in SPECIALS + WORDS))
-    return str(path)
 
 
 def _tiny(size: str, seed: int = 0, max_positions: int = 32):
@@ -56,21 +49,13 @@ def _tiny(size: str, seed: int = 0, max_positions: int = 32):
     return cfg, jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), params)
 
 
-def _error_line(capsys, job) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run(job)
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A BERT-shaped sentence-transformers export (cls pooling, Normalize) and a DistilBERT-
     shaped plain HF export (no tokenizer), with their configs and params."""
     tmp = tmp_path_factory.mktemp("onnx_models")
-    vocab = _vocab(tmp)
+    vocab = write_vocab(tmp)
     bert_cfg, bert = _tiny("tiny")
     st_layout.export_sentence_transformers(bert, bert_cfg, tmp / "bert_st", pooling="cls",
                                            normalize=True, tokenizer_path=vocab)
@@ -195,24 +180,24 @@ def test_onnx_command_prints_its_differences(folders, tmp_path):
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m_int8.onnx").is_file()
 
 
-def test_onnx_bad_inputs_are_one_error_line(folders, tmp_path, capsys):
+def test_onnx_bad_inputs_are_oneerror_line(folders, tmp_path, capsys):
     folder, _, _ = folders["bert_st"]
     out = str(tmp_path / "x.onnx")
-    assert "no such directory" in _error_line(
+    assert "no such directory" in error_line(
         capsys, lambda: export_onnx.export_onnx(str(tmp_path / "nope"), out))
     (tmp_path / "empty").mkdir()
-    assert "is not a Hugging Face model folder" in _error_line(
+    assert "is not a Hugging Face model folder" in error_line(
         capsys, lambda: export_onnx.export_onnx(str(tmp_path / "empty"), out))
-    assert "--quantize must be one of" in _error_line(
+    assert "--quantize must be one of" in error_line(
         capsys, lambda: export_onnx.export_onnx(str(folder), out, quantize="int4"))
-    assert "must end in .onnx" in _error_line(
+    assert "must end in .onnx" in error_line(
         capsys, lambda: export_onnx.export_onnx(str(folder), str(tmp_path / "x.bin")))
-    assert "its folder does not exist" in _error_line(
+    assert "its folder does not exist" in error_line(
         capsys, lambda: export_onnx.export_onnx(str(folder), str(tmp_path / "a" / "x.onnx")))
     (tmp_path / "x.onnx").write_text("keep")
-    assert "exists (--overwrite replaces it)" in _error_line(
+    assert "exists (--overwrite replaces it)" in error_line(
         capsys, lambda: export_onnx.export_onnx(str(folder), out))
-    assert "differs from PyTorch" in _error_line(  # A tolerance no graph can meet.
+    assert "differs from PyTorch" in error_line(  # A tolerance no graph can meet.
         capsys, lambda: export_onnx.export_onnx(str(folder), str(tmp_path / "y.onnx"),
                                                 tolerance=-1.0))
     assert sorted(os.listdir(tmp_path)) == ["empty", "x.onnx"]

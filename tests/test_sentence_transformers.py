@@ -26,7 +26,9 @@ from huggingface_hub import ModelCard  # noqa: E402
 st = pytest.importorskip("sentence_transformers",
                          reason="needs sentence-transformers: pip install -e '.[test]'")
 
-from distil_flax import checkpoint, cli, embeddings, export_hf, hf  # noqa: E402
+from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
+
+from distil_flax import checkpoint, embeddings, export_hf, hf  # noqa: E402
 from distil_flax import config as config_lib  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
@@ -34,17 +36,9 @@ from distil_flax.hf import st_layout  # noqa: E402
 from distil_flax.pooling import POOLINGS  # noqa: E402
 
 TOL = 1e-4
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-WORDS = ("the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "to", "house", "big", "small",
-         "red", "blue", "in", "out", "of", "is", "was", "it", "he", "she", "they", ".", ",")
 SENTENCES = ["the cat sat on the mat .", "a big red dog ran out of the house", "she was in",
              "it", "the " * 40 + "end"]  # The last one is cut at max_seq_length.
 
-
-def _vocab(tmp_path: pathlib.Path) -> str:
-    path = tmp_path / "vocab.txt"
-    path.write_text("".join(t + "\n" for t in SPECIALS + WORDS))
-    return str(path)
 
 
 def _tiny(size: str, seed: int = 0):
@@ -75,15 +69,6 @@ def _report(name: str, **diffs) -> None:
     print(f"\n[parity] {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in diffs.items()))
 
 
-def _error_line(capsys, job) -> str:
-    """What `cli.run` prints for a failing job: exactly one `error:` line, status 1."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run(job)
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
 
 # ----------------------------------------------------------------------------------------------
 # Parameters given in Python.
@@ -96,7 +81,7 @@ def _error_line(capsys, job) -> str:
 ])
 def test_export_loads_in_sentence_transformers_and_matches_jax(size, pooling, normalize,
                                                                model_class, tmp_path):
-    vocab = _vocab(tmp_path)
+    vocab = write_vocab(tmp_path)
     cfg, params = _tiny(size)
     output = tmp_path / "st"
     written = st_layout.export_sentence_transformers(
@@ -130,7 +115,7 @@ def test_export_loads_in_sentence_transformers_and_matches_jax(size, pooling, no
 
 def test_mean_and_cls_differ_on_the_same_weights(tmp_path):
     """The pooling file is what decides: the same weights embed differently under each."""
-    vocab = _vocab(tmp_path)
+    vocab = write_vocab(tmp_path)
     cfg, params = _tiny("tiny_student")
     encoded = {}
     for pooling in POOLINGS:
@@ -193,7 +178,7 @@ def _workdir(tmp_path, vocab: str, teacher: str):
 
 
 def test_run_export_pools_as_its_teacher(tmp_path):
-    vocab = _vocab(tmp_path)
+    vocab = write_vocab(tmp_path)
     workdir, cfg, params = _workdir(tmp_path, vocab, _teacher_folder(tmp_path, "cls", True))
     output = tmp_path / "student-st"
     written = export_hf.export_run(workdir, str(output), output_format="sentence-transformers")
@@ -216,7 +201,7 @@ def test_run_export_pools_as_its_teacher(tmp_path):
 
 
 def test_run_export_without_a_sentence_teacher_pools_mean(tmp_path):
-    vocab = _vocab(tmp_path)
+    vocab = write_vocab(tmp_path)
     plain_teacher = tmp_path / "plain_teacher"
     plain_teacher.mkdir()  # A folder without sentence-transformers files (e.g. a BERT MLM).
     workdir, _, _ = _workdir(tmp_path, vocab, str(plain_teacher))
@@ -226,18 +211,18 @@ def test_run_export_without_a_sentence_teacher_pools_mean(tmp_path):
 
 
 def test_run_export_errors_are_one_line(tmp_path, capsys):
-    vocab = _vocab(tmp_path)
+    vocab = write_vocab(tmp_path)
     workdir, _, _ = _workdir(tmp_path, vocab, _teacher_folder(tmp_path, "mean", False))
     out = str(tmp_path / "out")
-    line = _error_line(capsys, lambda: export_hf.export_run(
+    line = error_line(capsys, lambda: export_hf.export_run(
         workdir, out, head="mlm", output_format="sentence-transformers"))
     assert "--head=mlm" in line
-    line = _error_line(capsys, lambda: export_hf.export_run(
+    line = error_line(capsys, lambda: export_hf.export_run(
         workdir, out, output_format="sentence-transformers", pooling="max"))
     assert "--pooling must be auto, mean, cls" in line
-    line = _error_line(capsys, lambda: export_hf.export_run(workdir, out, pooling="cls"))
+    line = error_line(capsys, lambda: export_hf.export_run(workdir, out, pooling="cls"))
     assert "--format=sentence-transformers" in line
-    line = _error_line(capsys, lambda: export_hf.export_run(workdir, out, output_format="onnx"))
+    line = error_line(capsys, lambda: export_hf.export_run(workdir, out, output_format="onnx"))
     assert "--format must be one of" in line
     assert not os.path.exists(out)
 
