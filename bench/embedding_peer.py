@@ -91,14 +91,14 @@ def use_cores(count: int) -> list[int]:
 
 def config_layers(config: str) -> tuple[int, ...]:
     """`init.layer_map` of a config file (with its `:preset`)."""
-    from distil_flax.config import load_config
+    from distil_flax.training.config_files import load_config
 
     return tuple(int(i) for i in load_config(os.path.join(ROOT, config)).init.layer_map)
 
 
 def step_seconds(workdir: str) -> float:
     """The median `train/step_time_s` of a run after its first logged interval (compilation)."""
-    from distil_flax.metric_writers import read_metrics
+    from distil_flax.training.metric_writers import read_metrics
 
     times = [r["train/step_time_s"] for r in read_metrics(workdir) if "train/step_time_s" in r]
     if len(times) < 2:
@@ -111,9 +111,9 @@ def seen_by_run(workdir: str) -> dict[str, float]:
     """Real tokens a run trained on (`train/real_tokens` per step × the steps of each logged
     interval) and the segments that makes at the prepared training split's mean segment length.
     """
-    from distil_flax.config import load_json
     from distil_flax.data import load_tokenizer, prepare, records
-    from distil_flax.metric_writers import read_metrics
+    from distil_flax.training.config_files import load_json
+    from distil_flax.training.metric_writers import read_metrics
 
     tokens, step = 0.0, 0
     for record in read_metrics(workdir):

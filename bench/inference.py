@@ -58,10 +58,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from distil_flax import embeddings, hf, onnx_runtime, student_init  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
-from distil_flax import pooling as pooling_lib  # noqa: E402
-from distil_flax.hf import st_layout  # noqa: E402
+from distil_flax.embeddings import embed as embeddings
+from distil_flax.interop import hf, onnx_runtime
+from distil_flax.interop import sentence_transformers as st_layout  # noqa: E402
+from distil_flax.model import pooling as pooling_lib  # noqa: E402
+from distil_flax.model import student_init  # noqa: E402
 
 BACKENDS = ("jax", "torch", "onnx", "onnx_int8")
 
@@ -169,7 +171,7 @@ def load_student(args, teacher_cfg, teacher_params, scratch: str):
             folder = os.path.join(folder, config.transformer_path)
         cfg, params = hf.load_hf_checkpoint(folder)
         return cfg, params, folder, args.student
-    from distil_flax import export_hf  # A workdir: ml_collections, orbax.
+    from distil_flax.interop import export as export_hf  # A workdir: ml_collections, orbax.
 
     folder = os.path.join(scratch, "student")
     export_hf.export_run(args.student, folder, head="none")
@@ -335,7 +337,7 @@ def prepare(args, scratch: str) -> dict:
               "student": {"folder": student_folder, "layers": int(student_cfg.num_layers),
                           "hidden": int(student_cfg.hidden_size)}}
     if {"onnx", "onnx_int8"} & set(args.backends):
-        from distil_flax import export_onnx
+        from distil_flax.interop import onnx as export_onnx
 
         for role, model in models.items():
             exported = export_onnx.export_onnx(

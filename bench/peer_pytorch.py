@@ -14,8 +14,8 @@ written the fastest way we know without leaving PyTorch:
   both MLM heads run only on the gathered masked positions);
 - gradient clipping at 5.0 and fused AdamW; `--compile` compiles the forward + loss.
 
-Prints one JSON line per configuration with the same fields as bench/step_throughput.py
-(useful FLOPs from distil_flax/flops.py, which needs no JAX). Needs torch and transformers only.
+Prints one JSON line per configuration with the same fields as bench/step_throughput.py (useful
+FLOPs from distil_flax/training/flops.py, which needs no JAX). Needs torch and transformers only.
 """
 
 import argparse
@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from shape_args import add_shape_args, comma_list  # noqa: E402
 
-from distil_flax import flops  # noqa: E402  (plain Python: no JAX import)
+from distil_flax.training import flops  # noqa: E402  (plain Python: no JAX import)
 
 GIB = 2**30
 MASK_PROB, TEMPERATURE = 0.15, 2.0

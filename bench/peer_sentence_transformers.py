@@ -58,7 +58,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Every model is a local folder.
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from distil_flax.data.corpus import read_documents  # noqa: E402
+from distil_flax.data.readers import read_documents  # noqa: E402
 from distil_flax.data.units import is_held_out, split_sentences  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "embed_minilm.py")
@@ -78,7 +78,7 @@ def default_layers() -> tuple[int, ...]:
     """configs/embed_minilm.py's `init.layer_map` when that config exists, else (1, 3, 5)."""
     if not os.path.exists(CONFIG):
         return FALLBACK_LAYERS
-    from distil_flax.config import load_config
+    from distil_flax.training.config_files import load_config
 
     return tuple(int(i) for i in load_config(CONFIG).init.layer_map)
 

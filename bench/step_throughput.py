@@ -50,11 +50,17 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from shape_args import add_shape_args, comma_list  # noqa: E402
 
-from distil_flax import flops, losses, optim, partitioning, train_state  # noqa: E402
-from distil_flax.attention import attention_kernel  # noqa: E402
-from distil_flax.masking import MaskingSpec, mask_tokens  # noqa: E402
-from distil_flax.model import Encoder, init_fn, remat_policy_name  # noqa: E402
-from distil_flax.step import jit_steps  # noqa: E402
+from distil_flax import losses  # noqa: E402
+from distil_flax.distill.masking import MaskingSpec, mask_tokens  # noqa: E402
+from distil_flax.distill.step import jit_steps  # noqa: E402
+from distil_flax.model import (  # noqa: E402
+    Encoder,
+    attention_kernel,  # noqa: E402
+    init_fn,
+    remat_policy_name,
+)
+from distil_flax.training import flops, partitioning, train_state
+from distil_flax.training import optimizer as optim
 
 GIB = 2**30
 

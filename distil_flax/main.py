@@ -7,13 +7,14 @@ Exit status: 0 when the run finished, or when SIGTERM (preemption) or Ctrl-C sto
 saving the step in flight — rerun the same command to continue. 1 with one line `error: ...`
 naming the field, file or step when a flag, the config, the inputs, the workdir (locked by
 another run, no intact checkpoint, disk full) or the numbers (too many non-finite steps in a
-row) stop it. 130 when a second Ctrl-C aborted without saving (see `cli.py`).
+row) stop it. 130 when a second Ctrl-C aborted without saving (see `training/cli.py`).
 """
 
 from absl import flags
 from ml_collections import config_flags
 
-from distil_flax import cli, train
+from distil_flax.distill import train
+from distil_flax.training import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file.",
                                           lock_config=True)

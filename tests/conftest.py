@@ -39,8 +39,8 @@ def vocab_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def teacher_workdir(tmp_path_factory, vocab_path):
     """A tiny BERT teacher pretrained for 20 steps with the quickstart teacher config."""
-    from distil_flax import train
-    from distil_flax.config import load_config
+    from distil_flax.distill import train
+    from distil_flax.training.config_files import load_config
 
     c = load_config("configs/quickstart_teacher.py:tiny")
     c.data.tokenizer = vocab_path

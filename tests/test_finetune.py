@@ -15,14 +15,15 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 
-from distil_flax import export_hf, partitioning  # noqa: E402
-from distil_flax.checkpoint import ITEMS, checkpoint_dir  # noqa: E402
-from distil_flax.config import load_config  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
-from distil_flax.downstream import init as finetune_init  # noqa: E402
 from distil_flax.downstream import train as finetune
 from distil_flax.downstream.step import LossSpec, task_loss  # noqa: E402
-from distil_flax.metric_writers import read_metrics  # noqa: E402
+from distil_flax.interop import export as export_hf
+from distil_flax.interop import sources  # noqa: E402
+from distil_flax.training import partitioning  # noqa: E402
+from distil_flax.training.checkpoint import ITEMS, checkpoint_dir  # noqa: E402
+from distil_flax.training.config_files import load_config  # noqa: E402
+from distil_flax.training.metric_writers import read_metrics  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="export checks need torch: pip install -e '.[test]'")
 transformers = pytest.importorskip("transformers")
@@ -126,9 +127,10 @@ def test_export_of_a_glue_run_matches_transformers(mrpc_run, tmp_path):
         np.testing.assert_array_equal(features.arrays[ours], encoded[theirs])
     # The exported model's logits are the best checkpoint's, and score what results.json says.
     mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    best = finetune_init.load_finetuned(workdir, mesh, partitioning.DEFAULT_RULES)
-    ours, _ = finetune_init.task_model(best.model_cfg, best.head).apply(
-        {"params": best.params}, *(features.arrays[k] for k in
+    best = sources.open_source(workdir)
+    params, _ = sources.task_params(best, mesh, partitioning.DEFAULT_RULES)
+    ours, _ = sources.task_model(best.model_cfg, best.head).apply(
+        {"params": params}, *(features.arrays[k] for k in
                                    ("input_ids", "attention_mask", "token_type_ids")))
     with torch.no_grad():
         theirs = model(**{k: torch.tensor(v) for k, v in encoded.items()}).logits.numpy()
@@ -159,11 +161,12 @@ def test_squad_from_a_hugging_face_checkpoint(squad_run, tmp_path):
     assert type(model).__name__ == "DistilBertForQuestionAnswering"
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    best = finetune_init.load_finetuned(workdir, mesh, partitioning.DEFAULT_RULES)
+    best = sources.open_source(workdir)
+    params, _ = sources.task_params(best, mesh, partitioning.DEFAULT_RULES)
     ids = np.array([[2, 40, 41, 42, 3, 50, 51, 52, 53, 3, 0, 0]])
     mask = (np.arange(12) < 10).astype(np.int64)[None]
-    ours, _ = finetune_init.task_model(best.model_cfg, best.head).apply(
-        {"params": best.params}, ids, mask)
+    ours, _ = sources.task_model(best.model_cfg, best.head).apply(
+        {"params": params}, ids, mask)
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
     theirs = np.stack([out.start_logits.numpy(), out.end_logits.numpy()], -1)

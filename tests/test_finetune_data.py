@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from distil_flax import data
-from distil_flax.config import load_config
 from distil_flax.downstream import config as finetune_config
 from distil_flax.downstream.tasks import base, get_task, squad, text, tfds_source
+from distil_flax.training.config_files import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")

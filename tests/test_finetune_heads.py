@@ -11,9 +11,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from distil_flax import hf  # noqa: E402
-from distil_flax.downstream import heads  # noqa: E402
-from distil_flax.downstream import init as finetune_init
+from distil_flax.interop import (
+    hf,  # noqa: E402
+    sources,
+)
+from distil_flax.model import heads  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="HF interop tests need torch: pip install -e '.[test]'")
 transformers = pytest.importorskip("transformers")
@@ -76,7 +78,7 @@ def test_task_checkpoint_round_trip_matches_transformers(cls_name, tmp_path):
     if head.head in ("seq_cls", "token_cls"):
         assert head.label_names == ("class_0", "class_1", "class_2")
     model_cfg.dtype = "float32"
-    ours_model = finetune_init.task_model(model_cfg, head)
+    ours_model = sources.task_model(model_cfg, head)
 
     ids, mask, types = _inputs(head.head == "multiple_choice")
     bert = cls_name.startswith("Bert")

@@ -11,9 +11,11 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from distil_flax import losses, partitioning, step
-from distil_flax.masking import MaskingSpec
+from distil_flax import losses
+from distil_flax.distill import step
+from distil_flax.distill.masking import MaskingSpec
 from distil_flax.model import Encoder, make_encoder, model_config
+from distil_flax.training import partitioning
 
 B, L, D, V, K = 3, 10, 8, 23, 3
 

@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch", reason="HF interop tests need torch: pip in
 transformers = pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-from distil_flax import cli, hf  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.downstream import config as finetune_config  # noqa: E402
-from distil_flax.downstream import init as finetune_init  # noqa: E402
+from distil_flax.interop import hf, sources  # noqa: E402
+from distil_flax.training import cli  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -159,8 +159,8 @@ def test_a_bad_id_is_one_error_line(hub_cache, capsys, monkeypatch):
 def test_fine_tuning_starts_from_a_hub_id(hub_cache, monkeypatch):
     cache, _ = hub_cache
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    pretrained = finetune_init.load_pretrained("hf://org/tiny-bert")
-    assert pretrained.source == "hf" and pretrained.path.endswith(f"snapshots/{COMMIT}")
+    pretrained = sources.open_source("hf://org/tiny-bert")
+    assert pretrained.kind == "hf" and pretrained.path.endswith(f"snapshots/{COMMIT}")
     assert os.path.basename(pretrained.tokenizer) == "vocab.txt"
     assert pretrained.model_cfg.num_layers == 2
 

@@ -27,11 +27,17 @@ ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime: pip install 
 
 from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
 
-from distil_flax import checkpoint, embeddings, export_onnx, hf  # noqa: E402
-from distil_flax import config as config_lib  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
-from distil_flax.hf import st_layout  # noqa: E402
+from distil_flax.distill import config as config_lib  # noqa: E402
+from distil_flax.embeddings import embed as embeddings  # noqa: E402
+from distil_flax.interop import hf  # noqa: E402
+from distil_flax.interop import onnx as export_onnx  # noqa: E402
+from distil_flax.interop import sentence_transformers as st_layout  # noqa: E402
+from distil_flax.training import (  # noqa: E402
+    checkpoint,  # noqa: E402
+    config_files,
+)
 
 TOL = 1e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +127,7 @@ def test_onnx_from_a_workdir(folders, tmp_path):
     c.data.tokenizer = folders["vocab"]
     workdir = tmp_path / "run"
     workdir.mkdir()
-    config_lib.save_json(c, str(workdir / "config.json"))
+    config_files.save_json(c, str(workdir / "config.json"))
     with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(workdir)),
                                item_names=checkpoint.ITEMS) as manager:
         manager.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
@@ -137,7 +143,8 @@ def test_onnx_from_a_workdir(folders, tmp_path):
 
 
 def test_evaluation_scores_onnx_exports_beside_the_student(folders, tmp_path):
-    from distil_flax import evaluate_embeddings, onnx_runtime
+    from distil_flax.embeddings import evaluate as evaluate_embeddings
+    from distil_flax.interop import onnx_runtime
 
     folder, cfg, _ = folders["bert_st"]
     teacher, _, _ = folders["distil_hf"]

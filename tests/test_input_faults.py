@@ -20,10 +20,12 @@ import time
 import numpy as np
 import pytest
 
-from distil_flax import data, train
-from distil_flax.config import base_config, load_config
+from distil_flax import data
 from distil_flax.data import corpus, prepare, records
 from distil_flax.data import tokenizer as tokenizer_lib
+from distil_flax.distill import train
+from distil_flax.distill.config import base_config
+from distil_flax.training.config_files import load_config
 
 pytestmark = pytest.mark.fault
 

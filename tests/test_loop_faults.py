@@ -19,14 +19,15 @@ import numpy as np
 import optax
 import pytest
 
-from distil_flax import loop, train, train_state
-from distil_flax.checkpoint import checkpoint_dir, restore_params
-from distil_flax.checksums import CorruptCheckpointError, verify_step
-from distil_flax.config import load_config
-from distil_flax.downstream import init as finetune_init
+from distil_flax.distill import train
 from distil_flax.downstream import train as finetune
-from distil_flax.metric_writers import MetricWriter, read_metrics
-from distil_flax.workdir_lock import LOCK_NAME
+from distil_flax.interop import sources
+from distil_flax.training import loop, train_state
+from distil_flax.training.checkpoint import checkpoint_dir, restore_params
+from distil_flax.training.checksums import CorruptCheckpointError, verify_step
+from distil_flax.training.config_files import load_config
+from distil_flax.training.metric_writers import MetricWriter, read_metrics
+from distil_flax.training.workdir_lock import LOCK_NAME
 
 pytestmark = pytest.mark.fault
 
@@ -109,8 +110,8 @@ def test_a_second_ctrl_c_aborts_with_one_line(capsys):
     """The first Ctrl-C asks for a save; the second raises, and the command says so in one line.
 
     In-process, so that the two signals cannot race the save of a tiny model."""
-    from distil_flax import cli
-    from distil_flax.stop_signals import StopSignals
+    from distil_flax.training import cli
+    from distil_flax.training.stop_signals import StopSignals
 
     def job():
         with StopSignals() as signals:
@@ -131,7 +132,7 @@ def test_a_second_ctrl_c_aborts_with_one_line(capsys):
 def test_commands_without_a_loop_abort_on_sigterm_in_one_line(capsys):
     """Preparing data, training a vocabulary and exporting have nothing to save: SIGTERM stops
     them as Ctrl-C does, with their own line; the handler is put back after."""
-    from distil_flax import cli
+    from distil_flax.training import cli
 
     before = signal.getsignal(signal.SIGTERM)
 
@@ -259,9 +260,9 @@ def test_a_garbled_best_checkpoint_is_refused(tmp_path):
         f.write(b"\xff" * 8)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             _params())
-    # What export and a task-distillation teacher read (`downstream.init.load_finetuned`).
+    # What export and a task-distillation teacher read (`interop.sources.task_params`).
     with pytest.raises(CorruptCheckpointError, match=r"checkpoint step 3: .* CRC-32"):
-        restore_params(str(tmp_path / finetune_init.BEST_DIR), abstract)
+        restore_params(str(tmp_path / sources.BEST_DIR), abstract)
 
 
 # ---------------------------------------------------------------------------------------------

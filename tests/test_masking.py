@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distil_flax.masking import MaskingSpec, mask_tokens, smoothing_weights
+from distil_flax.distill.masking import MaskingSpec, mask_tokens, smoothing_weights
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 VOCAB = 200

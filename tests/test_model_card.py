@@ -17,9 +17,13 @@ from flax import linen as nn  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from distil_flax import checkpoint, export_hf, hf  # noqa: E402
-from distil_flax import config as config_lib  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
+from distil_flax.interop import export as export_hf  # noqa: E402
+from distil_flax.interop import hf
+from distil_flax.training import (
+    checkpoint,
+    config_files,  # noqa: E402
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", ".")
@@ -39,7 +43,7 @@ def _params(model_cfg):
 def _student_workdir(tmp_path, *, metrics: bool):
     """A distillation run's workdir as train.py leaves it: config.json, a checkpoint at step 20
     and (optionally) the metrics.jsonl the loop writes (train/ every 10 steps, eval/ at 20)."""
-    c = config_lib.load_config(os.path.join(ROOT, "configs/quickstart.py:tiny"))
+    c = config_files.load_config(os.path.join(ROOT, "configs/quickstart.py:tiny"))
     c.teacher.checkpoint = "hf://org/teacher-bert"
     c.data.tokenizer = _vocab(tmp_path)
     c.model.vocab_size = len(WORDS)
@@ -47,7 +51,7 @@ def _student_workdir(tmp_path, *, metrics: bool):
         c.loss.hidden_states.weight = 3.0
     workdir = tmp_path / "student"
     workdir.mkdir()
-    config_lib.save_json(c, workdir / "config.json")
+    config_files.save_json(c, workdir / "config.json")
     with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(workdir)),
                                item_names=checkpoint.ITEMS) as manager:
         manager.save(20, args=ocp.args.Composite(
@@ -177,7 +181,7 @@ def test_a_fine_tuning_export_carries_the_task_and_best_metrics(teacher_workdir,
                                                                  monkeypatch):
     from distil_flax.downstream import train as finetune
 
-    c = config_lib.load_config(os.path.join(ROOT, "configs/glue.py:task=mrpc,preset=tiny"))
+    c = config_files.load_config(os.path.join(ROOT, "configs/glue.py:task=mrpc,preset=tiny"))
     c.init.checkpoint = teacher_workdir
     c.data.dir = os.path.join(ROOT, "tests", "fixtures", "glue", "MRPC")
     c.train.num_steps = 4
@@ -215,7 +219,7 @@ def test_loss_terms_read_every_weighted_section():
 def test_a_task_distillation_card_from_a_hub_student(tmp_path):
     """Fine-tuning from `hf://` with a task teacher: the card of `run_card`, written by hand."""
     from distil_flax.downstream import config as finetune_config
-    from distil_flax.downstream import heads
+    from distil_flax.model import heads
 
     c = finetune_config.base_config()
     c.task.name = "sst2"
@@ -223,7 +227,7 @@ def test_a_task_distillation_card_from_a_hub_student(tmp_path):
     c.distill.teacher = "runs/sst2_bert"
     workdir = tmp_path / "sst2"
     workdir.mkdir()
-    config_lib.save_json(c, workdir / "config.json")
+    config_files.save_json(c, workdir / "config.json")
     (workdir / "best.json").write_text(json.dumps(
         {"step": 30, "score": 0.9, "metrics": {"dev": {"accuracy": 0.9, "loss": 0.25}}}))
     (workdir / "results.json").write_text(json.dumps({"steps": 40}))

@@ -36,7 +36,7 @@ STEP_FLOOR_S = 0.05  # The least a step of the SIGTERM test takes: 3 s for the w
 
 
 def _student_config(vocab_path: str, teacher_workdir: str):
-    from distil_flax.config import load_config
+    from distil_flax.training.config_files import load_config
 
     c = load_config(os.path.join(ROOT, "configs/quickstart.py:tiny"))
     c.data.tokenizer = vocab_path
@@ -99,9 +99,9 @@ def _flat(tree) -> dict:
 def _restore_final_params(c, workdir: str):
     """The latest checkpoint's parameters, read into `c`'s mesh over all processes' devices."""
     from distil_flax import model as model_lib
-    from distil_flax import partitioning
-    from distil_flax.checkpoint import restore_params
     from distil_flax.model import make_encoder
+    from distil_flax.training import partitioning
+    from distil_flax.training.checkpoint import restore_params
 
     mesh = partitioning.make_mesh(c.mesh)
     rules = partitioning.rules_from_config(c.mesh.rules)
@@ -122,7 +122,7 @@ def _host(args: argparse.Namespace) -> None:
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=NUM_PROCESSES, process_id=args.process_id,
                                initialization_timeout=120)
-    from distil_flax import train
+    from distil_flax.distill import train
 
     if args.preemption:  # One run, which the test may stop with SIGTERM: no restore here.
         _with_step_floor(train, STEP_FLOOR_S)
@@ -213,8 +213,8 @@ def test_two_processes_train_identical_replicas_and_match_one_process(
         tmp_path, vocab_path, teacher_workdir):
     import jax
 
-    from distil_flax import train
-    from distil_flax.metric_writers import read_metrics
+    from distil_flax.distill import train
+    from distil_flax.training.metric_writers import read_metrics
 
     deadline = time.monotonic() + TIMEOUT_S
     hosts = _start_hosts(tmp_path, vocab_path, teacher_workdir)
@@ -275,7 +275,7 @@ def _wait_for_training(workdir: str, hosts, deadline: float) -> int:
     A record is written after a whole step, so both hosts are past start-up (JAX's preemption
     notifier is in place) and inside the loop, where every step is a collective of both.
     """
-    from distil_flax.metric_writers import read_metrics
+    from distil_flax.training.metric_writers import read_metrics
 
     while time.monotonic() < deadline:
         for proc, log in hosts:
@@ -305,10 +305,10 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(
     The signal goes to process 1, which neither holds `run.lock` nor writes metrics, so process 0
     learns of it only through JAX's preemption service.
     """
-    from distil_flax.checkpoint import TMP_SUFFIX, checkpoint_dir
-    from distil_flax.checksums import verify_step
-    from distil_flax.metric_writers import read_metrics
-    from distil_flax.workdir_lock import LOCK_NAME
+    from distil_flax.training.checkpoint import TMP_SUFFIX, checkpoint_dir
+    from distil_flax.training.checksums import verify_step
+    from distil_flax.training.metric_writers import read_metrics
+    from distil_flax.training.workdir_lock import LOCK_NAME
 
     workdir = tmp_path / "run"
     first, rerun = tmp_path / "first", tmp_path / "rerun"
@@ -364,7 +364,8 @@ def test_run_config_and_teacher_workdir_on_object_storage(tmp_path, vocab_path):
     import pytest
     from etils.epath import testing as epath_testing
 
-    from distil_flax import config as config_lib
+    from distil_flax.distill import config as config_lib
+    from distil_flax.training import config_files
 
     def local(path) -> str:  # gs://bucket/x → tmp_path/bucket/x: a stand-in object store.
         return os.fspath(path).replace("gs://", f"{tmp_path}/", 1)
@@ -375,14 +376,14 @@ def test_run_config_and_teacher_workdir_on_object_storage(tmp_path, vocab_path):
     with epath_testing.mock_epath(open=lambda fn, p, mode: fn(local(p), mode),
                                   exists=lambda fn, p: fn(local(p))):
         config_lib.validate(c)
-        config_lib.save_json(c, "gs://bucket/run/config.json")
-        loaded = config_lib.load_json("gs://bucket/run/config.json")
+        config_files.save_json(c, "gs://bucket/run/config.json")
+        loaded = config_files.load_json("gs://bucket/run/config.json")
         assert loaded.to_dict() == json.loads(c.to_json_best_effort())  # Tuples become lists.
         with pytest.raises(FileNotFoundError, match="gs://bucket/run/missing.json"):
-            config_lib.load_json("gs://bucket/run/missing.json")
+            config_files.load_json("gs://bucket/run/missing.json")
         (tmp_path / "bucket" / "run" / "truncated.json").write_text('{"seed": ')
         with pytest.raises(ValueError, match="gs://bucket/run/truncated.json is not valid JSON"):
-            config_lib.load_json("gs://bucket/run/truncated.json")
+            config_files.load_json("gs://bucket/run/truncated.json")
         c.teacher.checkpoint = "gs://bucket/no_teacher"
         with pytest.raises(ValueError, match="teacher.checkpoint='gs://bucket/no_teacher'"):
             config_lib.validate(c)

@@ -10,11 +10,12 @@ import safetensors.numpy
 import torch
 import transformers
 
-from distil_flax import export_hf, train
-from distil_flax.checkpoint import Checkpointer
-from distil_flax.config import load_config
-from distil_flax.metric_writers import read_metrics
+from distil_flax.distill import train
+from distil_flax.interop import export as export_hf
 from distil_flax.model import make_encoder
+from distil_flax.training.checkpoint import Checkpointer
+from distil_flax.training.config_files import load_config
+from distil_flax.training.metric_writers import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

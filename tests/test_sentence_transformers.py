@@ -1,5 +1,6 @@
-"""The sentence-transformers export (`hf/st_layout.py`, `export_hf --format=sentence-transformers`),
-checked against `sentence_transformers` itself (CPU, fp32, offline).
+"""The sentence-transformers export (`interop/sentence_transformers.py`,
+`export_hf --format=sentence-transformers`), checked against `sentence_transformers` itself
+(CPU, fp32, offline).
 
 `SentenceTransformer(DIR).encode` of our export equals `embeddings.embed` to 1e-4 for BERT- and
 DistilBERT-shaped models, mean and cls pooling, with and without Normalize; a run's export pools
@@ -28,12 +29,18 @@ st = pytest.importorskip("sentence_transformers",
 
 from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
 
-from distil_flax import checkpoint, embeddings, export_hf, hf  # noqa: E402
-from distil_flax import config as config_lib  # noqa: E402
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
-from distil_flax.hf import st_layout  # noqa: E402
-from distil_flax.pooling import POOLINGS  # noqa: E402
+from distil_flax.distill import config as config_lib  # noqa: E402
+from distil_flax.embeddings import embed as embeddings  # noqa: E402
+from distil_flax.interop import export as export_hf  # noqa: E402
+from distil_flax.interop import hf  # noqa: E402
+from distil_flax.interop import sentence_transformers as st_layout  # noqa: E402
+from distil_flax.model.pooling import POOLINGS  # noqa: E402
+from distil_flax.training import (  # noqa: E402
+    checkpoint,  # noqa: E402
+    config_files,
+)
 
 TOL = 1e-4
 SENTENCES = ["the cat sat on the mat .", "a big red dog ran out of the house", "she was in",
@@ -95,7 +102,7 @@ def test_export_loads_in_sentence_transformers_and_matches_jax(size, pooling, no
             ["Normalize"] if normalize else [])
     assert st_layout.read_sentence_config(output) == st_layout.SentenceConfig(
         pooling, normalize, 16, "")
-    assert embeddings.read_pooling(output) == pooling
+    assert st_layout.read_pooling(output) == pooling
 
     model = _load(output)
     assert model.max_seq_length == 16
@@ -156,7 +163,7 @@ def _teacher_folder(tmp_path, pooling: str, normalize: bool) -> str:
     (folder / "1_Pooling").mkdir(parents=True)
     (folder / "modules.json").write_text(json.dumps(st_layout.modules_json(normalize)))
     (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps(embeddings.pooling_config(pooling, 32)))
+        json.dumps(st_layout.pooling_config(pooling, 32)))
     return str(folder)
 
 
@@ -169,7 +176,7 @@ def _workdir(tmp_path, vocab: str, teacher: str):
     c.teacher.checkpoint = teacher
     workdir = tmp_path / "run"
     workdir.mkdir()
-    config_lib.save_json(c, str(workdir / "config.json"))
+    config_files.save_json(c, str(workdir / "config.json"))
     with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(workdir)),
                                item_names=checkpoint.ITEMS) as manager:
         manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from distil_flax import model as model_lib
-from distil_flax import partitioning, train
-from distil_flax.config import base_config
+from distil_flax.distill import train
+from distil_flax.distill.config import base_config
 from distil_flax.model import make_encoder, model_config
-from distil_flax.optim import make_optimizer
-from distil_flax.train_state import shardings_of
+from distil_flax.training import partitioning
+from distil_flax.training.optimizer import make_optimizer
+from distil_flax.training.train_state import shardings_of
 
 VOCAB, LENGTH, BATCH = 64, 16, 16
 
@@ -85,7 +86,7 @@ def _run(mesh_shape, devices, steps=2, recipe="distilbert"):
     teacher_params = jax.device_put(
         teacher_host, shardings_of(partitioning.abstract_params(model_lib.init_fn(teacher), mesh,
                                                                  rules)))
-    from distil_flax import student_init
+    from distil_flax.model import student_init
     setup = train.Setup(
         config=c, mesh=mesh, rules=rules, tokenizer=_Tokenizer(), train_rows={}, eval_rows={},
         student=student, teacher=teacher, teacher_params=teacher_params,

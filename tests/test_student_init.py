@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from distil_flax import student_init
-from distil_flax.model import make_encoder, model_config
+from distil_flax.model import make_encoder, model_config, student_init
 
 
 def _model(size, seed=0, **fields):

@@ -15,11 +15,13 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from distil_flax import cli, data, masking
+from distil_flax import data
 from distil_flax.data import roberta_vocab, train_vocab
 from distil_flax.data import units as units_lib
+from distil_flax.distill import masking
 from distil_flax.downstream.tasks import squad
 from distil_flax.downstream.tasks import text as text_lib
+from distil_flax.training import cli
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,10 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from distil_flax import train
-from distil_flax.checkpoint import Checkpointer
-from distil_flax.config import load_config, validate
-from distil_flax.metric_writers import read_metrics
+from distil_flax.distill import train
+from distil_flax.distill.config import validate
+from distil_flax.training.checkpoint import Checkpointer
+from distil_flax.training.config_files import load_config
+from distil_flax.training.metric_writers import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,9 +8,10 @@ device.
 """
 
 from distil_flax.data.batches import BatchIterator, eval_batches
-from distil_flax.data.corpus import SOURCES, Tally, read_documents
+from distil_flax.data.corpus import SOURCES, Tally
 from distil_flax.data.loader import PackedSplit, build_datasets, token_counts
 from distil_flax.data.packing import pack_documents, padding_fraction
+from distil_flax.data.readers import read_documents
 from distil_flax.data.records import PreparedDataset
 from distil_flax.data.roberta_vocab import train_bpe
 from distil_flax.data.tokenizer import (

@@ -133,40 +133,6 @@ class SourceSpec:
             raise ValueError(f"The {self.source!r} source needs data.paths ({what}); none given.")
 
 
-def read_documents(
-    source: str,
-    paths: str | Sequence[str] = (),
-    text_field: str = "text",
-    *,
-    tfds_split: str = "train",
-    tfds_data_dir: str = "",
-    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
-    tally: Tally | None = None,
-) -> Iterator[str]:
-    """Yields the documents of a source, in order (see the module docstring).
-
-    Args:
-      source: one of `SOURCES`.
-      paths: for "text", "jsonl" and "parquet", a file path or glob, or a sequence of them (each
-        glob expanded in sorted order); for "tfds", the dataset name or directory. Ignored for
-        "bundled".
-      text_field: the field holding the text (jsonl, parquet, tfds).
-      tfds_split, tfds_data_dir: for "tfds".
-      max_document_bytes: records above this size are dropped and counted.
-      tally: receives the counts of what was read and skipped (a fresh one if None).
-
-    Raises:
-      ValueError: unknown source, no paths for a source that needs them, or nothing to read.
-      FileNotFoundError: a pattern that matches no file, or a TFDS dataset that is not prepared.
-    """
-    from distil_flax.data.readers import read_unit  # Here: readers imports this module.
-
-    spec = SourceSpec(source, paths, text_field, tfds_split, tfds_data_dir, max_document_bytes)
-    units = plan_units(spec, unit_bytes=None)
-    tally = Tally() if tally is None else tally
-    return itertools.chain.from_iterable(read_unit(spec, unit, tally) for unit in units)
-
-
 def expand_paths(paths: Sequence[str]) -> list[str]:
     """Expands files and globs to a list of files, in argument order, each glob sorted.
 

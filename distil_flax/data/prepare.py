@@ -39,11 +39,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from distil_flax.data import corpus, records, worker_pool
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.data import units as units_lib
+from distil_flax.training import atomic, cli
 
 _REQUEST = "request.json"
 
@@ -123,7 +124,7 @@ def _check_request(directory: str, wanted: dict[str, Any], overwrite: bool) -> N
         for name in os.listdir(directory):
             if name.endswith((".array_record", ".json", ".npy")) or ".tmp" in name:
                 os.remove(os.path.join(directory, name))
-    records.write_json_atomically(path, wanted)
+    atomic.write_json(path, wanted, indent=1)
 
 
 def prepare(
@@ -161,7 +162,7 @@ def prepare(
     _make_writable(directory)
     _check_request(directory, wanted, overwrite)
     # What killed runs left half-written (never data: only renamed files and summaries count).
-    stale = records.remove_stale_temp_files(directory)
+    stale = atomic.remove_stale(directory)
     if stale:
         logging.info("Removed %d temporary file(s) of stopped runs from %s: %s", len(stale),
                      directory, ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else ""))
@@ -259,7 +260,7 @@ def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, A
         "source": wanted["source"], "options": wanted["options"], "units": len(plan),
         "splits": splits, "tally": tally.to_json(), "preparation": throughput,
     }
-    records.write_json_atomically(os.path.join(directory, records.MANIFEST), manifest)
+    atomic.write_json(os.path.join(directory, records.MANIFEST), manifest, indent=1)
     for i in range(len(plan)):
         # Merged; the unit summaries stay as a record.
         os.remove(units_lib.counts_path(directory, i))
@@ -273,10 +274,6 @@ def _write_manifest(directory: str, plan: list[corpus.Unit], wanted: dict[str, A
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import flags
-
-    from distil_flax import cli
-
     del argv
     # A config, input, directory or worker problem ends in one `error:` line (exit status 1);
     # Ctrl-C or SIGTERM stops at once (workers die with this process).
@@ -311,8 +308,7 @@ def _prepare_and_report(flags_) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-    from ml_collections import config_flags
+    from ml_collections import config_flags  # Here: the loader benchmark runs without it.
 
     config_flags.DEFINE_config_file("config", None, "Run config whose `data` section to prepare.",
                                     lock_config=True)
@@ -323,7 +319,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from distil_flax import cli
-
     _define_flags()
     cli.main(main)

@@ -1,16 +1,50 @@
 """Reads the documents of one corpus unit: each source's records, decoded, cleaned and counted.
 
 `corpus.py` describes the sources and plans a corpus as `Unit`s; `read_unit` yields one unit's
-documents. Records that yield no document (empty, not JSON, without the text field, over
-`max_document_bytes`) and undecodable bytes are counted in a `Tally`, never silently dropped.
+documents, `read_documents` those of a whole source. Records that yield no document (empty, not
+JSON, without the text field, over `max_document_bytes`) and undecodable bytes are counted in a
+`Tally`, never silently dropped.
 """
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from distil_flax.data import corpus
 from distil_flax.data.corpus import SourceSpec, Tally, Unit, bundled_chapters, tfds_source
+
+
+def read_documents(
+    source: str,
+    paths: str | Sequence[str] = (),
+    text_field: str = "text",
+    *,
+    tfds_split: str = "train",
+    tfds_data_dir: str = "",
+    max_document_bytes: int = corpus.DEFAULT_MAX_DOCUMENT_BYTES,
+    tally: Tally | None = None,
+) -> Iterator[str]:
+    """Yields the documents of a source, in order (see the module docstring).
+
+    Args:
+      source: one of `SOURCES`.
+      paths: for "text", "jsonl" and "parquet", a file path or glob, or a sequence of them (each
+        glob expanded in sorted order); for "tfds", the dataset name or directory. Ignored for
+        "bundled".
+      text_field: the field holding the text (jsonl, parquet, tfds).
+      tfds_split, tfds_data_dir: for "tfds".
+      max_document_bytes: records above this size are dropped and counted.
+      tally: receives the counts of what was read and skipped (a fresh one if None).
+
+    Raises:
+      ValueError: unknown source, no paths for a source that needs them, or nothing to read.
+      FileNotFoundError: a pattern that matches no file, or a TFDS dataset that is not prepared.
+    """
+    spec = SourceSpec(source, paths, text_field, tfds_split, tfds_data_dir, max_document_bytes)
+    units = corpus.plan_units(spec, unit_bytes=None)
+    tally = Tally() if tally is None else tally
+    return itertools.chain.from_iterable(read_unit(spec, unit, tally) for unit in units)
 
 
 def read_unit(spec: SourceSpec, unit: Unit, tally: Tally) -> Iterator[str]:

@@ -24,14 +24,9 @@ The manifest is written last, atomically; a directory without one is an unfinish
 import dataclasses
 import json
 import os
-import re
-import socket
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
-
-from distil_flax.workdir_lock import process_alive
 
 MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.npy"
@@ -54,54 +49,6 @@ def shard_name(split: str, unit: int) -> str:
 def lengths_path(shard_path: str) -> str:
     """The piece-length file beside a shard."""
     return shard_path[: -len(".array_record")] + ".lengths.npy"
-
-
-# Every file is written under a temporary name, then renamed into place. The temporary name
-# carries the writer's pid and host, `{name}.tmp{pid}-{host}` (then `.npy` for NumPy files), so
-# that a later run can tell what a killed process left (same host, no such process) from what a
-# live preparation is still writing, maybe on another host that shares the directory.
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
-# Also matches the names of earlier versions: `{name}.tmp{pid}`, and `{name}.tmp.npy`.
-_TEMP_NAME = re.compile(r"\.tmp(?P<pid>\d*)(?:-(?P<host>[A-Za-z0-9-]+))?(?:\.npy)?$")
-
-
-def temp_path(path: str, suffix: str = "") -> str:
-    """The name this process writes `path` under before renaming it into place.
-
-    Args:
-      path: the final path.
-      suffix: appended last (".npy", which `np.save` would append otherwise).
-    """
-    return f"{path}.tmp{os.getpid()}-{_HOST}{suffix}"
-
-
-def remove_stale_temp_files(directory: str) -> list[str]:
-    """Removes the temporary files of killed writers on this host; returns their names.
-
-    A file of another host, or of a process that still runs, is left alone. Pid-less names
-    (`.tmp.npy`) were only written by earlier versions, which a rerun replaces: removed.
-    """
-    removed = []
-    for name in sorted(os.listdir(directory)):
-        match = _TEMP_NAME.search(name)
-        if match is None or match["host"] not in (None, _HOST):
-            continue
-        if match["pid"] and process_alive(int(match["pid"])):
-            continue
-        try:
-            os.remove(os.path.join(directory, name))
-        except FileNotFoundError:
-            continue  # Another run on this host removed it first.
-        removed.append(name)
-    return removed
-
-
-def write_json_atomically(path: str, value: Any) -> None:
-    """Writes via a temporary file and a rename, so readers never see half a file."""
-    tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ last id, as in roberta-base (where it is 50264).
 
 import json
 import os
-import tempfile
+import shutil
 from collections.abc import Iterable
 
 import tokenizers
@@ -30,6 +30,8 @@ from tokenizers import (
     processors,
     trainers,
 )
+
+from distil_flax.training import atomic
 
 # RoBERTa's special tokens in id order; <mask> comes after every learned token.
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
@@ -113,11 +115,18 @@ def train_bpe(documents: Iterable[str], vocab_size: int, output: str, *,
     tokenizer = _byte_level_bpe(vocab, merges)
 
     os.makedirs(output, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output, prefix=".tmp") as tmp:
-        tokenizer.model.save(tmp)
-        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    # The library saves into a folder: a staging one (what a killed run left is removed first),
+    # whose files are then renamed into place one by one.
+    atomic.remove_stale(output, "bpe")
+    staging = atomic.temp_path(os.path.join(output, "bpe"))
+    os.mkdir(staging)
+    try:
+        tokenizer.model.save(staging)
+        tokenizer.save(os.path.join(staging, "tokenizer.json"))
         for name in BPE_FILES:
-            os.replace(os.path.join(tmp, name), os.path.join(output, name))
+            atomic.commit(os.path.join(staging, name), os.path.join(output, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return os.path.join(output, "tokenizer.json")
 
 

@@ -34,6 +34,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from distil_flax.data import roberta_vocab, wordpiece
+from distil_flax.training import atomic
 
 # The special tokens a vocabulary must have, in the order trained vocabularies put them (ids 0..4).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -437,9 +438,5 @@ def train_sentencepiece(
 def _write_atomically(path: str, text: str) -> None:
     """Writes via a temporary file, so an interrupted run never leaves a truncated vocab that a
     later `train_vocab` would reuse."""
-    path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)

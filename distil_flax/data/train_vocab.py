@@ -25,9 +25,9 @@ import time
 
 from absl import flags
 
-from distil_flax import cli
-from distil_flax.data import corpus, roberta_vocab
+from distil_flax.data import corpus, readers, roberta_vocab
 from distil_flax.data import tokenizer as tokenizer_lib
+from distil_flax.training import cli
 
 _SOURCE = flags.DEFINE_enum("source", "bundled", corpus.SOURCES, "Document source.")
 _PATHS = flags.DEFINE_list("paths", [], "Files or globs (text/jsonl/parquet), or the TFDS name.")
@@ -106,7 +106,7 @@ def train_or_reuse(kind: str, output: str, vocab_size: int, *, source: str = "bu
                 "to retrain.")
     start = time.perf_counter()
     tally = corpus.Tally()
-    documents = corpus.read_documents(source, list(paths), text_field, tfds_split=tfds_split,
+    documents = readers.read_documents(source, list(paths), text_field, tfds_split=tfds_split,
                                       tfds_data_dir=tfds_data_dir, tally=tally)
     if sample_documents:
         documents = sample(documents, sample_documents)

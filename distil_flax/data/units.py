@@ -30,6 +30,7 @@ import numpy as np
 
 from distil_flax.data import corpus, readers, records
 from distil_flax.data import tokenizer as tokenizer_lib
+from distil_flax.training import atomic
 
 # Documents tokenized per call: large enough to amortise the call, small enough that one batch of
 # sentence ids (Python lists) stays far below a worker's memory.
@@ -157,7 +158,7 @@ class _SplitWriter:
 
         self.name = records.shard_name(split, index)
         self.path = os.path.join(directory, self.name)
-        self.tmp = records.temp_path(self.path)
+        self.tmp = atomic.temp_path(self.path)
         self.writer = array_record_module.ArrayRecordWriter(self.tmp, records.WRITER_OPTIONS)
         self.dtype = dtype
         self.documents = self.records = self.tokens = 0
@@ -182,10 +183,10 @@ class _SplitWriter:
         self.writer.close()
         if self.records:
             lengths_path = records.lengths_path(self.path)
-            tmp = records.temp_path(lengths_path, ".npy")
+            tmp = atomic.temp_path(lengths_path, ".npy")
             np.save(tmp, np.asarray(self.lengths, records.LENGTH_DTYPE))
-            os.replace(tmp, lengths_path)
-            os.replace(self.tmp, self.path)
+            atomic.commit(tmp, lengths_path)
+            atomic.commit(self.tmp, self.path)
         else:
             os.remove(self.tmp)
         return {"path": self.name if self.records else None, "documents": self.documents,
@@ -241,9 +242,9 @@ def prepare_unit(job: Job) -> dict[str, Any]:
                # CPU time of the worker (all its threads): tokens per CPU-second is what one
                # core delivers, whatever else shares the machine.
                "cpu_seconds": time.process_time() - cpu_start}
-    tmp = records.temp_path(counts_path(job.directory, job.index), ".npy")
+    tmp = atomic.temp_path(counts_path(job.directory, job.index), ".npy")
     np.save(tmp, counts)
-    os.replace(tmp, counts_path(job.directory, job.index))
-    records.write_json_atomically(done_path(job.directory, job.index), summary)
+    atomic.commit(tmp, counts_path(job.directory, job.index))
+    atomic.write_json(done_path(job.directory, job.index), summary, indent=1)
     return summary
 

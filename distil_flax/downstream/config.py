@@ -10,7 +10,8 @@ import os
 import ml_collections
 from etils import epath
 
-from distil_flax import hf, partitioning
+from distil_flax.interop import hf
+from distil_flax.training import partitioning
 
 
 def base_config() -> ml_collections.ConfigDict:

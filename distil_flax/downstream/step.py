@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from distil_flax.downstream.heads import TaskModel
 from distil_flax.losses import soft_target_kl
-from distil_flax.train_state import TrainState, apply_update, step_rng
+from distil_flax.model.heads import TaskModel
+from distil_flax.training.train_state import TrainState, apply_update, step_rng
 
 Array = jax.Array
 

@@ -1,7 +1,7 @@
 """Fine-tunes an encoder on a downstream task and scores it with the task's official metrics.
 
-Fine-tuning is a trainer of the one run loop (`loop.py`): this module says what the state holds
-(the encoder with a fresh head), the step (`downstream/step.py`), the evaluation (the task's
+Fine-tuning is a trainer of the one run loop (`training/loop.py`): this module says what the state
+holds (the encoder with a fresh head), the step (`downstream/step.py`), the evaluation (the task's
 official metrics) and what "best" means (the task's score); resuming, signals, the non-finite
 policy, checkpoints and logging are the loop's, exactly as for distillation.
 
@@ -39,15 +39,17 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from distil_flax import config as config_lib
-from distil_flax import data, hf, loop, optim, partitioning, train_state
+from distil_flax import data
 from distil_flax.downstream import config as finetune_config
-from distil_flax.downstream import heads
-from distil_flax.downstream import init as finetune_init
 from distil_flax.downstream import tasks as tasks_lib
+from distil_flax.downstream.init import merge_pretrained
 from distil_flax.downstream.step import INPUTS, LossSpec, finetune_step, predict_step
 from distil_flax.downstream.tasks import batching
-from distil_flax.train_state import TrainState
+from distil_flax.interop import hf, sources
+from distil_flax.model import heads
+from distil_flax.training import atomic, config_files, loop, partitioning, train_state
+from distil_flax.training import optimizer as optim
+from distil_flax.training.train_state import TrainState
 
 RESULTS_FILE = "results.json"
 
@@ -65,7 +67,7 @@ class Run:
     model_cfg: ml_collections.ConfigDict  # The encoder's, as trained here.
     head: heads.TaskHead
     model: heads.TaskModel
-    pretrained: finetune_init.Pretrained
+    pretrained: sources.Source
     train_split: tasks_lib.Split
     train_features: tasks_lib.Features
     eval_data: dict[str, tuple[tasks_lib.Split, tasks_lib.Features]]
@@ -100,7 +102,11 @@ def _model_config(c: ml_collections.ConfigDict, pretrained: ml_collections.Confi
 
 def _load_teacher(c: ml_collections.ConfigDict, run_head: heads.TaskHead, task: tasks_lib.Task,
                   vocab_size: int, mesh, rules):
-    teacher = finetune_init.load_finetuned(c.distill.teacher, mesh, rules, dtype=c.model.dtype)
+    teacher = sources.open_source(c.distill.teacher, field="distill.teacher")
+    if teacher.head is None:
+        raise ValueError(f"distill.teacher={c.distill.teacher!r} is not a fine-tuned model: a "
+                         "teacher must be fine-tuned on the task (a distil_flax fine-tuning "
+                         f"workdir, or one of {sorted(hf.TASK_CLASSES.values())})")
     problems = []
     if teacher.task and teacher.task != task.name:
         problems.append(f"it was fine-tuned on {teacher.task!r}, not {task.name!r}")
@@ -117,8 +123,11 @@ def _load_teacher(c: ml_collections.ConfigDict, run_head: heads.TaskHead, task: 
     if problems:
         raise ValueError(f"distill.teacher={c.distill.teacher!r} cannot teach this run: "
                          + "; ".join(problems))
-    model = finetune_init.task_model(teacher.model_cfg, teacher.head)
-    params = partitioning.cast(teacher.params, jnp.dtype(c.distill.teacher_param_dtype))
+    model_cfg = ml_collections.ConfigDict({**teacher.model_cfg.to_dict(), "dtype": c.model.dtype,
+                                           "attention_mask": "lengths"})
+    model = sources.task_model(model_cfg, teacher.head)
+    params, _ = sources.task_params(teacher, mesh, rules, model_cfg=model_cfg)
+    params = partitioning.cast(params, jnp.dtype(c.distill.teacher_param_dtype))
     logging.info("Teacher: %s (%d layers × %d).", c.distill.teacher, teacher.model_cfg.num_layers,
                  teacher.model_cfg.hidden_size)
     return model, params
@@ -135,16 +144,21 @@ def _read(task: tasks_lib.Task, split: str, c: ml_collections.ConfigDict,
     return read, features
 
 
-def build(c: ml_collections.ConfigDict) -> Run:
-    """Validates the config; loads the task's data, the tokenizer, the model and the teacher."""
-    finetune_config.validate(c)
+def build(c: ml_collections.ConfigDict, *, validated: bool = False) -> Run:
+    """Loads the task's data, the tokenizer, the model and the teacher.
+
+    Args:
+      validated: the caller already ran `config.validate(c)`; False: it runs here.
+    """
+    if not validated:
+        finetune_config.validate(c)
     mesh = partitioning.make_mesh(c.mesh)
     rules = partitioning.rules_from_config(c.mesh.rules)
     task = tasks_lib.get_task(c.task.name)
     if isinstance(task, tasks_lib.SquadTask):
         task.n_best_size, task.max_answer_length = c.data.n_best_size, c.data.max_answer_length
 
-    pretrained = finetune_init.load_pretrained(c.init.checkpoint)
+    pretrained = sources.open_source(c.init.checkpoint, field="init.checkpoint")
     tokenizer_path = c.data.tokenizer or pretrained.tokenizer
     if not tokenizer_path:
         raise ValueError(f"init.checkpoint={c.init.checkpoint!r} names no tokenizer: set "
@@ -161,7 +175,7 @@ def build(c: ml_collections.ConfigDict) -> Run:
                     heads.default_head_dropout(task.head, pooling, model_cfg.dropout_rate))
     head = heads.TaskHead(task.head, task.num_labels, tuple(task.label_names),
                        regression=task.is_regression, head_dropout=head_dropout)
-    model = finetune_init.task_model(model_cfg, head)
+    model = sources.task_model(model_cfg, head)
 
     train_split, train_features = _read(task, "train", c, tokenizer, c.data.max_train_examples)
     eval_data = {name: _read(task, name, c, tokenizer, c.data.max_eval_examples)
@@ -183,7 +197,7 @@ def build(c: ml_collections.ConfigDict) -> Run:
 
 
 def _abstract_state(run: Run, optimizer) -> TrainState:
-    params = finetune_init.abstract_params(run.model, run.mesh, run.rules)
+    params = sources.abstract_task_params(run.model, run.mesh, run.rules)
     return train_state.abstract_state(params, optimizer, partitioning.replicated(run.mesh))
 
 
@@ -191,8 +205,8 @@ def _init_state(run: Run, optimizer, abstract: TrainState) -> TrainState:
     """Fresh head, pretrained encoder, fresh optimizer."""
     head_rng, state_rng = jax.random.split(jax.random.PRNGKey(run.config.seed))
     fresh, _ = partitioning.sharded_init(heads.init_fn(run.model), head_rng, run.mesh, run.rules)
-    encoder = finetune_init.encoder_params(run.pretrained, run.mesh, run.rules)
-    params = finetune_init.merge_pretrained(fresh, encoder, run.config.init.checkpoint)
+    encoder, _ = sources.encoder_params(run.pretrained, run.mesh, run.rules)
+    params = merge_pretrained(fresh, encoder, run.config.init.checkpoint)
     return train_state.fresh_state(params, optimizer, abstract, state_rng)
 
 
@@ -294,8 +308,8 @@ def make_trainer(run: Run, workdir: str) -> loop.Trainer:
 
     def on_start(state) -> None:
         if jax.process_index() == 0:
-            config_lib.save_json(c, str(epath.Path(workdir) / "config.json"))
-            finetune_init.describe(workdir, model_cfg=run.model_cfg, head=run.head,
+            config_files.save_json(c, str(epath.Path(workdir) / "config.json"))
+            sources.write_task_model(workdir, model_cfg=run.model_cfg, head=run.head,
                                    tokenizer=run.tokenizer.path, lowercase=run.lowercase,
                                    task=run.task.name)
 
@@ -327,7 +341,7 @@ def finetune_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     """
     finetune_config.validate(c)  # A bad config fails before anything touches the workdir.
     with loop.exclusive(workdir) as session:
-        run = build(c)
+        run = build(c, validated=True)
         logging.info("Config:\n%s", c)
         trainer = make_trainer(run, workdir)
         outcome = loop.run(trainer, workdir, session, stop_at_step=stop_at_step)
@@ -338,7 +352,7 @@ def finetune_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     steps_per_epoch = trainer.batches.batches_per_epoch
     results = _results(run, trainer.num_steps, steps_per_epoch, outcome.best, last)
     if jax.process_index() == 0:
-        (epath.Path(workdir) / RESULTS_FILE).write_text(_json(results))
+        atomic.write_text(epath.Path(workdir) / RESULTS_FILE, _json(results))
     _log_summary(results)
     return results
 

@@ -24,7 +24,7 @@ from flax import linen as nn
 from distil_flax.losses import sentence
 from distil_flax.losses.spec import LossSpec
 from distil_flax.losses.triple import cosine_distance, weighted_mean, wide
-from distil_flax.pooling import pool_segments
+from distil_flax.model.pooling import pool_segments
 
 Array = jax.Array
 

@@ -25,6 +25,7 @@ from absl import logging
 from distil_flax.data.tokenizer import Tokenizer
 from distil_flax.downstream.tasks import metrics as metrics_lib
 from distil_flax.downstream.tasks import text as text_lib
+from distil_flax.training import atomic
 
 # More than this fraction of a file's records skipped means the file is not what the task reads.
 MAX_SKIPPED_FRACTION = 0.5
@@ -208,12 +209,12 @@ class TextClassificationTask(Task):
         """GLUE's submission format, `index<TAB>prediction`, labels spelt as in the task's files."""
         path = os.path.join(directory, f"{self.name}_{split.name}.tsv")
         os.makedirs(directory, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("index\tprediction\n")
-            for example, value in zip(split.examples, predictions):
-                shown = (f"{float(value):.3f}" if self.is_regression
-                         else self.file_labels[int(value)])
-                f.write(f"{example.guid}\t{shown}\n")
+        lines = ["index\tprediction\n"]
+        for example, value in zip(split.examples, predictions):
+            shown = (f"{float(value):.3f}" if self.is_regression
+                     else self.file_labels[int(value)])
+            lines.append(f"{example.guid}\t{shown}\n")
+        atomic.write_text(path, "".join(lines))
         return path
 
 
@@ -224,6 +225,4 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 def write_json(path: str, value: Any) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    atomic.write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")

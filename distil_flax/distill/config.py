@@ -1,0 +1,305 @@
+"""The base run configuration, its validation, and loading config files outside the CLI.
+
+Config files in `configs/` call `base_config()` and change fields. Every field is commented here.
+"""
+
+import math
+import os
+
+import ml_collections
+from etils import epath
+
+from distil_flax.data import tokenizer as tokenizer_lib
+from distil_flax.interop import hf
+from distil_flax.losses import RELATION_PAIRS, SIMILARITIES
+from distil_flax.model import model_config
+from distil_flax.model.pooling import POOLINGS
+from distil_flax.training import partitioning
+
+RELEASED_LAYER_MAP = (0, 2, 4, 7, 9, 11)  # The layers the released DistilBERT took from BERT-base.
+FEATURE_TERMS = ("hidden_states", "attention_scores", "relations")  # Sections with a `weight`.
+EMBEDDING_WEIGHTS = ("mse_weight", "cosine_weight", "similarity_weight")  # Of loss.embeddings.
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """DistilBERT's recipe with a 6-layer student; variants change fields."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds parameter init, masking, dropout and data order.
+
+    # The model this run trains: the student, or the teacher when pretraining one.
+    c.model = model_config("distil6")
+
+    c.teacher = ml_collections.ConfigDict()
+    # The teacher: a distil_flax workdir, a Hugging Face model folder, or hf://ORG/NAME[@REVISION]
+    # (from the Hugging Face cache, or downloaded). Never re-saved.
+    c.teacher.checkpoint = ""
+    c.teacher.param_dtype = "bfloat16"  # The teacher only runs forward: halve its memory and reads.
+
+    c.init = ml_collections.ConfigDict()
+    # Order on start: a checkpoint in the workdir wins; else teacher layers (if from_teacher and a
+    # teacher is given); else random init.
+    c.init.from_teacher = True
+    # Teacher layer for each student layer; a tuple, so that `--config.init.layer_map=(0,3,5)`
+    # can set it (config_flags cannot override lists).
+    c.init.layer_map = RELEASED_LAYER_MAP
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.temperature = 2.0  # Softmax temperature of L_ce; the term is scaled by T².
+    c.loss.alpha_ce = 5.0  # Weight of the soft-target loss (teacher → student distributions).
+    c.loss.alpha_mlm = 2.0  # Weight of the masked-LM loss on the true tokens.
+    c.loss.alpha_cos = 1.0  # Weight of 1 − cos between final hidden states.
+    # L_ce on masked positions only (cheaper; not the released recipe).
+    c.loss.restrict_ce_to_mask = False
+    # Positions per chunk of the fused MLM heads + loss (never materialises all logits at once);
+    # 0: plain logits.
+    c.loss.head_chunk = 128
+    # Intermediate-layer terms (TinyBERT, MiniLM), one section each; weight 0: not computed.
+    # Students may be narrower than their teacher for every one of them.
+    c.loss.hidden_states = ml_collections.ConfigDict()
+    c.loss.hidden_states.weight = 0.0  # MSE between mapped hidden states (TinyBERT).
+    # Teacher layer read by each student layer; (): TinyBERT's uniform map, (i + 1)·k − 1.
+    c.loss.hidden_states.layer_map = ()
+    c.loss.hidden_states.embeddings = True  # Also match the embeddings' outputs (TinyBERT).
+    c.loss.attention_scores = ml_collections.ConfigDict()
+    # MSE between the attention scores q·kᵀ/√d of mapped layers (TinyBERT); needs equal heads.
+    c.loss.attention_scores.weight = 0.0
+    c.loss.attention_scores.layer_map = ()  # As hidden_states.layer_map.
+    c.loss.relations = ml_collections.ConfigDict()
+    c.loss.relations.weight = 0.0  # KL between self-attention relations of one layer (MiniLM).
+    # Comma-separated pairs of q, k, v: MiniLM v2 "qq,kk,vv"; MiniLM v1 "qk,vv" (attention
+    # distributions and value relation, with relations.heads = the models' head count).
+    c.loss.relations.pairs = "qq,kk,vv"
+    c.loss.relations.heads = 12  # Relation heads; teacher and student widths must divide by it.
+    c.loss.relations.teacher_layer = -1  # Negative: from the end (MiniLM: the last, for base).
+    c.loss.relations.student_layer = -1
+    # Query rows per chunk of the attention-score and relation terms (a chunk holds [batch, heads,
+    # relation_chunk, length] scores); 0: all rows at once.
+    c.loss.relation_chunk = 128
+    # Sentence embeddings, pooled per packed segment in both models (sentence-transformers'
+    # distillation and beyond). MSE and cosine go through a learned projection when the student
+    # is narrower; the similarity term compares each model's in-batch cosine similarities.
+    c.loss.embeddings = ml_collections.ConfigDict()
+    c.loss.embeddings.mse_weight = 0.0
+    c.loss.embeddings.cosine_weight = 0.0  # Weight of 1 − cos(student, teacher).
+    c.loss.embeddings.similarity_weight = 0.0
+    c.loss.embeddings.similarity = "kl"  # kl (row-wise softmax, temperature) | mse.
+    c.loss.embeddings.temperature = 0.05
+    # mean | cls | auto: the teacher folder's sentence-transformers pooling (1_Pooling), else mean.
+    c.loss.embeddings.pooling = "auto"
+
+    c.masking = ml_collections.ConfigDict()
+    c.masking.mask_prob = 0.15  # Fraction of real, non-special tokens predicted per row; 0: none.
+    c.masking.replace_with_mask = 0.8  # Of those: set to [MASK] ...
+    c.masking.replace_with_random = 0.1  # ... to a random token; the rest are kept.
+    # Pick tokens ∝ count^-smoothing (DistilBERT's mlm_smoothing); 0: uniform.
+    c.masking.smoothing = 0.7
+
+    # Data: `python -m distil_flax.data.prepare --config=...` turns the source into token-id
+    # shards in data.dir once; training reads the shards (preparing them first when missing).
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "bundled"  # bundled (World English Bible) | text | jsonl | parquet | tfds.
+    c.data.paths = ""  # Comma-separated files or globs; for tfds the dataset name or directory.
+    c.data.text_field = "text"  # Field (jsonl, tfds) or column (parquet) holding a document.
+    c.data.tfds_split = "train"  # TFDS split to read.
+    c.data.tfds_data_dir = ""  # TFDS data directory; "" for TFDS's default.
+    c.data.tokenizer = ""  # vocab.txt / tokenizer.json (WordPiece) or .model (SentencePiece).
+    c.data.lowercase = True  # For vocab.txt tokenizers: uncased BERT normalisation.
+    c.data.dir = ""  # Prepared shards; "" for cache_dir/<hash of source, tokenizer, options>.
+    c.data.cache_dir = "~/.cache/distil_flax/prepared"  # Where data.dir="" preparations go.
+    c.data.max_len = 2048  # Longest prepared piece; documents are cut at sentence ends.
+    c.data.min_tokens = 10  # Drop documents with fewer tokens (counted in the manifest).
+    c.data.max_unk_fraction = 0.5  # Drop documents with a larger fraction of [UNK] tokens.
+    c.data.max_document_bytes = 16 << 20  # Drop (and count) larger records: corrupt input.
+    c.data.eval_every = 50  # Hold out ~1 in n documents (by a hash of the text); 0: none.
+    c.data.unit_bytes = 64 << 20  # Input bytes per preparation unit (= per output shard).
+    c.data.workers = 0  # Preparation processes; 0: one per core.
+    c.data.seq_len = 512  # Packed row length (the loader cuts longer pieces at token ends).
+    c.data.window = 4096  # Pieces packed together (best-fit): larger pads less.
+    c.data.threads = 2  # Threads reading and packing batches ahead of the training loop.
+    c.data.prefetch = 4  # Batches made ahead.
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 4096  # Global sequences per optimizer update (the paper's 4K).
+    c.train.micro_batch_size = 64  # Global sequences per forward/backward; 0: the whole batch.
+    c.train.num_steps = 0  # Optimizer updates; 0: derive from num_epochs.
+    c.train.num_epochs = 3.0  # Passes over the training rows when num_steps is 0.
+    c.train.learning_rate = 5e-4
+    c.train.warmup_fraction = 0.05  # Linear warmup over this fraction of steps, then linear decay.
+    c.train.weight_decay = 0.0
+    c.train.clip_norm = 5.0  # Global gradient-norm clipping; 0 disables.
+    c.train.b1 = 0.9
+    c.train.b2 = 0.98
+    c.train.eps = 1e-6
+    c.train.log_every = 50  # Steps between metric writes (the only host syncs of the loop).
+    c.train.eval_every = 1000  # Steps between held-out evaluations; 0: only at the end.
+    c.train.eval_batches = 20  # Batches per evaluation (0: the whole held-out set).
+    c.train.checkpoint_every = 1000  # Steps between checkpoints (async).
+    c.train.keep_checkpoints = 3  # Most recent checkpoints kept.
+    c.train.async_checkpoints = True
+    # On restart, a latest checkpoint that fails its checksums or cannot be read: False falls
+    # back to the newest intact one (moving the bad ones to corrupt_checkpoints/); True stops.
+    c.train.strict_restore = False
+    # A step whose loss or gradients are not finite is always skipped (no update) and counted;
+    # the run stops after this many such steps in a row (checked when metrics are fetched,
+    # every log_every steps). 0: never stop.
+    c.train.max_consecutive_nonfinite = 20
+    c.train.peak_tflops = 0.0  # Device bf16 peak for MFU; 0: look up the device kind.
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # Data-parallel size; -1: all devices not used by other axes.
+    c.mesh.fsdp = 1  # Parameter/optimizer sharding (ZeRO-3 style) size.
+    c.mesh.tensor = 1  # Tensor-parallel size (heads, MLP and vocab split).
+    # Logical axis → mesh axes, as (name, axes) pairs; a tuple for the same reason as layer_map.
+    c.mesh.rules = partitioning.DEFAULT_RULES
+
+    c.distributed = False  # Call jax.distributed.initialize() (multi-host; auto-detects TPU/SLURM).
+    return c
+
+
+def loss_weights(c: ml_collections.ConfigDict) -> dict[str, float]:
+    """Every loss term's weight, by field name."""
+    loss = c.loss
+    weights = {f"loss.{name}": loss[name] for name in ("alpha_ce", "alpha_mlm", "alpha_cos")}
+    weights.update({f"loss.{name}.weight": loss[name].weight for name in FEATURE_TERMS})
+    weights.update({f"loss.embeddings.{name}": loss.embeddings[name]
+                    for name in EMBEDDING_WEIGHTS})
+    return weights
+
+
+def teacher_terms(c: ml_collections.ConfigDict) -> list[str]:
+    """The weighted loss terms that read a teacher, by field name (all but the MLM loss)."""
+    return [name for name, weight in loss_weights(c).items() if weight and name != "loss.alpha_mlm"]
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when a config cannot run.
+
+    Runs before a run touches its workdir, so it checks what can be checked without the data or
+    the teacher: the tokenizer is loaded (a damaged vocabulary fails here) and the batch sizes
+    are checked against the mesh on `jax.device_count()` devices.
+    """
+    loss = c.loss
+    weights = loss_weights(c)
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{name} must be finite and ≥ 0, got {weight}")
+    if not any(weights.values()):
+        raise ValueError(f"every loss weight is 0: set one of {', '.join(weights)}")
+    if loss.temperature <= 0:
+        raise ValueError(f"loss.temperature must be > 0, got {loss.temperature}")
+    needs_teacher = bool(teacher_terms(c))
+    if needs_teacher and not c.teacher.checkpoint:
+        raise ValueError(
+            f"{', '.join(teacher_terms(c))} need a teacher but teacher.checkpoint is empty: set "
+            "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set those weights to 0)")
+    _validate_feature_terms(c)
+    if c.teacher.checkpoint:
+        try:  # hf://ORG/NAME[@REV]: its snapshot in the Hugging Face cache (downloaded if needed).
+            teacher = hf.resolve_checkpoint(c.teacher.checkpoint)
+        except ValueError as error:
+            raise ValueError(f"teacher.checkpoint: {error}") from None
+        if not epath.Path(teacher).exists():  # Or gs://.
+            raise ValueError(f"teacher.checkpoint={c.teacher.checkpoint!r} does not exist")
+    if not c.data.tokenizer:
+        raise ValueError("data.tokenizer is empty: set --config.data.tokenizer=PATH (vocab.txt, "
+                         "tokenizer.json or .model)")
+    if not os.path.exists(c.data.tokenizer):
+        raise ValueError(
+            f"data.tokenizer={c.data.tokenizer!r} does not exist; train one with `python -m "
+            "distil_flax.data.train_vocab --output=...` or point data.tokenizer at a vocab")
+    try:
+        tokenizer_lib.load_tokenizer(c.data.tokenizer, c.data.lowercase)
+    except FileNotFoundError:  # It exists: a directory.
+        raise ValueError(f"data.tokenizer={c.data.tokenizer!r} is not a file") from None
+    m = c.masking
+    if not 0 <= m.mask_prob < 1:
+        raise ValueError(f"masking.mask_prob must be in [0, 1), got {m.mask_prob}")
+    if m.mask_prob == 0 and loss.alpha_mlm:
+        raise ValueError("masking.mask_prob is 0, which leaves loss.alpha_mlm nothing to predict")
+    if m.replace_with_mask < 0 or m.replace_with_random < 0 or (
+            m.replace_with_mask + m.replace_with_random > 1):
+        raise ValueError(
+            "masking.replace_with_mask + masking.replace_with_random must be in [0, 1]")
+    t = c.train
+    micro = t.micro_batch_size or t.batch_size
+    if t.batch_size <= 0 or t.batch_size % micro:
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be a positive multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})")
+    if t.num_steps <= 0 and t.num_epochs <= 0:
+        raise ValueError("set train.num_steps or train.num_epochs to a positive value")
+    # A NaN or infinite rate passes every later check and turns every parameter into NaN.
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        raise ValueError(f"train.learning_rate must be finite and > 0, got {t.learning_rate}")
+    for name, low in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
+                      ("eval_every", 0), ("eval_batches", 0), ("micro_batch_size", 0),
+                      ("max_consecutive_nonfinite", 0)):
+        if t[name] < low:
+            raise ValueError(f"train.{name} must be ≥ {low}, got {t[name]}")
+    partitioning.check_rules(c.mesh.rules)
+    # Also resolves the mesh sizes: a mesh that does not fit the devices fails here.
+    partitioning.check_batch_divides(c.mesh, "train.batch_size", t.batch_size)
+    if t.micro_batch_size:
+        partitioning.check_batch_divides(c.mesh, "train.micro_batch_size", t.micro_batch_size)
+    if c.model.num_layers < 1:
+        raise ValueError(f"model.num_layers must be ≥ 1, got {c.model.num_layers}")
+    if needs_teacher and c.init.from_teacher and len(c.init.layer_map) != c.model.num_layers:
+        raise ValueError(
+            f"init.layer_map {tuple(c.init.layer_map)} has {len(c.init.layer_map)} entries but "
+            f"model.num_layers is {c.model.num_layers}: give one teacher layer per student layer")
+    if c.data.seq_len > c.model.max_position_embeddings:
+        raise ValueError(
+            f"data.seq_len ({c.data.seq_len}) exceeds model.max_position_embeddings "
+            f"({c.model.max_position_embeddings})")
+
+
+def _validate_feature_terms(c: ml_collections.ConfigDict) -> None:
+    """The intermediate-layer sections; layers against the teacher are checked once it is loaded
+    (`train.loss_spec`)."""
+    loss = c.loss
+    for name in ("hidden_states", "attention_scores"):
+        layer_map = tuple(loss[name].layer_map)
+        if loss[name].weight and layer_map and len(layer_map) != c.model.num_layers:
+            raise ValueError(
+                f"loss.{name}.layer_map {layer_map} has {len(layer_map)} entries but "
+                f"model.num_layers is {c.model.num_layers}: give one teacher layer per student "
+                "layer, or () for the uniform map")
+    r = loss.relations
+    if r.weight:
+        pairs = [p.strip() for p in r.pairs.split(",")]
+        unknown = [p for p in pairs if p not in RELATION_PAIRS]
+        if unknown or not pairs:
+            raise ValueError(f"loss.relations.pairs={r.pairs!r}: each pair must be one of "
+                             f"{', '.join(RELATION_PAIRS)}")
+        if r.heads < 1:
+            raise ValueError(f"loss.relations.heads must be ≥ 1, got {r.heads}")
+    if loss.relation_chunk < 0:
+        raise ValueError(f"loss.relation_chunk must be ≥ 0, got {loss.relation_chunk}")
+    e = loss.embeddings
+    if e.similarity not in SIMILARITIES:
+        raise ValueError(f"loss.embeddings.similarity must be one of {', '.join(SIMILARITIES)}, "
+                         f"got {e.similarity!r}")
+    if not e.temperature > 0:
+        raise ValueError(f"loss.embeddings.temperature must be > 0, got {e.temperature}")
+    if e.pooling not in ("auto", *POOLINGS):
+        raise ValueError(f"loss.embeddings.pooling must be auto, {', '.join(POOLINGS)}, got "
+                         f"{e.pooling!r}")
+
+
+def shrink_for_tests(c: ml_collections.ConfigDict, size: str) -> None:
+    """The `:tiny` preset of the quickstart configs: seconds on a CPU, 32-token rows.
+
+    Args:
+      c: the config to change in place.
+      size: a small entry of `model.SIZES` ("tiny" or "tiny_student").
+    """
+    c.model = model_config(size)
+    c.model.max_position_embeddings = 32
+    c.model.dtype = "float32"
+    c.data.seq_len = 32
+    c.data.eval_every = 20
+    c.train.num_steps = 20
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 10

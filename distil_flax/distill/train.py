@@ -1,0 +1,418 @@
+"""Distillation (and MLM pretraining of a teacher) on the one run loop (`training/loop.py`).
+
+`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. This module
+says what distillation adds: the teacher, the student's state (from teacher layers or random),
+the jitted step (`step.py`), held-out MLM metrics, and the workdir's config.json. Checkpoints,
+signals, the non-finite policy, logging and the cadence are the loop's.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import linen as nn
+
+from distil_flax import data
+from distil_flax import model as model_lib
+from distil_flax.distill import config as config_lib
+from distil_flax.distill.masking import MaskingSpec, smoothing_weights
+from distil_flax.distill.step import jit_steps
+from distil_flax.interop import sources
+from distil_flax.losses import (
+    AttentionScores,
+    HiddenStates,
+    LossSpec,
+    Relations,
+    SentenceEmbeddings,
+    hidden_state_pairs,
+    layer_pairs,
+    projection_init,
+)
+from distil_flax.model import Encoder, make_encoder, student_init
+from distil_flax.training import config_files, flops, loop, partitioning, train_state
+from distil_flax.training.optimizer import make_optimizer
+from distil_flax.training.train_state import TrainState
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is built from; `build` makes it from a config (also used by notebooks)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tokenizer: "data.Tokenizer"
+    train_rows: dict[str, np.ndarray]
+    eval_rows: dict[str, np.ndarray]
+    student: Encoder
+    teacher: Encoder | None
+    teacher_params: Any
+    teacher_init: Any  # Student parameters taken from teacher layers, before the teacher's cast.
+    loss: LossSpec  # The config's loss, its layers resolved against both models.
+    teacher_mlm: bool = True  # Whether the teacher has a trained MLM head (for its metrics).
+
+
+def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
+    """Loads the teacher named by `teacher.checkpoint` (`interop.sources`: a distil_flax
+    workdir, a Hugging Face folder or `hf://ORG/NAME[@REV]`), once, into its shardings.
+
+    Returns:
+      (teacher model, float32 params in their shardings, whether it has a trained MLM head,
+       its sentence-transformers pooling or None).
+    """
+    source = sources.open_source(c.teacher.checkpoint, field="teacher.checkpoint", seed=c.seed)
+    if source.head is not None:
+        raise ValueError(
+            f"{source.named()} is a fine-tuning run (it holds {sources.TASK_MODEL_FILE}) or a "
+            "fine-tuned model: distillation needs a pretrained encoder with its MLM head; a "
+            "fine-tuned teacher distils on its task (distil_flax.finetune with "
+            "--config.distill.teacher)")
+    if c.loss.alpha_ce and not source.has_mlm_head:
+        raise ValueError(
+            f"{source.named()} has no MLM head, but loss.alpha_ce distils the teacher's MLM "
+            "distribution: use a *ForMaskedLM checkpoint or set loss.alpha_ce=0")
+    teacher = make_encoder(source.model_cfg)
+    params, step = sources.encoder_params(source, mesh, rules)
+    if source.kind == "hf":
+        params = jax.device_put(params, train_state.shardings_of(
+            partitioning.abstract_params(model_lib.init_fn(teacher), mesh, rules)))
+    if teacher.vocab_size != vocab_size:
+        raise ValueError(
+            f"the teacher's vocab_size {teacher.vocab_size} (teacher.checkpoint="
+            f"{c.teacher.checkpoint!r}) differs from data.tokenizer's {vocab_size}: distil with "
+            "the teacher's tokenizer")
+    logging.info("Teacher: %s (%s), %d layers × %d%s.", source.path,
+                 "Hugging Face checkpoint" if step is None else f"step {step}",
+                 teacher.num_layers, teacher.hidden_size,
+                 "" if source.has_mlm_head else ", no MLM head")
+    found = (source.sentence_config() if c.loss.embeddings.pooling == "auto" else None)
+    return teacher, params, source.has_mlm_head, found and found.pooling
+
+
+def build(c: ml_collections.ConfigDict) -> Setup:
+    """Validates the config and loads tokenizer, data, teacher and models."""
+    config_lib.validate(c)
+    mesh = partitioning.make_mesh(c.mesh)
+    rules = partitioning.rules_from_config(c.mesh.rules)
+    tokenizer = data.load_tokenizer(c.data.tokenizer, lowercase=c.data.lowercase)
+    train_rows, eval_rows = data.build_datasets(c.data, tokenizer,
+                                                process_count=jax.process_count())
+    with c.unlocked():
+        c.model.vocab_size = c.model.vocab_size or tokenizer.vocab_size
+    student = make_encoder(c.model)
+    if student.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({student.vocab_size}) differs from data.tokenizer's "
+                         f"({tokenizer.vocab_size})")
+    teacher = teacher_params = teacher_init = teacher_pooling = None
+    teacher_mlm = False
+    if config_lib.teacher_terms(c):
+        teacher, teacher_params, teacher_mlm, teacher_pooling = load_teacher(
+            c, tokenizer.vocab_size, mesh, rules)
+        if c.loss.alpha_cos and teacher.hidden_size != student.hidden_size:
+            raise ValueError(
+                f"loss.alpha_cos compares hidden states, but the teacher's hidden size "
+                f"({teacher.hidden_size}) differs from model.hidden_size ({student.hidden_size}): "
+                "a narrower student distils through loss.hidden_states or loss.relations")
+        if not teacher_mlm:
+            logging.info("The teacher has no MLM head: no MLM metrics for it.")
+        if c.init.from_teacher:
+            abstract = jax.eval_shape(model_lib.init_fn(student), jax.random.PRNGKey(0))
+            teacher_init = student_init.init_from_teacher(
+                teacher_params, nn.unbox(abstract), c.init.layer_map,
+                num_heads=(teacher.num_heads, student.num_heads),
+                position_offset=(teacher.position_offset, student.position_offset))
+        teacher_params = partitioning.cast(teacher_params, jnp.dtype(c.teacher.param_dtype))
+    return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
+                 teacher_params, teacher_init,
+                 loss_spec(c, student, teacher, teacher_pooling), teacher_mlm)
+
+
+def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder | None,
+              teacher_pooling: str | None = None) -> LossSpec:
+    """The config's loss with its layers resolved against the two models.
+
+    Args:
+      teacher_pooling: the teacher folder's own sentence-embedding pooling (`loss.embeddings.
+        pooling=auto` takes it), None when it has none.
+
+    Raises:
+      ValueError: naming the field, when a layer map or layer is outside a model, or the models'
+        heads or widths do not fit a term.
+    """
+    loss = c.loss
+    spec = LossSpec(alpha_ce=loss.alpha_ce, alpha_mlm=loss.alpha_mlm, alpha_cos=loss.alpha_cos,
+                    temperature=loss.temperature, restrict_ce_to_mask=loss.restrict_ce_to_mask,
+                    head_chunk=loss.head_chunk, relation_chunk=loss.relation_chunk)
+    if teacher is None:  # Validation ensures that no intermediate-layer term has a weight.
+        return spec
+    layers = (student.num_layers, teacher.num_layers)
+
+    def pairs_of(name: str) -> tuple[tuple[int, int], ...]:
+        try:
+            return layer_pairs(tuple(loss[name].layer_map), *layers)
+        except ValueError as error:
+            raise ValueError(f"loss.{name}.layer_map: {error}") from None
+
+    def one_layer(field: str, index: int, count: int) -> int:
+        if not -count <= index < count:
+            raise ValueError(f"loss.relations.{field} {index} is outside a model of {count} "
+                             "layers")
+        return index % count
+
+    terms = {}
+    if loss.hidden_states.weight:
+        terms["hidden_states"] = HiddenStates(
+            weight=loss.hidden_states.weight, pairs=hidden_state_pairs(
+                pairs_of("hidden_states"), loss.hidden_states.embeddings))
+    if loss.attention_scores.weight:
+        if student.num_heads != teacher.num_heads:
+            raise ValueError(
+                f"loss.attention_scores compares heads one to one, but model.num_heads is "
+                f"{student.num_heads} and the teacher has {teacher.num_heads}: use "
+                "loss.relations, which needs no equal heads")
+        terms["attention_scores"] = AttentionScores(weight=loss.attention_scores.weight,
+                                                    pairs=pairs_of("attention_scores"))
+    r = loss.relations
+    if r.weight:
+        for width, name in ((student.hidden_size, "model.hidden_size"),
+                            (teacher.hidden_size, "the teacher's hidden size")):
+            if width % r.heads:
+                raise ValueError(f"loss.relations.heads ({r.heads}) must divide {name} ({width})")
+        terms["relations"] = Relations(
+            weight=r.weight, pairs=tuple(p.strip() for p in r.pairs.split(",")), heads=r.heads,
+            student_layer=one_layer("student_layer", r.student_layer, layers[0]),
+            teacher_layer=one_layer("teacher_layer", r.teacher_layer, layers[1]))
+    e = loss.embeddings
+    if any(e[name] for name in config_lib.EMBEDDING_WEIGHTS):
+        pooling = (teacher_pooling or "mean") if e.pooling == "auto" else e.pooling
+        terms["embeddings"] = SentenceEmbeddings(
+            mse=e.mse_weight, cosine=e.cosine_weight, similarity=e.similarity_weight,
+            similarity_kind=e.similarity, temperature=e.temperature, pooling=pooling,
+            # Every packed segment is at least [CLS] token [SEP].
+            max_segments=max(1, c.data.seq_len // 3))
+    return dataclasses.replace(spec, **terms)
+
+
+def masking_spec(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer") -> MaskingSpec:
+    return MaskingSpec(
+        mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+        special_ids=tuple(tokenizer.special_ids), mask_prob=c.masking.mask_prob,
+        replace_with_mask=c.masking.replace_with_mask,
+        replace_with_random=c.masking.replace_with_random)
+
+
+def total_steps(c: ml_collections.ConfigDict, num_rows: int) -> int:
+    if c.train.num_steps > 0:
+        return c.train.num_steps
+    return max(1, math.ceil(c.train.num_epochs * num_rows / c.train.batch_size))
+
+
+def _projection_init(setup: Setup):
+    teacher_width = setup.teacher.hidden_size if setup.teacher else setup.student.hidden_size
+    return projection_init(setup.loss, setup.student.hidden_size, teacher_width)
+
+
+def abstract_state(setup: Setup, optimizer) -> TrainState:
+    """The student's TrainState (with the loss's projections) as `jax.ShapeDtypeStruct`s carrying
+    shardings."""
+    params = partitioning.abstract_params(model_lib.init_fn(setup.student), setup.mesh,
+                                          setup.rules)
+    projections = partitioning.abstract_params(_projection_init(setup), setup.mesh, setup.rules)
+    return train_state.abstract_state(params, optimizer, partitioning.replicated(setup.mesh),
+                                      projections)
+
+
+def init_state(setup: Setup, optimizer, abstract: TrainState) -> TrainState:
+    """A fresh state: student params from teacher layers when configured, else random."""
+    c = setup.config
+    param_rng, state_rng, projection_rng = jax.random.split(jax.random.PRNGKey(c.seed), 3)
+    shardings = train_state.shardings_of(abstract)
+    if setup.teacher_init is not None:
+        dtype = jnp.dtype(c.model.param_dtype)
+        # A jitted copy: the step donates these buffers, which must not be the teacher's.
+        params = jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, dtype), p),
+                         out_shardings=shardings.params)(setup.teacher_init)
+        setup.teacher_init = None  # Only needed once; free it.
+        logging.info("Student initialised from teacher layers %s.", list(c.init.layer_map))
+    else:
+        params, _ = partitioning.sharded_init(
+            model_lib.init_fn(setup.student), param_rng, setup.mesh, setup.rules)
+        logging.info("Student initialised randomly.")
+    projections, _ = partitioning.sharded_init(
+        _projection_init(setup), projection_rng, setup.mesh, setup.rules)
+    if projections:
+        logging.info("Projections onto the teacher's width: %s (trained, never exported).",
+                     jax.tree.map(jnp.shape, projections))
+    return train_state.fresh_state(params, optimizer, abstract, state_rng, projections)
+
+
+def evaluate(setup: Setup, state: TrainState, eval_fn, num_batches: int) -> dict[str, float]:
+    """Held-out metrics: what each configured term compares (hidden-state MSE and cosine per
+    mapped layer, attention-score MSE, relation KL), and MLM loss, accuracy and perplexity of the
+    student and teacher that have a trained MLM head, with their top-1 agreement."""
+    c = setup.config
+    batch_size = c.train.micro_batch_size or c.train.batch_size
+    sharding = partitioning.batch_sharding(setup.mesh, setup.rules)
+    totals: dict[str, float] = {}
+    batches = data.eval_batches(
+        setup.eval_rows, batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), max_batches=num_batches or None)
+    for index, local in enumerate(batches):
+        batch = partitioning.host_to_global(local, sharding)
+        rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), index)
+        sums = jax.device_get(eval_fn(state.params, state.projections, setup.teacher_params,
+                                      batch, rng))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    if not totals:
+        return {}
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    metrics = {name.removeprefix("feature/"): total / tokens for name, total in totals.items()
+               if name.startswith("feature/")}
+    n = max(totals.get("predictions", 0.0), 1.0)
+    if "student_nll" in totals:
+        metrics["student_mlm_loss"] = totals["student_nll"] / n
+        metrics["student_mlm_accuracy"] = totals["student_correct"] / n
+        metrics["student_perplexity"] = math.exp(min(metrics["student_mlm_loss"], 50.0))
+    if "teacher_nll" in totals:
+        metrics["teacher_mlm_loss"] = totals["teacher_nll"] / n
+        metrics["teacher_mlm_accuracy"] = totals["teacher_correct"] / n
+        metrics["teacher_perplexity"] = math.exp(min(metrics["teacher_mlm_loss"], 50.0))
+    if "agreement" in totals:
+        metrics["agreement"] = totals["agreement"] / n
+    return metrics
+
+
+def compile_steps(setup: Setup, optimizer, schedule, shardings: TrainState):
+    """The jitted training and evaluation steps (`step.jit_steps`) of this setup."""
+    masked = setup.config.masking.mask_prob > 0
+    return jit_steps(
+        student=setup.student, teacher=setup.teacher, optimizer=optimizer, schedule=schedule,
+        masking=masking_spec(setup.config, setup.tokenizer), loss=setup.loss,
+        mesh=setup.mesh, rules=setup.rules, state_shardings=shardings,
+        teacher_shardings=train_state.shardings_of(setup.teacher_params),
+        # MLM metrics only for heads that mean something (one a loss trains, a teacher's own)
+        # and where something is masked.
+        student_mlm=bool(setup.loss.alpha_mlm or setup.loss.alpha_ce) and masked,
+        teacher_mlm=setup.teacher_mlm and masked)
+
+
+def _explain_shapes(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """The `model.*` fields in which the workdir's config.json differs from `c`."""
+    try:
+        theirs = config_files.load_json(epath.Path(workdir) / "config.json").model.to_dict()
+    except (OSError, ValueError, AttributeError, KeyError):
+        return []
+    ours = json.loads(c.model.to_json_best_effort())
+    return [f"model.{k} is {theirs.get(k)!r} there and {ours.get(k)!r} here"
+            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+
+
+def make_trainer(setup: Setup, workdir: str) -> loop.Trainer:
+    """Distillation as the loop runs it: the student's state, the step, held-out MLM metrics."""
+    c = setup.config
+    num_steps = total_steps(c, setup.train_rows.num_rows)
+    optimizer, schedule = make_optimizer(c.train, num_steps)
+    abstract = abstract_state(setup, optimizer)
+    step_fn, eval_fn = compile_steps(setup, optimizer, schedule,
+                                     train_state.shardings_of(abstract))
+    token_weights = None
+    if c.masking.smoothing:
+        masking = masking_spec(c, setup.tokenizer)
+        counts = data.token_counts(setup.train_rows, setup.tokenizer.vocab_size)
+        token_weights = jax.device_put(
+            smoothing_weights(counts, c.masking.smoothing, masking.special_ids),
+            partitioning.replicated(setup.mesh))
+    batch_sharding = partitioning.batch_sharding(setup.mesh, setup.rules, leading_dims=1)
+    accum = c.train.batch_size // (c.train.micro_batch_size or c.train.batch_size)
+
+    def step(state, local):
+        # Micro-batch i is rows i, i + accum, … of the global batch: the same rows (and masks)
+        # whatever the number of hosts, each holding a contiguous slice.
+        local = {k: v.reshape(-1, accum, v.shape[-1]).swapaxes(0, 1) for k, v in local.items()}
+        batch = partitioning.host_to_global(local, batch_sharding)
+        return step_fn(state, setup.teacher_params, batch, token_weights)
+
+    loss = setup.loss
+    ce_fraction = 1.0 if (loss.alpha_ce and not loss.restrict_ce_to_mask) else c.masking.mask_prob
+    flops_per_token = flops.step_flops_per_token(
+        setup.student, setup.teacher, c.data.seq_len, ce_fraction if loss.uses_heads else 0.0,
+        ce_fraction if loss.alpha_ce else 0.0)
+    peak = flops.peak_flops(override_tflops=c.train.peak_tflops)
+
+    def throughput(step: int, steps: int, seconds: float) -> dict[str, float]:
+        tokens_per_s = c.train.batch_size * c.data.seq_len * steps / seconds
+        scalars = {"step_time_s": seconds / steps, "tokens_per_s": tokens_per_s}
+        if peak:
+            scalars["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+        return scalars
+
+    def on_start(state) -> None:
+        if jax.process_index() == 0:
+            config_files.save_json(c, str(epath.Path(workdir) / "config.json"))
+
+    return loop.Trainer(
+        mesh=setup.mesh, rules=setup.rules, abstract=abstract,
+        init_state=lambda: init_state(setup, optimizer, abstract), step=step,
+        batches=data.BatchIterator(setup.train_rows, c.train.batch_size, seed=c.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()),
+        num_steps=num_steps, cadence=loop.Cadence(
+            log_every=c.train.log_every, eval_every=c.train.eval_every,
+            checkpoint_every=c.train.checkpoint_every, keep_checkpoints=c.train.keep_checkpoints,
+            async_checkpoints=c.train.async_checkpoints, strict_restore=c.train.strict_restore,
+            max_consecutive_nonfinite=c.train.max_consecutive_nonfinite),
+        evaluate=lambda state, step: loop.Evaluation(
+            evaluate(setup, state, eval_fn, c.train.eval_batches)),
+        throughput=throughput, on_start=on_start,
+        explain_shapes=lambda: _explain_shapes(c, workdir))
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
+                       stop_at_step: int | None = None) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir` and returns the final held-out metrics.
+
+    Args:
+      c: the run's config.
+      workdir: checkpoints, config.json, TensorBoard events and metrics.jsonl go here.
+      stop_at_step: save and return at this step, as a preempted run would (the schedule still
+        spans the whole run; a later call resumes). Returns {} then, as after SIGTERM or Ctrl-C.
+
+    Raises:
+      ValueError: a config or input that cannot run, naming the field or file.
+      WorkdirLockedError: another live run holds `workdir`.
+      CorruptCheckpointError: no intact checkpoint to resume from (or, with
+        `train.strict_restore`, the latest one is bad).
+      CheckpointWriteError: a checkpoint could not be written (disk full, permissions).
+      NonFiniteError: `train.max_consecutive_nonfinite` steps in a row had non-finite values.
+    """
+    config_lib.validate(c)  # A bad config fails before anything touches the workdir.
+    with loop.exclusive(workdir) as session:
+        setup = build(c)
+        logging.info("Config:\n%s", c)
+        logging.info("Devices: %d (%d local, process %d of %d); mesh %s.", jax.device_count(),
+                     jax.local_device_count(), jax.process_index(), jax.process_count(),
+                     dict(setup.mesh.shape))
+        outcome = loop.run(make_trainer(setup, workdir), workdir, session,
+                           stop_at_step=stop_at_step)
+    if not outcome.finished:
+        return {}
+    _log_summary(outcome.evaluation.scalars)
+    return outcome.evaluation.scalars
+
+
+def _log_summary(metrics: dict[str, float]) -> None:
+    if "student_mlm_accuracy" not in metrics:
+        return
+    line = f"Held-out MLM accuracy: student {metrics['student_mlm_accuracy']:.4f}"
+    if "teacher_mlm_accuracy" in metrics:
+        line += (f", teacher {metrics['teacher_mlm_accuracy']:.4f}; top-1 agreement "
+                 f"{metrics['agreement']:.4f}")
+    logging.info("%s.", line)

@@ -1,0 +1,117 @@
+"""Metrics to the console, to TensorBoard event files (tensorboardX: no TensorFlow needed), and
+to `metrics.jsonl` in the workdir (one JSON object a write, for notebooks and scripts).
+
+`metrics.jsonl` survives what a checkpoint survives: each record is flushed and fsync'ed when it
+is written, before the loop's next checkpoint save can commit, so no kill loses the records of a
+committed step. A run that resumes from step N drops the records past N that its killed
+predecessor wrote (they are written again, with the same values), and a record cut short by a
+full disk or a kill is dropped on reopening and skipped by `read_metrics`.
+"""
+
+import json
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+from etils import epath
+
+from distil_flax.training import atomic
+
+# Shown first and with short names on the console line; everything goes to TensorBoard.
+_CONSOLE = (("loss", "loss"), ("loss_ce", "ce"), ("loss_mlm", "mlm"), ("loss_cos", "cos"),
+            ("student_mlm_accuracy", "acc"), ("agreement", "agree"), ("learning_rate", "lr"),
+            ("grad_norm", "|g|"), ("tokens_per_s", "tok/s"), ("mfu", "mfu"))
+
+
+def _format(value: float) -> str:
+    if abs(value) >= 1e4:
+        return f"{value:.3g}"
+    return f"{value:.4g}"
+
+
+class MetricWriter:
+    """Writes scalars; only the main process (process 0) writes anything."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, total_steps: int | None = None,
+                 resume_step: int | None = None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self._tb = None
+        self._jsonl = None
+        self._start = time.time()
+        if enabled:
+            from tensorboardX import SummaryWriter  # Heavy import; only the writing process.
+            # tensorboardX writes to local paths and, through its own file system layer, gs://.
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
+            path = epath.Path(workdir) / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                _keep_records(path, resume_step)
+            self._jsonl = path.open("a")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._tb.add_scalar(f"{prefix}{name}", float(value), step)
+        record = {"step": step, **{f"{prefix}{k}": float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if hasattr(self._jsonl, "fileno"):  # A local file (gs:// objects are written whole).
+            os.fsync(self._jsonl.fileno())
+        logging.info("%s", self.console_line(step, scalars, prefix))
+
+    def console_line(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> str:
+        progress = f"{step}/{self.total_steps}" if self.total_steps else str(step)
+        shown = [f"{short} {_format(float(scalars[key]))}" for key, short in _CONSOLE
+                 if key in scalars]
+        shown += [f"{key} {_format(float(v))}" for key, v in sorted(scalars.items())
+                  if key not in dict(_CONSOLE)]
+        elapsed = time.time() - self._start
+        return f"[{prefix or 'train/'}] step {progress} | " + " | ".join(shown) + (
+            f" | {elapsed:.0f}s")
+
+    def write_text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, 0)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            try:
+                self._tb.close()
+            finally:
+                self._jsonl.close()
+
+
+def _parse(lines: list[str]) -> list[dict]:
+    """Records of whole lines; a last line cut short (a kill, a full disk) is dropped."""
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if index < len(lines) - 1:
+                raise
+    return records
+
+
+def _keep_records(path: epath.Path, last_step: int) -> None:
+    """Rewrites `path` without a torn last line and without the records past `last_step`."""
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    kept = [r for r in _parse(lines) if r.get("step", 0) <= last_step]
+    if len(kept) == len(lines) and text.endswith("\n"):
+        return
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+    """The records of a run's `metrics.jsonl`, in order (for notebooks and tests)."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    return _parse([line for line in path.read_text().splitlines() if line.strip()])
