@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -30,12 +29,32 @@ torch = pytest.importorskip("torch", reason="HF interop tests need torch: pip in
 transformers = pytest.importorskip(
     "transformers", reason="HF interop tests need transformers: pip install -e '.[test]'")
 
-from distil_flax import checkpoint, export_hf, hf  # noqa: E402
-from distil_flax import config as config_lib  # noqa: E402
+from hf_parity import (  # noqa: E402
+    TOL,
+    assert_bit_exact,
+    deterministic_torch,  # noqa: F401 (autouse: seeds torch for every test here)
+    hidden_diffs,
+    max_diff,
+    our_config,
+    our_forward,
+    padded_batch,
+    perturbed,
+    pooled_diff,
+    report,
+    save_sharded_and_legacy,
+    their_forward,
+)
+
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer, train_sentencepiece  # noqa: E402
+from distil_flax.distill import config as config_lib  # noqa: E402
+from distil_flax.interop import export as export_hf  # noqa: E402
+from distil_flax.interop import hf  # noqa: E402
+from distil_flax.training import (  # noqa: E402
+    checkpoint,  # noqa: E402
+    config_files,
+)
 
-TOL = 1e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "to", "house", "big", "small",
          "red", "blue", "in", "out", "of", "is", "was", "it", "he", "she", "they", ".", ",", "##s",
@@ -46,11 +65,6 @@ SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # ----------------------------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_torch():
-    torch.manual_seed(0)
 
 
 def _bert_config(**overrides):
@@ -65,67 +79,6 @@ def _distilbert_config(**overrides):
     return transformers.DistilBertConfig(**(kw | overrides))
 
 
-def _perturbed(module):
-    """Eval mode with every parameter moved off its init, so biases and LayerNorms matter."""
-    module.eval()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module
-
-
-def _batch(vocab: int, rows: int = 3, length: int = 10, seed: int = 0):
-    """Token ids [rows, length] with right padding on all but the first row, and the 1/0 mask."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, vocab, (rows, length))
-    mask = np.ones_like(ids)
-    for r in range(1, rows):
-        mask[r, length - 2 * r:] = 0
-    ids[mask == 0] = 0
-    ids[:, 0] = 2  # [CLS]
-    return ids, mask
-
-
-def _ours(model_cfg, params, ids, mask, token_type_ids=None):
-    """Our fp32 forward: (logits [b, l, vocab], out). segment_ids = mask: padding is segment 0."""
-    cfg = model_cfg.copy_and_resolve_references()
-    cfg.dtype = "float32"
-    model = model_lib.make_encoder(cfg)
-    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    logits, out = model.apply({"params": params}, ids, mask, positions, token_type_ids,
-                              logits_at="all", return_all_hidden=True)
-    return logits, out
-
-
-def _theirs(module, ids, mask, token_type_ids=None):
-    kwargs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask),
-              "output_hidden_states": True}
-    if token_type_ids is not None:
-        kwargs["token_type_ids"] = torch.tensor(token_type_ids)
-    with torch.no_grad():
-        return module(**kwargs)
-
-
-def _max_diff(ours, theirs, mask) -> float:
-    """Max |ours − theirs| over non-pad positions ([b, l, ...] arrays and a [b, l] mask)."""
-    keep = np.asarray(mask).astype(bool)
-    return float(np.abs(np.asarray(ours)[keep] - np.asarray(theirs.detach())[keep]).max())
-
-
-def _hidden_diffs(out, hf_out, mask) -> list[float]:
-    assert len(out["hidden_states"]) == len(hf_out.hidden_states)
-    return [_max_diff(a, b, mask) for a, b in zip(out["hidden_states"], hf_out.hidden_states)]
-
-
-def _pooled_diff(out, hf_out) -> float:
-    return float(np.abs(np.asarray(out["pooled"]) - hf_out.pooler_output.numpy()).max())
-
-
-def _report(name: str, **diffs) -> None:
-    """Prints the measured differences (shown with `pytest -s`)."""
-    print(f"\n[parity] {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in diffs.items()))
-
-
 def _vocab(tmp_path: pathlib.Path) -> str:
     path = tmp_path / "vocab.txt"
     path.write_text("".join(t + "\n" for t in SPECIALS + WORDS))
@@ -134,9 +87,7 @@ def _vocab(tmp_path: pathlib.Path) -> str:
 
 def _our_model(size: str, vocab_size: int, seed: int = 0):
     """A random model of ours, with every parameter perturbed (non-trivial LayerNorms, biases)."""
-    cfg = model_lib.model_config(size)
-    cfg.vocab_size = vocab_size
-    cfg.max_position_embeddings = 24
+    cfg = our_config(size, vocab_size)
     model = model_lib.make_encoder(cfg)
     ids = np.zeros((1, 4), np.int32)
     params = jax.device_get(model.init(jax.random.PRNGKey(seed), ids, np.ones_like(ids), ids,
@@ -149,21 +100,6 @@ def _our_model(size: str, vocab_size: int, seed: int = 0):
     return cfg, params
 
 
-def _flat(params):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _assert_bit_exact(a, b, skip=()):
-    fa, fb = _flat(a), _flat(b)
-    fa = {k: v for k, v in fa.items() if not k.startswith(skip)}
-    fb = {k: v for k, v in fb.items() if not k.startswith(skip)}
-    assert sorted(fa) == sorted(fb)
-    for k in fa:
-        assert fa[k].dtype == fb[k].dtype == np.float32, k
-        assert np.array_equal(fa[k], fb[k]), k
-
-
 # ----------------------------------------------------------------------------------------------
 # Import: HF → ours.
 # ----------------------------------------------------------------------------------------------
@@ -173,29 +109,29 @@ def _assert_bit_exact(a, b, skip=()):
                                       "BertForPreTraining"])
 def test_import_matches_transformers(cls_name, tmp_path):
     config = _distilbert_config() if "Distil" in cls_name else _bert_config()
-    module = _perturbed(getattr(transformers, cls_name)(config))
+    module = perturbed(getattr(transformers, cls_name)(config))
     module.save_pretrained(tmp_path)
     model_cfg, params = hf.load_hf_checkpoint(tmp_path)
     assert model_cfg.head_style == ("distilbert" if "Distil" in cls_name else "bert")
     assert model_cfg.type_vocab_size == (0 if "Distil" in cls_name else 2)
     assert model_cfg.use_pooler == (cls_name == "BertForPreTraining")
 
-    ids, mask = _batch(config.vocab_size)
+    ids, mask = padded_batch(config.vocab_size)
     types = None if "Distil" in cls_name else (np.arange(ids.shape[1]) >= 5) * mask
-    logits, out = _ours(model_cfg, params, ids, mask, types)
-    hf_out = _theirs(module, ids, mask, types)
+    logits, out = our_forward(model_cfg, params, ids, mask, types)
+    hf_out = their_forward(module, ids, mask, types)
     hf_logits = hf_out.prediction_logits if cls_name == "BertForPreTraining" else hf_out.logits
-    hidden = _hidden_diffs(out, hf_out, mask)
+    hidden = hidden_diffs(out, hf_out, mask)
     diffs = dict(hidden_max=max(hidden), last_hidden=hidden[-1],
-                 logits=_max_diff(logits, hf_logits, mask))
-    _report(f"import {cls_name}", **diffs)
+                 logits=max_diff(logits, hf_logits, mask))
+    report(f"import {cls_name}", **diffs)
     assert max(diffs.values()) < TOL, diffs
 
 
 @pytest.mark.parametrize("cls_name", ["BertModel", "DistilBertModel"])
 def test_import_base_model_gets_fresh_mlm_head(cls_name, tmp_path, caplog):
     config = _distilbert_config() if "Distil" in cls_name else _bert_config()
-    module = _perturbed(getattr(transformers, cls_name)(config))
+    module = perturbed(getattr(transformers, cls_name)(config))
     module.save_pretrained(tmp_path)  # Prefix-less keys: "embeddings.word_embeddings.weight", …
     with caplog.at_level(logging.INFO):
         model_cfg, params = hf.load_hf_checkpoint(tmp_path, seed=3)
@@ -203,33 +139,25 @@ def test_import_base_model_gets_fresh_mlm_head(cls_name, tmp_path, caplog):
     assert params["mlm_transform"]["kernel"].shape == (32, 32)
     assert np.all(params["mlm_bias"] == 0) and np.all(params["mlm_norm"]["scale"] == 1)
 
-    ids, mask = _batch(config.vocab_size)
-    logits, out = _ours(model_cfg, params, ids, mask)
-    hf_out = _theirs(module, ids, mask)
-    hidden = _hidden_diffs(out, hf_out, mask)
-    diffs = dict(hidden_max=max(hidden), last_hidden=_max_diff(out["hidden"],
+    ids, mask = padded_batch(config.vocab_size)
+    logits, out = our_forward(model_cfg, params, ids, mask)
+    hf_out = their_forward(module, ids, mask)
+    hidden = hidden_diffs(out, hf_out, mask)
+    diffs = dict(hidden_max=max(hidden), last_hidden=max_diff(out["hidden"],
                                                                hf_out.last_hidden_state, mask))
     if cls_name == "BertModel":
-        diffs["pooled"] = _pooled_diff(out, hf_out)
-    _report(f"import {cls_name}", **diffs)
+        diffs["pooled"] = pooled_diff(out, hf_out)
+    report(f"import {cls_name}", **diffs)
     assert max(diffs.values()) < TOL, diffs
     assert logits.shape == (*ids.shape, config.vocab_size)
 
 
 def test_import_sharded_safetensors_and_torch_bin(tmp_path):
-    module = _perturbed(transformers.BertForMaskedLM(_bert_config()))
-    module.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
-    assert (tmp_path / "sharded" / hf.SAFETENSORS_INDEX).exists()
-    # A legacy pickle checkpoint, as transformers 4 wrote it.
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    shutil.copy(tmp_path / "sharded" / "config.json", legacy)
-    torch.save(module.state_dict(), legacy / hf.TORCH_BIN)
-
-    reference = {k: v.numpy() for k, v in module.state_dict().items()}
-    for folder in ("sharded", "legacy"):
-        assert hf.is_hf_checkpoint(tmp_path / folder)
-        _, params = hf.load_hf_checkpoint(tmp_path / folder)
+    module = perturbed(transformers.BertForMaskedLM(_bert_config()))
+    folders, reference = save_sharded_and_legacy(module, tmp_path)
+    for folder in folders:
+        assert hf.is_hf_checkpoint(folder)
+        _, params = hf.load_hf_checkpoint(folder)
         np.testing.assert_array_equal(
             params["layers_1"]["mlp_in"]["kernel"],
             reference["bert.encoder.layer.1.intermediate.dense.weight"].T)
@@ -256,10 +184,10 @@ def test_import_real_minilm_checkpoint():
     batch = tokenizer(sentences, padding=True, return_tensors="np")
     ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
     module = transformers.BertModel.from_pretrained(folder, attn_implementation="eager").eval()
-    hf_out = _theirs(module, ids, mask, types)
-    _, out = _ours(model_cfg, params, ids, mask, types)
-    hidden = _hidden_diffs(out, hf_out, mask)
-    _report("import all-MiniLM-L6-v2", hidden_max=max(hidden), last_hidden=hidden[-1])
+    hf_out = their_forward(module, ids, mask, types)
+    _, out = our_forward(model_cfg, params, ids, mask, types)
+    hidden = hidden_diffs(out, hf_out, mask)
+    report("import all-MiniLM-L6-v2", hidden_max=max(hidden), last_hidden=hidden[-1])
     assert max(hidden) < TOL, hidden
 
 
@@ -285,12 +213,12 @@ def test_export_mlm_loads_in_transformers_and_matches(size, expected_class, tmp_
     assert not info["mismatched_keys"] and not info["error_msgs"], info
     module.eval()
 
-    ids, mask = _batch(model_cfg.vocab_size)
-    logits, out = _ours(model_cfg, params, ids, mask)
-    hf_out = _theirs(module, ids, mask)
-    hidden = _hidden_diffs(out, hf_out, mask)
-    diffs = dict(hidden_max=max(hidden), logits=_max_diff(logits, hf_out.logits, mask))
-    _report(f"export {expected_class}", **diffs)
+    ids, mask = padded_batch(model_cfg.vocab_size)
+    logits, out = our_forward(model_cfg, params, ids, mask)
+    hf_out = their_forward(module, ids, mask)
+    hidden = hidden_diffs(out, hf_out, mask)
+    diffs = dict(hidden_max=max(hidden), logits=max_diff(logits, hf_out.logits, mask))
+    report(f"export {expected_class}", **diffs)
     assert max(diffs.values()) < TOL, diffs
 
     # The tokenizer loads offline, encodes as ours does, and fill-mask runs end to end.
@@ -311,12 +239,12 @@ def test_export_base_model_keeps_pooler(tmp_path):
         tmp_path / "base", output_loading_info=True, attn_implementation="eager")
     assert type(module).__name__ == "BertModel"
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    ids, mask = _batch(40)
-    _, out = _ours(model_cfg, params, ids, mask)
-    hf_out = _theirs(module.eval(), ids, mask)
-    hidden = _hidden_diffs(out, hf_out, mask)
-    pooled = _pooled_diff(out, hf_out)
-    _report("export BertModel", hidden_max=max(hidden), pooled=pooled)
+    ids, mask = padded_batch(40)
+    _, out = our_forward(model_cfg, params, ids, mask)
+    hf_out = their_forward(module.eval(), ids, mask)
+    hidden = hidden_diffs(out, hf_out, mask)
+    pooled = pooled_diff(out, hf_out)
+    report("export BertModel", hidden_max=max(hidden), pooled=pooled)
     assert max(hidden) < TOL and pooled < TOL
 
 
@@ -325,7 +253,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     cfg, params = _our_model("tiny_student", vocab_size=40)
     hf.export_hf(params, cfg, tmp_path / "student")
     back_cfg, back = hf.load_hf_checkpoint(tmp_path / "student")
-    _assert_bit_exact(params, back)
+    assert_bit_exact(params, back)
     for key in ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
                 "type_vocab_size", "use_pooler", "head_style", "max_position_embeddings"):
         assert back_cfg[key] == cfg[key], key
@@ -337,8 +265,8 @@ def test_round_trip_is_bit_exact(tmp_path):
     _, from_mlm = hf.load_hf_checkpoint(tmp_path / "mlm")
     _, from_base = hf.load_hf_checkpoint(tmp_path / "base")
     assert "pooler" not in from_mlm
-    _assert_bit_exact(params, from_mlm, skip=("pooler",))
-    _assert_bit_exact(params, from_base, skip=("mlm_",))
+    assert_bit_exact(params, from_mlm, skip=("pooler",))
+    assert_bit_exact(params, from_base, skip=("mlm_",))
 
 
 def test_export_sentencepiece_and_tokenizer_json(tmp_path):
@@ -458,7 +386,7 @@ def test_export_errors_leave_nothing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("distil_flax.hf.export._write_tokenizer", fail)
+    monkeypatch.setattr("distil_flax.interop.hf.export._write_tokenizer", fail)
     with pytest.raises(OSError, match="disk full"):
         hf.export_hf(params, cfg, tmp_path / "out", tokenizer_path=_vocab(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt"]
@@ -482,7 +410,7 @@ def _workdir(tmp_path, vocab: str):
     c.model = model_cfg
     c.data.tokenizer = vocab
     workdir.mkdir()
-    config_lib.save_json(c, str(workdir / "config.json"))
+    config_files.save_json(c, str(workdir / "config.json"))
     with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(workdir)),
                                item_names=checkpoint.ITEMS) as manager:
         manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
@@ -496,7 +424,7 @@ def test_cli_exports_a_run(tmp_path):
     written = export_hf.export_run(str(workdir), str(output))
     assert "model.safetensors" in written and "vocab.txt" in written
     _, back = hf.load_hf_checkpoint(output)
-    _assert_bit_exact(params, back)
+    assert_bit_exact(params, back)
     with pytest.raises(ValueError, match="no checkpoint step 3"):
         export_hf.export_run(str(workdir), str(tmp_path / "other"), step=3)
 
@@ -517,14 +445,14 @@ def test_cli_one_line_error(tmp_path):
 
 
 def test_distil_from_hf_teacher_then_export_the_student(tmp_path, vocab_path):
-    from distil_flax import train
     from distil_flax.data import load_tokenizer
+    from distil_flax.distill import train
 
     vocab_size = load_tokenizer(vocab_path).vocab_size
     teacher_dir = tmp_path / "hf_teacher"
     transformers.BertForMaskedLM(_bert_config(vocab_size=vocab_size, max_position_embeddings=32)
                                  ).save_pretrained(teacher_dir)
-    c = config_lib.load_config(os.path.join(ROOT, "configs/quickstart.py:tiny"))
+    c = config_files.load_config(os.path.join(ROOT, "configs/quickstart.py:tiny"))
     c.data.tokenizer = vocab_path
     c.teacher.checkpoint = str(teacher_dir)
     c.train.num_steps = 4
@@ -540,7 +468,7 @@ def test_distil_from_hf_teacher_then_export_the_student(tmp_path, vocab_path):
     assert type(exported).__name__ == "DistilBertForMaskedLM"
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     model_cfg, params = hf.load_hf_checkpoint(output)
-    ids, mask = _batch(vocab_size)
-    ours = _ours(model_cfg, params, ids, mask)
-    theirs = _theirs(exported.eval(), ids, mask)
-    assert _max_diff(ours[0], theirs.logits, mask) < TOL
+    ids, mask = padded_batch(vocab_size)
+    ours = our_forward(model_cfg, params, ids, mask)
+    theirs = their_forward(exported.eval(), ids, mask)
+    assert max_diff(ours[0], theirs.logits, mask) < TOL

@@ -8,10 +8,10 @@ RoBERTa teacher is the teacher minus its unmapped layers, and `configs/distilrob
 distils, exports and reloads end to end.
 """
 
+import functools
 import itertools
 import json
 import os
-import shutil
 
 # Nothing may reach a hub: every load below is from a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,12 +28,31 @@ torch = pytest.importorskip("torch", reason="HF interop tests need torch: pip in
 transformers = pytest.importorskip(
     "transformers", reason="HF interop tests need transformers: pip install -e '.[test]'")
 
-from distil_flax import config as config_lib  # noqa: E402
-from distil_flax import data, export_hf, hf, student_init  # noqa: E402
-from distil_flax import model as model_lib  # noqa: E402
-from distil_flax.downstream import heads as heads_lib  # noqa: E402
+from hf_parity import (  # noqa: E402
+    TOL,
+    assert_bit_exact,
+    deterministic_torch,  # noqa: F401 (autouse: seeds torch for every test here)
+    hidden_diff,
+    max_diff,
+    our_config,
+    our_forward,
+    padded_batch,
+    perturbed,
+    pooled_diff,
+    report,
+    save_sharded_and_legacy,
+    their_forward,
+)
 
-TOL = 1e-4
+from distil_flax import data  # noqa: E402
+from distil_flax import model as model_lib  # noqa: E402
+from distil_flax.distill import config as config_lib  # noqa: E402
+from distil_flax.interop import export as export_hf  # noqa: E402
+from distil_flax.interop import hf  # noqa: E402
+from distil_flax.model import heads as heads_lib  # noqa: E402
+from distil_flax.model import student_init  # noqa: E402
+from distil_flax.training import config_files  # noqa: E402
+
 # One vocabulary size, hidden size and batch shape throughout: our forward runs op by op, and
 # every op compiled for one test's shapes is reused by the next.
 VOCAB = 500
@@ -46,11 +65,6 @@ CLASSES = {"roberta": ("RobertaConfig", "RobertaForMaskedLM", "RobertaModel"),
 # ----------------------------------------------------------------------------------------------
 # Vocabularies and models.
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_torch():
-    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="module")
@@ -86,21 +100,9 @@ def _hf_config(family: str, **overrides):
     return getattr(transformers, CLASSES[family][0])(**(kw | overrides))
 
 
-def _perturbed(module):
-    """Eval mode with every parameter moved off its init, so biases and LayerNorms matter."""
-    module.eval()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module
-
-
 def _our_model(size: str, vocab_size: int, seed: int = 0, **fields):
     """A model of ours (fields overridden) with random parameters, LayerNorm scales near 1."""
-    cfg = model_lib.model_config(size)
-    cfg.vocab_size, cfg.max_position_embeddings = vocab_size, 24
-    for key, value in fields.items():
-        setattr(cfg, key, value)
+    cfg = our_config(size, vocab_size, **fields)
     init = model_lib.init_fn(model_lib.make_encoder(cfg))
     return cfg, _random_like(jax.eval_shape(init, jax.random.PRNGKey(0)), seed)
 
@@ -114,62 +116,9 @@ def _random_like(abstract, seed: int = 0):
         nn.unbox(abstract))
 
 
-def _batch(vocab: int, rows: int = 3, length: int = 10, seed: int = 0):
-    """<s> … ids [rows, length], right-padded with <pad> on all but the first row, and the mask.
-
-    Real ids avoid <pad>: transformers finds RoBERTa's padding (for positions) by its id."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(4, vocab, (rows, length))
-    mask = np.ones_like(ids)
-    for r in range(1, rows):
-        mask[r, length - 2 * r:] = 0
-    ids[mask == 0] = PAD
-    ids[:, 0] = 0  # <s>
-    return ids, mask
-
-
-def _ours(model_cfg, params, ids, mask, segments=None, positions=None):
-    """Our fp32 forward (logits [b, l, vocab] or None, out). By default one sequence a row."""
-    cfg = model_cfg.copy_and_resolve_references()
-    cfg.dtype = "float32"
-    model = model_lib.make_encoder(cfg)
-    if positions is None:
-        positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-    return model.apply({"params": params}, ids, mask if segments is None else segments,
-                       positions, logits_at="all" if "mlm_bias" in params else None,
-                       return_all_hidden=True)
-
-
-def _theirs(module, ids, mask):
-    with torch.no_grad():
-        return module(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                      output_hidden_states=True)
-
-
-def _max_diff(ours, theirs, mask) -> float:
-    keep = np.asarray(mask).astype(bool)
-    return float(np.abs(np.asarray(ours)[keep] - np.asarray(theirs.detach())[keep]).max())
-
-
-def _hidden_diff(out, hf_out, mask) -> float:
-    assert len(out["hidden_states"]) == len(hf_out.hidden_states)
-    return max(_max_diff(a, b, mask) for a, b in zip(out["hidden_states"], hf_out.hidden_states))
-
-
-def _report(name: str, **diffs) -> None:
-    print(f"\n[parity] {name}: " + ", ".join(f"{k}={v:.3g}" for k, v in diffs.items()))
-
-
-def _flat(params):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _assert_bit_exact(a, b):
-    fa, fb = _flat(a), _flat(b)
-    assert sorted(fa) == sorted(fb)
-    for k in fa:
-        assert np.array_equal(fa[k], fb[k]), k
+# <s> … ids, right-padded with <pad> on all but the first row. Real ids avoid <pad>: transformers
+# finds RoBERTa's padding (for positions) by its id.
+_batch = functools.partial(padded_batch, low=4, pad=PAD, first=0)
 
 
 def _no_loading_problems(info):
@@ -208,7 +157,7 @@ def test_old_model_sections_load_with_bert_fields():
 def test_import_matches_transformers(family, head, tmp_path):
     config = _hf_config(family)
     cls = CLASSES[family][1 if head == "mlm" else 2]
-    module = _perturbed(getattr(transformers, cls)(config))
+    module = perturbed(getattr(transformers, cls)(config))
     module.save_pretrained(tmp_path)
     model_cfg, params = hf.load_hf_checkpoint(tmp_path)
     assert model_cfg.head_style == family
@@ -217,22 +166,21 @@ def test_import_matches_transformers(family, head, tmp_path):
     assert model_cfg.use_pooler == (head == "none")  # RobertaModel keeps its pooler.
 
     ids, mask = _batch(config.vocab_size)
-    logits, out = _ours(model_cfg, params, ids, mask)
-    hf_out = _theirs(module, ids, mask)
-    diffs = dict(hidden_max=_hidden_diff(out, hf_out, mask))
+    logits, out = our_forward(model_cfg, params, ids, mask)
+    hf_out = their_forward(module, ids, mask)
+    diffs = dict(hidden_max=hidden_diff(out, hf_out, mask))
     if head == "mlm":
-        diffs["logits"] = _max_diff(logits, hf_out.logits, mask)
+        diffs["logits"] = max_diff(logits, hf_out.logits, mask)
     else:
-        diffs["pooled"] = float(np.abs(np.asarray(out["pooled"])
-                                       - hf_out.pooler_output.numpy()).max())
-    _report(f"import {cls}", **diffs)
+        diffs["pooled"] = pooled_diff(out, hf_out)
+    report(f"import {cls}", **diffs)
     assert max(diffs.values()) < TOL, diffs
 
 
 def test_packed_segments_each_start_at_roberta_row_two(tmp_path):
     """Two sentences packed in one row (positions restart at 0 in each) give the hidden states
     of each alone, which equal RobertaModel's on each sentence alone."""
-    module = _perturbed(transformers.RobertaModel(_hf_config("roberta")))
+    module = perturbed(transformers.RobertaModel(_hf_config("roberta")))
     module.save_pretrained(tmp_path)
     model_cfg, params = hf.load_hf_checkpoint(tmp_path)
     rng = np.random.default_rng(1)
@@ -242,30 +190,25 @@ def test_packed_segments_each_start_at_roberta_row_two(tmp_path):
     segments = np.array([[1] * 4 + [2] * 5 + [0], [1] * 4 + [0] * 6, [1] * 5 + [0] * 5])
     positions = np.array([[*range(4), *range(5), 0], [*range(4)] + [0] * 6,
                           [*range(5)] + [0] * 5])
-    _, out = _ours(model_cfg, params, ids, segments > 0, segments, positions)
+    _, out = our_forward(model_cfg, params, ids, segments > 0, segments=segments,
+                         positions=positions)
     hidden = np.asarray(out["hidden"])
     diffs = {}
     for name, sentence, start, alone in (("a", a, 0, 1), ("b", b, 4, 2)):
         packed = hidden[0, start:start + len(sentence)]
-        theirs = _theirs(module, np.array([sentence]), np.ones((1, len(sentence)), np.int64))
+        theirs = their_forward(module, np.array([sentence]), np.ones((1, len(sentence)), np.int64))
         diffs[f"{name}_vs_alone"] = float(np.abs(packed - hidden[alone, :len(sentence)]).max())
         diffs[f"{name}_vs_transformers"] = float(
             np.abs(packed - theirs.last_hidden_state.numpy()[0]).max())
-    _report("packed RoBERTa row", **diffs)
+    report("packed RoBERTa row", **diffs)
     assert max(diffs.values()) < TOL, diffs
 
 
 def test_import_sharded_legacy_and_bad_configs(tmp_path):
-    module = _perturbed(transformers.RobertaForMaskedLM(_hf_config("roberta")))
-    module.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
-    assert (tmp_path / "sharded" / hf.SAFETENSORS_INDEX).exists()
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    shutil.copy(tmp_path / "sharded" / "config.json", legacy)
-    torch.save(module.state_dict(), legacy / hf.TORCH_BIN)
-    reference = {k: v.numpy() for k, v in module.state_dict().items()}
-    for folder in ("sharded", "legacy"):
-        _, params = hf.load_hf_checkpoint(tmp_path / folder)
+    module = perturbed(transformers.RobertaForMaskedLM(_hf_config("roberta")))
+    (_, legacy), reference = save_sharded_and_legacy(module, tmp_path)
+    for folder in (tmp_path / "sharded", legacy):
+        _, params = hf.load_hf_checkpoint(folder)
         np.testing.assert_array_equal(
             params["layers_1"]["mlp_in"]["kernel"],
             reference["roberta.encoder.layer.1.intermediate.dense.weight"].T)
@@ -290,14 +233,14 @@ def test_bert_with_another_layer_norm_eps_imports(tmp_path):
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=24, layer_norm_eps=1e-5,
         attn_implementation="eager")
-    module = _perturbed(transformers.BertForMaskedLM(config))
+    module = perturbed(transformers.BertForMaskedLM(config))
     module.save_pretrained(tmp_path)
     model_cfg, params = hf.load_hf_checkpoint(tmp_path)
     assert (model_cfg.layer_norm_eps, model_cfg.position_offset) == (1e-5, 0)
     ids, mask = _batch(VOCAB)
-    logits, out = _ours(model_cfg, params, ids, mask)
-    hf_out = _theirs(module, ids, mask)
-    assert _max_diff(logits, hf_out.logits, mask) < TOL
+    logits, out = our_forward(model_cfg, params, ids, mask)
+    hf_out = their_forward(module, ids, mask)
+    assert max_diff(logits, hf_out.logits, mask) < TOL
     # It exports as a BERT with that epsilon (DistilBERT's is fixed at 1e-12).
     assert hf.hf_config(model_cfg)["layer_norm_eps"] == 1e-5
 
@@ -333,16 +276,16 @@ def test_export_loads_in_transformers_and_matches(family, vocabulary, bpe_folder
     assert type(module).__name__ == CLASSES[family][1]
     _no_loading_problems(info)
     ids, mask = _batch(cfg.vocab_size)
-    logits, out = _ours(cfg, params, ids, mask)
-    hf_out = _theirs(module.eval(), ids, mask)
-    diffs = dict(hidden_max=_hidden_diff(out, hf_out, mask),
-                 logits=_max_diff(logits, hf_out.logits, mask))
-    _report(f"export {type(module).__name__} ({vocabulary})", **diffs)
+    logits, out = our_forward(cfg, params, ids, mask)
+    hf_out = their_forward(module.eval(), ids, mask)
+    diffs = dict(hidden_max=hidden_diff(out, hf_out, mask),
+                 logits=max_diff(logits, hf_out.logits, mask))
+    report(f"export {type(module).__name__} ({vocabulary})", **diffs)
     assert max(diffs.values()) < TOL, diffs
 
     # Import(export(x)) is exact, fields included.
     back_cfg, back = hf.load_hf_checkpoint(output)
-    _assert_bit_exact(params, back)
+    assert_bit_exact(params, back, dtype=None)
     for key in ("num_layers", "hidden_size", "vocab_size", "type_vocab_size", "head_style",
                 "max_position_embeddings", "position_offset", "layer_norm_eps"):
         assert back_cfg[key] == cfg[key], key
@@ -367,10 +310,10 @@ def test_export_bare_model_and_errors(bpe_folder, tmp_path, caplog):
     assert type(module).__name__ == "RobertaModel"
     _no_loading_problems(info)
     ids, mask = _batch(vocab)
-    _, out = _ours(cfg, params, ids, mask)
-    hf_out = _theirs(module.eval(), ids, mask)
-    pooled = float(np.abs(np.asarray(out["pooled"]) - hf_out.pooler_output.numpy()).max())
-    assert max(_hidden_diff(out, hf_out, mask), pooled) < TOL
+    _, out = our_forward(cfg, params, ids, mask)
+    hf_out = their_forward(module.eval(), ids, mask)
+    pooled = pooled_diff(out, hf_out)
+    assert max(hidden_diff(out, hf_out, mask), pooled) < TOL
 
     # A student without token types exports RoBERTa's one row, as zeros.
     cfg, params = _our_model("tiny_roberta", vocab, type_vocab_size=0)
@@ -421,15 +364,15 @@ def test_task_heads_export_and_import(family, head, tmp_path):
     theirs = (np.stack([theirs.start_logits, theirs.end_logits], -1) if head == "qa"
               else theirs.logits.numpy())
     # Per-position heads are compared where there are tokens: padding attends differently.
-    diff = (_max_diff(ours, torch.tensor(theirs), mask) if head in ("qa", "token_cls")
+    diff = (max_diff(ours, torch.tensor(theirs), mask) if head in ("qa", "token_cls")
             else float(np.abs(np.asarray(ours) - theirs).max()))
-    _report(f"export {cls_name}", logits=diff)
+    report(f"export {cls_name}", logits=diff)
     assert diff < TOL
 
     back_cfg, back_task, back = hf.load_hf_task_checkpoint(tmp_path / "task")
     assert (back_task.head, back_task.num_labels) == (head, num_labels)
     assert back_cfg.use_pooler == cfg.use_pooler and back_cfg.head_style == family
-    _assert_bit_exact(params, back)
+    assert_bit_exact(params, back, dtype=None)
 
 
 def _task_inputs(head: str):
@@ -447,7 +390,7 @@ def _task_inputs(head: str):
 def test_student_from_roberta_teacher_is_teacher_minus_layers(student_types, tmp_path):
     """The released map [0, 2, 4, 7, 9, 11] on a 12-layer teacher: the student computes the
     teacher with layers 1, 3, 5, 6, 8, 10 skipped (one token-type row kept, or folded)."""
-    module = _perturbed(transformers.RobertaForMaskedLM(_hf_config("roberta",
+    module = perturbed(transformers.RobertaForMaskedLM(_hf_config("roberta",
                                                                    num_hidden_layers=12)))
     module.save_pretrained(tmp_path)
     teacher_cfg, teacher = hf.load_hf_checkpoint(tmp_path)
@@ -466,11 +409,11 @@ def test_student_from_roberta_teacher_is_teacher_minus_layers(student_types, tmp
     skipping = {k: v for k, v in teacher.items() if not k.startswith("layers_")}
     skipping.update({f"layers_{i}": teacher[f"layers_{t}"] for i, t in enumerate(layer_map)})
     ids, mask = _batch(VOCAB)
-    want_logits, want = _ours(skipping_cfg, skipping, ids, mask)
-    got_logits, got = _ours(student_cfg, student, ids, mask)
-    diffs = dict(hidden=_max_diff(got["hidden"], torch.tensor(np.asarray(want["hidden"])), mask),
-                 logits=_max_diff(got_logits, torch.tensor(np.asarray(want_logits)), mask))
-    _report(f"init from RoBERTa teacher (student token types {student_types})", **diffs)
+    want_logits, want = our_forward(skipping_cfg, skipping, ids, mask)
+    got_logits, got = our_forward(student_cfg, student, ids, mask)
+    diffs = dict(hidden=max_diff(got["hidden"], torch.tensor(np.asarray(want["hidden"])), mask),
+                 logits=max_diff(got_logits, torch.tensor(np.asarray(want_logits)), mask))
+    report(f"init from RoBERTa teacher (student token types {student_types})", **diffs)
     assert max(diffs.values()) < 1e-5, diffs
 
     with pytest.raises(ValueError, match="model.position_offset is 0"):
@@ -493,11 +436,11 @@ def test_distilroberta_tiny_distils_exports_and_reloads(family, bpe_folder, xlmr
     same recipe from an XLMRobertaForMaskedLM (XLM-R's SentencePiece): train, export, reload."""
     tokenizer = os.path.join(bpe_folder, "vocab.json") if family == "roberta" else xlmr_model
     teacher_dir = tmp_path / "teacher"
-    _perturbed(getattr(transformers, CLASSES[family][1])(_hf_config(
+    perturbed(getattr(transformers, CLASSES[family][1])(_hf_config(
         family, max_position_embeddings=34))).save_pretrained(teacher_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(documents[:40]))
-    c = config_lib.load_config(os.path.join(ROOT, "configs/distilroberta.py:tiny"))
+    c = config_files.load_config(os.path.join(ROOT, "configs/distilroberta.py:tiny"))
     c.model.head_style = family
     c.teacher.checkpoint = str(teacher_dir)
     c.data.tokenizer = tokenizer
@@ -506,7 +449,7 @@ def test_distilroberta_tiny_distils_exports_and_reloads(family, bpe_folder, xlmr
     c.train.num_steps = 4
     c.train.checkpoint_every = 4
     workdir = tmp_path / "student"
-    from distil_flax import train
+    from distil_flax.distill import train
 
     final = train.train_and_evaluate(c, str(workdir))
     assert 0 <= final["teacher_mlm_accuracy"] <= 1
@@ -521,9 +464,9 @@ def test_distilroberta_tiny_distils_exports_and_reloads(family, bpe_folder, xlmr
     _no_loading_problems(info)
     model_cfg, params = hf.load_hf_checkpoint(output)
     ids, mask = _batch(VOCAB)
-    logits, _ = _ours(model_cfg, params, ids, mask)
-    diff = _max_diff(logits, _theirs(module.eval(), ids, mask).logits, mask)
-    _report(f"configs/distilroberta.py:tiny ({family}) export", logits=diff)
+    logits, _ = our_forward(model_cfg, params, ids, mask)
+    diff = max_diff(logits, their_forward(module.eval(), ids, mask).logits, mask)
+    report(f"configs/distilroberta.py:tiny ({family}) export", logits=diff)
     assert diff < TOL
 
     fill = transformers.pipeline("fill-mask", model=str(output), device="cpu")
