@@ -47,3 +47,20 @@ def teacher_workdir(tmp_path_factory, vocab_path):
     workdir = str(tmp_path_factory.mktemp("teacher"))
     train.train_and_evaluate(c, workdir)
     return workdir
+
+
+@pytest.fixture
+def rng():
+    """The loss tests' random inputs: the same each test."""
+    import numpy as np
+
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def x64():
+    """Float64 in JAX for the test (the float64 references of the loss tests)."""
+    import jax
+
+    with jax.enable_x64(True):
+        yield

@@ -27,3 +27,13 @@ def error_line(capsys, job) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
+
+
+# The loss tests' float64 inputs (with the `x64` fixture of conftest.py).
+
+
+def f64(*arrays):
+    """The arrays as float64 JAX arrays."""
+    import jax.numpy as jnp
+
+    return tuple(jnp.asarray(a, jnp.float64) for a in arrays)

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import f64
 
 from distil_flax import losses
-from distil_flax.losses import features
+from distil_flax.losses import scores
 
 # Packed rows of length 10: two segments, and padding but in the last row (full to its end, so a
 # chunk's own padding rows sit right after real ones).
@@ -21,21 +22,6 @@ SEGMENTS = np.array([[1, 1, 1, 1, 2, 2, 2, 0, 0, 0],
                      [1, 1, 1, 1, 1, 1, 2, 2, 2, 0],
                      [1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], np.int32)
 B, L = SEGMENTS.shape
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def _f64(*arrays):
-    return tuple(jnp.asarray(a, jnp.float64) for a in arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,10 +105,10 @@ def test_hidden_mse_with_projection_matches_reference(rng, x64):
     h_s, h_t = rng.normal(size=(B, L, 6)), rng.normal(size=(B, L, 10))
     kernel, bias = rng.normal(size=(6, 10)), rng.normal(size=10)
     w = (SEGMENTS > 0).astype(np.float64)
-    projection = dict(zip(("kernel", "bias"), _f64(kernel, bias)))
+    projection = dict(zip(("kernel", "bias"), f64(kernel, bias)))
     projected = losses.project(projection, jnp.asarray(h_s))
     assert projected.shape == (B, L, 10)
-    got = losses.hidden_mse(projected, *_f64(h_t, w))
+    got = losses.hidden_mse(projected, *f64(h_t, w))
     np.testing.assert_allclose(got, _ref_hidden_mse(h_s, h_t, w, kernel, bias), rtol=1e-10)
 
 
@@ -132,12 +118,12 @@ def test_hidden_mse_without_projection_matches_reference(rng, x64):
     for projection in (None, {}):
         projected = losses.project(projection, jnp.asarray(h_s))
         np.testing.assert_array_equal(projected, h_s)
-        got = losses.hidden_mse(projected, *_f64(h_t, w))
+        got = losses.hidden_mse(projected, *f64(h_t, w))
         np.testing.assert_allclose(got, _ref_hidden_mse(h_s, h_t, w), rtol=1e-10)
     # Padded positions do not count, however different they are.
     garbage = h_s.copy()
     garbage[SEGMENTS == 0] = 1e3
-    np.testing.assert_allclose(losses.hidden_mse(*_f64(garbage, h_t, w)),
+    np.testing.assert_allclose(losses.hidden_mse(*f64(garbage, h_t, w)),
                                _ref_hidden_mse(h_s, h_t, w), rtol=1e-10)
 
 
@@ -145,7 +131,7 @@ def test_attention_score_mse_matches_reference(rng, x64):
     # Same heads; different head dims, so each side is scaled by its own √d.
     q_s, k_s = rng.normal(size=(2, B, L, 3, 4))
     q_t, k_t = 2 * rng.normal(size=(2, B, L, 3, 8))
-    got = losses.attention_score_mse(_f64(q_s, k_s), _f64(q_t, k_t), jnp.asarray(SEGMENTS))
+    got = losses.attention_score_mse(f64(q_s, k_s), f64(q_t, k_t), jnp.asarray(SEGMENTS))
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, _ref_attention_mse(q_s, k_s, q_t, k_t, SEGMENTS), rtol=1e-10)
 
@@ -166,13 +152,13 @@ def test_relation_kl_minilm_v2_matches_reference(rng, x64, pair):
     index = {"q": 0, "k": 1, "v": 2}
     student = tuple(student_qkv[index[n]] for n in pair)
     teacher = tuple(teacher_qkv[index[n]] for n in pair)
-    got = losses.relation_kl(_f64(*student), _f64(*teacher), jnp.asarray(SEGMENTS), heads=12)
+    got = losses.relation_kl(f64(*student), f64(*teacher), jnp.asarray(SEGMENTS), heads=12)
     assert got.dtype == jnp.float64
     expected = _ref_relation_kl(student, teacher, SEGMENTS, heads=12)
     assert expected > 0.05
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     # The same widths flattened ([batch, length, width]) are the same relations.
-    flat = lambda xs: _f64(*(x.reshape(B, L, -1) for x in xs))  # noqa: E731
+    flat = lambda xs: f64(*(x.reshape(B, L, -1) for x in xs))  # noqa: E731
     np.testing.assert_allclose(
         losses.relation_kl(flat(student), flat(teacher), jnp.asarray(SEGMENTS), heads=12),
         expected, rtol=1e-10)
@@ -182,7 +168,7 @@ def test_relation_kl_other_relation_head_counts_match_reference(rng, x64):
     student = tuple(rng.normal(size=(2, B, L, 6, 8)))
     teacher = tuple(rng.normal(size=(2, B, L, 12, 8)))
     for heads in (1, 16):  # One relation head of the whole width; 3 dims a head.
-        got = losses.relation_kl(_f64(*student), _f64(*teacher), jnp.asarray(SEGMENTS),
+        got = losses.relation_kl(f64(*student), f64(*teacher), jnp.asarray(SEGMENTS),
                                  heads=heads)
         np.testing.assert_allclose(got, _ref_relation_kl(student, teacher, SEGMENTS, heads),
                                    rtol=1e-10)
@@ -199,7 +185,7 @@ def test_relation_kl_minilm_v1_is_kl_of_attention_distributions(rng, x64):
         terms = np.where(p_t > 0, p_t * (np.log(p_t) - np.log(p_s)), 0.0)
     kl = terms.sum(-1)  # [batch, heads, length]
     expected = kl.transpose(0, 2, 1)[real].mean()
-    got = losses.relation_kl(_f64(q_s, k_s), _f64(q_t, k_t), jnp.asarray(SEGMENTS), heads=4)
+    got = losses.relation_kl(f64(q_s, k_s), f64(q_t, k_t), jnp.asarray(SEGMENTS), heads=4)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
@@ -208,7 +194,7 @@ def test_relation_kl_is_zero_on_match_and_ignores_padding(rng, x64):
     garbage_a, garbage_b = a.copy(), b.copy()
     garbage_a[SEGMENTS == 0] = 1e3 * rng.normal(size=garbage_a[SEGMENTS == 0].shape)
     garbage_b[SEGMENTS == 0] = -1e3
-    got = losses.relation_kl(_f64(garbage_a, garbage_b), _f64(a, b), jnp.asarray(SEGMENTS),
+    got = losses.relation_kl(f64(garbage_a, garbage_b), f64(a, b), jnp.asarray(SEGMENTS),
                              heads=4)
     assert float(got) == pytest.approx(0.0, abs=1e-12)
 
@@ -234,8 +220,8 @@ def _attention(student, teacher, chunk):
 
 @pytest.mark.parametrize("term", [_relation, _attention], ids=["relation_kl", "attention_mse"])
 def test_chunking_keeps_values_and_gradients(rng, x64, term):
-    student = _f64(*rng.normal(size=(2, B, L, 4, 4)))
-    teacher = _f64(*(2 * rng.normal(size=(2, B, L, 4, 6))))
+    student = f64(*rng.normal(size=(2, B, L, 4, 4)))
+    teacher = f64(*(2 * rng.normal(size=(2, B, L, 4, 6))))
     value_and_grad = jax.jit(jax.value_and_grad(term), static_argnums=2)
     value, grads = value_and_grad(student, teacher, 0)
     assert float(value) > 0.05
@@ -299,7 +285,7 @@ def test_chunked_gradient_never_holds_full_scores(term):
 
 def test_memory_check_catches_a_missing_checkpoint(monkeypatch):
     """Without `jax.checkpoint` the scan's backward keeps every chunk's scores: the check fires."""
-    monkeypatch.setattr(features.jax, "checkpoint", lambda f, **_: f)
+    monkeypatch.setattr(scores.jax, "checkpoint", lambda f, **_: f)
     _, shapes = _compiled_shapes("relation", MC)
     assert max(math.prod(s) for s in shapes) >= MB * MH * ML * ML
 

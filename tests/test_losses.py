@@ -19,11 +19,6 @@ def _reference_kl(s, t, w, temperature):
     return temperature**2 * (kl * w).sum() / w.sum()
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 def test_soft_target_kl_matches_float64_reference(rng, temperature):
     s, t = rng.normal(size=(2, 2, 5, 11)) * 3

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import f64
 
 from distil_flax import losses
 
@@ -23,21 +24,6 @@ SEGMENTS = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0, 0],
                      [1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3]], np.int32)
 B, L = SEGMENTS.shape
 MAX_SEGMENTS = L // 3  # As `train.loss_spec` sets it: 4 slots a row, so every row has empty ones.
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def _f64(*arrays):
-    return tuple(jnp.asarray(a, jnp.float64) for a in arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -98,10 +84,10 @@ def _embeddings(rng, d_s=6, d_t=6):
 def test_pooled_mse_and_cosine_match_reference(rng, x64):
     s, t = _embeddings(rng)
     present = jnp.asarray(PRESENT)
-    got = losses.pooled_mse(*_f64(s, t), present)
+    got = losses.pooled_mse(*f64(s, t), present)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, _ref_mse(s[PRESENT], t[PRESENT]), rtol=1e-12)
-    got = losses.pooled_cosine_distance(*_f64(s, t), present)
+    got = losses.pooled_cosine_distance(*f64(s, t), present)
     expected = _ref_cosine_distance(s[PRESENT], t[PRESENT])
     assert 0.05 < expected < 1.0
     np.testing.assert_allclose(got, expected, rtol=1e-12)
@@ -112,25 +98,25 @@ def test_pooled_mse_and_cosine_match_reference(rng, x64):
 def test_similarity_structure_matches_reference(rng, x64, kind, d_s):
     # The student may be narrower: each model's similarities are in its own space.
     s, t = _embeddings(rng, d_s=d_s, d_t=6)
-    got = losses.similarity_structure(*_f64(s, t), jnp.asarray(PRESENT), kind=kind,
+    got = losses.similarity_structure(*f64(s, t), jnp.asarray(PRESENT), kind=kind,
                                       temperature=TEMPERATURE)
     assert got.dtype == jnp.float64
     expected = _ref_similarity(s[PRESENT], t[PRESENT], kind, TEMPERATURE)
     assert expected > 1e-3
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     # The same model on both sides: nothing to learn.
-    same = losses.similarity_structure(*_f64(t, t), jnp.asarray(PRESENT), kind=kind,
+    same = losses.similarity_structure(*f64(t, t), jnp.asarray(PRESENT), kind=kind,
                                        temperature=TEMPERATURE)
     assert float(same) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_similarity_default_temperature_and_unknown_kind(rng, x64):
     s, t = _embeddings(rng)
-    got = losses.similarity_structure(*_f64(s, t), jnp.asarray(PRESENT))
+    got = losses.similarity_structure(*f64(s, t), jnp.asarray(PRESENT))
     np.testing.assert_allclose(got, _ref_similarity(s[PRESENT], t[PRESENT], "kl", 0.05),
                                rtol=1e-10)
     with pytest.raises(ValueError, match="similarity must be one of"):
-        losses.similarity_structure(*_f64(s, t), jnp.asarray(PRESENT), kind="cosine")
+        losses.similarity_structure(*f64(s, t), jnp.asarray(PRESENT), kind="cosine")
 
 
 def _all_terms(s, t, present):
@@ -143,12 +129,12 @@ def _all_terms(s, t, present):
 
 def test_absent_slots_are_ignored(rng, x64):
     s, t = _embeddings(rng)
-    clean = _all_terms(*_f64(s, t), jnp.asarray(PRESENT))
+    clean = _all_terms(*f64(s, t), jnp.asarray(PRESENT))
     for garbage in (1e3, -7.0, 0.0):
         s_bad, t_bad = s.copy(), t.copy()
         s_bad[~PRESENT] = garbage * rng.normal(size=s_bad[~PRESENT].shape)
         t_bad[~PRESENT] = garbage
-        got = _all_terms(*_f64(s_bad, t_bad), jnp.asarray(PRESENT))
+        got = _all_terms(*f64(s_bad, t_bad), jnp.asarray(PRESENT))
         for name, value in clean.items():
             np.testing.assert_allclose(got[name], value, rtol=1e-12, err_msg=f"{name} {garbage}")
 
@@ -157,17 +143,17 @@ def test_few_or_no_sentences(rng, x64):
     s, t = _embeddings(rng)
     one = np.zeros(N, bool)
     one[3] = True
-    got = _all_terms(*_f64(s, t), jnp.asarray(one))
+    got = _all_terms(*f64(s, t), jnp.asarray(one))
     np.testing.assert_allclose(got["mse"], _ref_mse(s[one], t[one]), rtol=1e-12)
     # A sentence alone has no other to be similar to: the structure terms have nothing to say.
     assert float(got["similarity_kl"]) == float(got["similarity_mse"]) == 0.0
     two = one.copy()
     two[6] = True  # Two sentences: each row's softmax has one entry, KL 0; the MSE is not 0.
-    got = _all_terms(*_f64(s, t), jnp.asarray(two))
+    got = _all_terms(*f64(s, t), jnp.asarray(two))
     assert float(got["similarity_kl"]) == pytest.approx(0.0, abs=1e-12)
     np.testing.assert_allclose(got["similarity_mse"],
                                _ref_similarity(s[two], t[two], "mse", TEMPERATURE), rtol=1e-10)
-    got = _all_terms(*_f64(s, t), jnp.zeros(N, bool))
+    got = _all_terms(*f64(s, t), jnp.zeros(N, bool))
     for name, value in got.items():
         assert float(value) == 0.0, name
 
@@ -241,7 +227,7 @@ def test_feature_terms_on_packed_rows_equal_sentences_pooled_alone(rng, x64, poo
     if case == "narrower_projected":
         assert losses.projections_needed(spec, d_s, d_t) == ("embeddings",)
         kernel, bias = rng.normal(size=(d_s, d_t)) / math.sqrt(d_s), rng.normal(size=d_t)
-        projections = {"embeddings": dict(zip(("kernel", "bias"), _f64(kernel, bias)))}
+        projections = {"embeddings": dict(zip(("kernel", "bias"), f64(kernel, bias)))}
     else:
         # Equal widths, or only the similarity term: no projection is asked for.
         assert losses.projections_needed(spec, d_s, d_t) == ()
@@ -265,7 +251,7 @@ def test_feature_terms_gradients_finite_and_zero_on_padding(rng, x64):
     e = losses.SentenceEmbeddings(mse=1.0, cosine=1.0, similarity=1.0, pooling="mean",
                                   max_segments=MAX_SEGMENTS)
     spec = losses.LossSpec(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0, embeddings=e)
-    student, teacher = _f64(rng.normal(size=(B, L, 8)), rng.normal(size=(B, L, 12)))
+    student, teacher = f64(rng.normal(size=(B, L, 8)), rng.normal(size=(B, L, 12)))
     projections = {"embeddings": {"kernel": jnp.asarray(rng.normal(size=(8, 12))),
                                   "bias": jnp.zeros(12, jnp.float64)}}
 

@@ -1,6 +1,7 @@
 """The base run configuration, its validation, and loading config files outside the CLI.
 
-Config files in `configs/` call `base_config()` and change fields. Every field is commented here.
+Config files in `configs/` call `base_config()` and change fields. Every field is commented here,
+but those of the feature terms' sections, commented where each term is declared (`losses.TERMS`).
 """
 
 import math
@@ -11,14 +12,11 @@ from etils import epath
 
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.interop import hf
-from distil_flax.losses import RELATION_PAIRS, SIMILARITIES
+from distil_flax.losses import TERMS
 from distil_flax.model import model_config
-from distil_flax.model.pooling import POOLINGS
 from distil_flax.training import partitioning
 
 RELEASED_LAYER_MAP = (0, 2, 4, 7, 9, 11)  # The layers the released DistilBERT took from BERT-base.
-FEATURE_TERMS = ("hidden_states", "attention_scores", "relations")  # Sections with a `weight`.
-EMBEDDING_WEIGHTS = ("mse_weight", "cosine_weight", "similarity_weight")  # Of loss.embeddings.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -53,39 +51,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Positions per chunk of the fused MLM heads + loss (never materialises all logits at once);
     # 0: plain logits.
     c.loss.head_chunk = 128
-    # Intermediate-layer terms (TinyBERT, MiniLM), one section each; weight 0: not computed.
-    # Students may be narrower than their teacher for every one of them.
-    c.loss.hidden_states = ml_collections.ConfigDict()
-    c.loss.hidden_states.weight = 0.0  # MSE between mapped hidden states (TinyBERT).
-    # Teacher layer read by each student layer; (): TinyBERT's uniform map, (i + 1)·k − 1.
-    c.loss.hidden_states.layer_map = ()
-    c.loss.hidden_states.embeddings = True  # Also match the embeddings' outputs (TinyBERT).
-    c.loss.attention_scores = ml_collections.ConfigDict()
-    # MSE between the attention scores q·kᵀ/√d of mapped layers (TinyBERT); needs equal heads.
-    c.loss.attention_scores.weight = 0.0
-    c.loss.attention_scores.layer_map = ()  # As hidden_states.layer_map.
-    c.loss.relations = ml_collections.ConfigDict()
-    c.loss.relations.weight = 0.0  # KL between self-attention relations of one layer (MiniLM).
-    # Comma-separated pairs of q, k, v: MiniLM v2 "qq,kk,vv"; MiniLM v1 "qk,vv" (attention
-    # distributions and value relation, with relations.heads = the models' head count).
-    c.loss.relations.pairs = "qq,kk,vv"
-    c.loss.relations.heads = 12  # Relation heads; teacher and student widths must divide by it.
-    c.loss.relations.teacher_layer = -1  # Negative: from the end (MiniLM: the last, for base).
-    c.loss.relations.student_layer = -1
     # Query rows per chunk of the attention-score and relation terms (a chunk holds [batch, heads,
     # relation_chunk, length] scores); 0: all rows at once.
     c.loss.relation_chunk = 128
-    # Sentence embeddings, pooled per packed segment in both models (sentence-transformers'
-    # distillation and beyond). MSE and cosine go through a learned projection when the student
-    # is narrower; the similarity term compares each model's in-batch cosine similarities.
-    c.loss.embeddings = ml_collections.ConfigDict()
-    c.loss.embeddings.mse_weight = 0.0
-    c.loss.embeddings.cosine_weight = 0.0  # Weight of 1 − cos(student, teacher).
-    c.loss.embeddings.similarity_weight = 0.0
-    c.loss.embeddings.similarity = "kl"  # kl (row-wise softmax, temperature) | mse.
-    c.loss.embeddings.temperature = 0.05
-    # mean | cls | auto: the teacher folder's sentence-transformers pooling (1_Pooling), else mean.
-    c.loss.embeddings.pooling = "auto"
+    # The feature terms (TinyBERT, MiniLM, sentence embeddings: `losses.TERMS`), one section
+    # each, its fields declared and commented in the term's module; weight 0: not computed.
+    # Students may be narrower than their teacher for every one of them.
+    for term in TERMS:
+        c.loss[term.name] = ml_collections.ConfigDict()
+        for field in term.fields:
+            c.loss[term.name][field.name] = field.default
 
     c.masking = ml_collections.ConfigDict()
     c.masking.mask_prob = 0.15  # Fraction of real, non-special tokens predicted per row; 0: none.
@@ -160,9 +135,8 @@ def loss_weights(c: ml_collections.ConfigDict) -> dict[str, float]:
     """Every loss term's weight, by field name."""
     loss = c.loss
     weights = {f"loss.{name}": loss[name] for name in ("alpha_ce", "alpha_mlm", "alpha_cos")}
-    weights.update({f"loss.{name}.weight": loss[name].weight for name in FEATURE_TERMS})
-    weights.update({f"loss.embeddings.{name}": loss.embeddings[name]
-                    for name in EMBEDDING_WEIGHTS})
+    weights.update({f"loss.{term.name}.{name}": loss[term.name][name]
+                    for term in TERMS for name in term.weights})
     return weights
 
 
@@ -192,7 +166,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"{', '.join(teacher_terms(c))} need a teacher but teacher.checkpoint is empty: set "
             "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set those weights to 0)")
-    _validate_feature_terms(c)
+    if loss.relation_chunk < 0:
+        raise ValueError(f"loss.relation_chunk must be ≥ 0, got {loss.relation_chunk}")
+    for term in TERMS:  # Layers against the teacher are checked once it is loaded (loss_spec).
+        term.check(loss[term.name], c)
     if c.teacher.checkpoint:
         try:  # hf://ORG/NAME[@REV]: its snapshot in the Hugging Face cache (downloaded if needed).
             teacher = hf.resolve_checkpoint(c.teacher.checkpoint)
@@ -251,39 +228,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"data.seq_len ({c.data.seq_len}) exceeds model.max_position_embeddings "
             f"({c.model.max_position_embeddings})")
-
-
-def _validate_feature_terms(c: ml_collections.ConfigDict) -> None:
-    """The intermediate-layer sections; layers against the teacher are checked once it is loaded
-    (`train.loss_spec`)."""
-    loss = c.loss
-    for name in ("hidden_states", "attention_scores"):
-        layer_map = tuple(loss[name].layer_map)
-        if loss[name].weight and layer_map and len(layer_map) != c.model.num_layers:
-            raise ValueError(
-                f"loss.{name}.layer_map {layer_map} has {len(layer_map)} entries but "
-                f"model.num_layers is {c.model.num_layers}: give one teacher layer per student "
-                "layer, or () for the uniform map")
-    r = loss.relations
-    if r.weight:
-        pairs = [p.strip() for p in r.pairs.split(",")]
-        unknown = [p for p in pairs if p not in RELATION_PAIRS]
-        if unknown or not pairs:
-            raise ValueError(f"loss.relations.pairs={r.pairs!r}: each pair must be one of "
-                             f"{', '.join(RELATION_PAIRS)}")
-        if r.heads < 1:
-            raise ValueError(f"loss.relations.heads must be ≥ 1, got {r.heads}")
-    if loss.relation_chunk < 0:
-        raise ValueError(f"loss.relation_chunk must be ≥ 0, got {loss.relation_chunk}")
-    e = loss.embeddings
-    if e.similarity not in SIMILARITIES:
-        raise ValueError(f"loss.embeddings.similarity must be one of {', '.join(SIMILARITIES)}, "
-                         f"got {e.similarity!r}")
-    if not e.temperature > 0:
-        raise ValueError(f"loss.embeddings.temperature must be > 0, got {e.temperature}")
-    if e.pooling not in ("auto", *POOLINGS):
-        raise ValueError(f"loss.embeddings.pooling must be auto, {', '.join(POOLINGS)}, got "
-                         f"{e.pooling!r}")
 
 
 def shrink_for_tests(c: ml_collections.ConfigDict, size: str) -> None:

@@ -25,16 +25,7 @@ from distil_flax.distill import config as config_lib
 from distil_flax.distill.masking import MaskingSpec, smoothing_weights
 from distil_flax.distill.step import jit_steps
 from distil_flax.interop import sources
-from distil_flax.losses import (
-    AttentionScores,
-    HiddenStates,
-    LossSpec,
-    Relations,
-    SentenceEmbeddings,
-    hidden_state_pairs,
-    layer_pairs,
-    projection_init,
-)
+from distil_flax.losses import TERMS, LossSpec, projection_init
 from distil_flax.model import Encoder, make_encoder, student_init
 from distil_flax.training import config_files, flops, loop, partitioning, train_state
 from distil_flax.training.optimizer import make_optimizer
@@ -136,7 +127,8 @@ def build(c: ml_collections.ConfigDict) -> Setup:
 
 def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder | None,
               teacher_pooling: str | None = None) -> LossSpec:
-    """The config's loss with its layers resolved against the two models.
+    """The config's loss with each weighted feature term resolved against the two models
+    (`Term.resolve`: layer maps, negative layers, pooling).
 
     Args:
       teacher_pooling: the teacher folder's own sentence-embedding pooling (`loss.embeddings.
@@ -147,57 +139,13 @@ def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder |
         heads or widths do not fit a term.
     """
     loss = c.loss
-    spec = LossSpec(alpha_ce=loss.alpha_ce, alpha_mlm=loss.alpha_mlm, alpha_cos=loss.alpha_cos,
+    # Without a teacher, validation leaves no feature term a weight.
+    terms = {} if teacher is None else {
+        term.name: term.resolve(loss[term.name], c, student, teacher, teacher_pooling)
+        for term in TERMS if term.weighted(loss[term.name])}
+    return LossSpec(alpha_ce=loss.alpha_ce, alpha_mlm=loss.alpha_mlm, alpha_cos=loss.alpha_cos,
                     temperature=loss.temperature, restrict_ce_to_mask=loss.restrict_ce_to_mask,
-                    head_chunk=loss.head_chunk, relation_chunk=loss.relation_chunk)
-    if teacher is None:  # Validation ensures that no intermediate-layer term has a weight.
-        return spec
-    layers = (student.num_layers, teacher.num_layers)
-
-    def pairs_of(name: str) -> tuple[tuple[int, int], ...]:
-        try:
-            return layer_pairs(tuple(loss[name].layer_map), *layers)
-        except ValueError as error:
-            raise ValueError(f"loss.{name}.layer_map: {error}") from None
-
-    def one_layer(field: str, index: int, count: int) -> int:
-        if not -count <= index < count:
-            raise ValueError(f"loss.relations.{field} {index} is outside a model of {count} "
-                             "layers")
-        return index % count
-
-    terms = {}
-    if loss.hidden_states.weight:
-        terms["hidden_states"] = HiddenStates(
-            weight=loss.hidden_states.weight, pairs=hidden_state_pairs(
-                pairs_of("hidden_states"), loss.hidden_states.embeddings))
-    if loss.attention_scores.weight:
-        if student.num_heads != teacher.num_heads:
-            raise ValueError(
-                f"loss.attention_scores compares heads one to one, but model.num_heads is "
-                f"{student.num_heads} and the teacher has {teacher.num_heads}: use "
-                "loss.relations, which needs no equal heads")
-        terms["attention_scores"] = AttentionScores(weight=loss.attention_scores.weight,
-                                                    pairs=pairs_of("attention_scores"))
-    r = loss.relations
-    if r.weight:
-        for width, name in ((student.hidden_size, "model.hidden_size"),
-                            (teacher.hidden_size, "the teacher's hidden size")):
-            if width % r.heads:
-                raise ValueError(f"loss.relations.heads ({r.heads}) must divide {name} ({width})")
-        terms["relations"] = Relations(
-            weight=r.weight, pairs=tuple(p.strip() for p in r.pairs.split(",")), heads=r.heads,
-            student_layer=one_layer("student_layer", r.student_layer, layers[0]),
-            teacher_layer=one_layer("teacher_layer", r.teacher_layer, layers[1]))
-    e = loss.embeddings
-    if any(e[name] for name in config_lib.EMBEDDING_WEIGHTS):
-        pooling = (teacher_pooling or "mean") if e.pooling == "auto" else e.pooling
-        terms["embeddings"] = SentenceEmbeddings(
-            mse=e.mse_weight, cosine=e.cosine_weight, similarity=e.similarity_weight,
-            similarity_kind=e.similarity, temperature=e.temperature, pooling=pooling,
-            # Every packed segment is at least [CLS] token [SEP].
-            max_segments=max(1, c.data.seq_len // 3))
-    return dataclasses.replace(spec, **terms)
+                    head_chunk=loss.head_chunk, relation_chunk=loss.relation_chunk, **terms)
 
 
 def masking_spec(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer") -> MaskingSpec:

@@ -1,39 +1,33 @@
 """The distillation losses: pure functions of the two models' outputs, composed by a `LossSpec`.
 
-`triple`: DistilBERT's soft-target, MLM and cosine terms (plain and fused-head paths).
-`features`: TinyBERT's hidden-state and attention-score terms, MiniLM's relations, and (from
-`sentence`) the sentence-embedding terms.
-`spec`: the weights and options of every term.
+`triple`: DistilBERT's soft-target, MLM and cosine terms (plain and fused-head paths), the core
+of every `LossSpec` (`spec.CoreSpec`).
+The feature terms, one module each, declared as a `term.Term` and listed in `registry.TERMS`:
+`hidden_states` and `attention_scores` (TinyBERT), `relations` (MiniLM), `sentence` (sentence
+embeddings); `scores` holds what the score terms share.
+`features`: the feature terms composed: captures, projections, their weighted sum.
+`registry`: `TERMS`, and the `LossSpec` with a field per term.
 """
 
+from distil_flax.losses.attention_scores import AttentionScores, attention_score_mse
 from distil_flax.losses.features import (
-    attention_score_mse,
+    captures,
     feature_terms,
-    hidden_mse,
-    project,
     projection_init,
     projections_needed,
-    relation_kl,
 )
+from distil_flax.losses.hidden_states import HiddenStates, hidden_mse, hidden_state_pairs
+from distil_flax.losses.registry import TERMS, LossSpec
+from distil_flax.losses.relations import RELATION_PAIRS, Relations, relation_kl
 from distil_flax.losses.sentence import (
     SIMILARITIES,
+    SentenceEmbeddings,
     pooled_cosine_distance,
     pooled_mse,
     similarity_structure,
 )
-from distil_flax.losses.spec import (
-    RELATION_PAIRS,
-    AttentionScores,
-    Captures,
-    HiddenStates,
-    LossSpec,
-    Relations,
-    SentenceEmbeddings,
-    captures,
-    hidden_state_pairs,
-    layer_pairs,
-    uniform_layer_map,
-)
+from distil_flax.losses.spec import Captures, CoreSpec, layer_pairs, uniform_layer_map
+from distil_flax.losses.term import Field, Term, TermInputs, project
 from distil_flax.losses.triple import (
     HeadInputs,
     cosine_distance,
@@ -44,10 +38,10 @@ from distil_flax.losses.triple import (
 )
 
 __all__ = [
-    "RELATION_PAIRS", "SIMILARITIES", "AttentionScores", "Captures", "HeadInputs",
-    "HiddenStates", "LossSpec", "Relations", "SentenceEmbeddings", "attention_score_mse",
-    "captures", "cosine_distance", "distillation_loss", "feature_terms",
-    "fused_distillation_loss", "hidden_mse", "hidden_state_pairs", "layer_pairs",
+    "RELATION_PAIRS", "SIMILARITIES", "TERMS", "AttentionScores", "Captures", "CoreSpec",
+    "Field", "HeadInputs", "HiddenStates", "LossSpec", "Relations", "SentenceEmbeddings", "Term",
+    "TermInputs", "attention_score_mse", "captures", "cosine_distance", "distillation_loss",
+    "feature_terms", "fused_distillation_loss", "hidden_mse", "hidden_state_pairs", "layer_pairs",
     "masked_lm_loss", "pooled_cosine_distance", "pooled_mse", "project", "projection_init",
     "projections_needed", "relation_kl", "similarity_structure", "soft_target_kl",
     "uniform_layer_map",

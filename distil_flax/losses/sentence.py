@@ -9,16 +9,42 @@ e are the sentence embeddings pooled per packed segment (`pooling.pool_segments`
 stays exact. The similarity term compares each model in its own space: it needs no projection
 and keeps the teacher's rankings, not only its vectors. Reductions run in float32 (float64 inputs
 stay float64).
+
+Metrics: `embedding_mse` and `embedding_cosine` (cos, not its distance; when the widths agree or
+a projection is trained), `embedding_similarity_KIND`, and `loss_embeddings`, the weighted sum.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from distil_flax.losses.term import Field, Term, TermInputs, project
 from distil_flax.losses.triple import weighted_mean, wide
+from distil_flax.model.pooling import POOLINGS, pool_segments
 
 Array = jax.Array
 
 SIMILARITIES = ("kl", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceEmbeddings:
+    """Terms on sentence embeddings pooled per packed segment: MSE and cosine against the
+    teacher's (through a projection when the widths differ), and the in-batch similarity
+    structure; each weight 0 is off."""
+
+    mse: float = 0.0
+    cosine: float = 0.0
+    similarity: float = 0.0
+    similarity_kind: str = "kl"  # kl | mse
+    temperature: float = 0.05  # Of the similarity KL's softmax over cosine similarities.
+    pooling: str = "mean"  # mean | cls
+    max_segments: int = 1  # Segments a row may hold (static: the pooled array's size).
+
+    @property
+    def weight(self) -> float:
+        return self.mse + self.cosine + self.similarity
 
 
 def pooled_mse(student: Array, teacher: Array, present: Array) -> Array:
@@ -72,3 +98,84 @@ def similarity_structure(student: Array, teacher: Array, present: Array, *, kind
     # A sentence alone in the batch has no row to compare.
     rows = jnp.any(pairs, axis=-1)
     return weighted_mean(kl, rows.astype(kl.dtype))
+
+
+def embedding_terms(spec: SentenceEmbeddings, student_hidden: Array, teacher_hidden: Array,
+                    segment_ids: Array, projection: dict[str, Array] | None
+                    ) -> tuple[Array, dict[str, Array]]:
+    """The weighted terms on both models' final hidden states [batch, length, width], pooled per
+    segment, and their metrics."""
+
+    def pooled(hidden):  # [batch, max_segments, d] → [batch · max_segments, d]
+        vectors, present = pool_segments(hidden, segment_ids, spec.max_segments, spec.pooling)
+        return vectors.reshape(-1, vectors.shape[-1]), present.reshape(-1)
+
+    (student, present), (teacher, _) = pooled(student_hidden), pooled(teacher_hidden)
+    loss = jnp.zeros((), jnp.float32)
+    metrics = {}
+    if projection or student.shape[-1] == teacher.shape[-1]:
+        projected = project(projection, student)
+        metrics["embedding_mse"] = pooled_mse(projected, teacher, present)
+        metrics["embedding_cosine"] = 1.0 - pooled_cosine_distance(projected, teacher, present)
+        loss += (spec.mse * metrics["embedding_mse"]
+                 + spec.cosine * (1.0 - metrics["embedding_cosine"]))
+    if spec.similarity:
+        name = f"embedding_similarity_{spec.similarity_kind}"
+        metrics[name] = similarity_structure(student, teacher, present,
+                                             kind=spec.similarity_kind,
+                                             temperature=spec.temperature)
+        loss += spec.similarity * metrics[name]
+    metrics["loss_embeddings"] = loss
+    return loss, metrics
+
+
+class SentenceEmbeddingsTerm(Term):
+    name = "embeddings"
+    spec = SentenceEmbeddings
+    doc = ("Sentence embeddings, pooled per packed segment in both models (sentence-transformers' "
+           "distillation and beyond). MSE and cosine go through a learned projection when the "
+           "student is narrower; the similarity term compares each model's in-batch cosine "
+           "similarities.")
+    fields = (
+        Field("mse_weight", 0.0),
+        Field("cosine_weight", 0.0, "Weight of 1 − cos(student, teacher)."),
+        Field("similarity_weight", 0.0),
+        Field("similarity", "kl", "kl (row-wise softmax, temperature) | mse."),
+        Field("temperature", 0.05),
+        Field("pooling", "auto", "mean | cls | auto: the teacher folder's sentence-transformers "
+                                 "pooling (1_Pooling), else mean."),
+    )
+    weights = ("mse_weight", "cosine_weight", "similarity_weight")
+    # The model card lists the sections with a single `weight` field: it leaves this one out.
+    card = "MSE, cosine and in-batch similarity structure of pooled sentence embeddings"
+
+    def check(self, section, config):
+        if section.similarity not in SIMILARITIES:
+            raise ValueError(f"loss.{self.name}.similarity must be one of "
+                             f"{', '.join(SIMILARITIES)}, got {section.similarity!r}")
+        if not section.temperature > 0:
+            raise ValueError(f"loss.{self.name}.temperature must be > 0, got "
+                             f"{section.temperature}")
+        if section.pooling not in ("auto", *POOLINGS):
+            raise ValueError(f"loss.{self.name}.pooling must be auto, {', '.join(POOLINGS)}, got "
+                             f"{section.pooling!r}")
+
+    def resolve(self, section, config, student, teacher, teacher_pooling):
+        pooling = (teacher_pooling or "mean") if section.pooling == "auto" else section.pooling
+        return SentenceEmbeddings(
+            mse=section.mse_weight, cosine=section.cosine_weight,
+            similarity=section.similarity_weight, similarity_kind=section.similarity,
+            temperature=section.temperature, pooling=pooling,
+            # Every packed segment is at least [CLS] token [SEP].
+            max_segments=max(1, config.data.seq_len // 3))
+
+    def projections(self, spec):
+        # The similarity structure compares each model in its own space: no projection.
+        return ("embeddings",) if spec.mse or spec.cosine else ()
+
+    def compute(self, spec, inputs: TermInputs):
+        return embedding_terms(spec, inputs.student["hidden"], inputs.teacher["hidden"],
+                               inputs.segment_ids, inputs.projections.get("embeddings"))
+
+
+TERM = SentenceEmbeddingsTerm()

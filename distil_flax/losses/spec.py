@@ -1,83 +1,24 @@
-"""What a run's loss is made of: the weight and options of every term, resolved for two models.
+"""What a run's loss is made of: the fixed core of every `LossSpec`, what the encoders expose for
+the feature terms, and the layer maps those terms resolve.
 
-A recipe is a `LossSpec`: DistilBERT's (soft targets, MLM, cosine), TinyBERT's (hidden states and
-attention scores of mapped layers), MiniLM's (self-attention relations of one layer) and
-sentence-embedding distillation (pooled embeddings and their similarity structure) are settings
-of it, and they compose. A term with weight 0 is not computed, and the encoders expose
-only what the terms with a weight read (`captures`).
+A recipe is a `LossSpec` (`registry.py`): DistilBERT's triple loss (soft targets, MLM, cosine)
+is its core, here; each feature term of `registry.TERMS` (TinyBERT's hidden states and attention
+scores, MiniLM's relations, sentence embeddings) adds one field, and they compose. A term with
+weight 0 is not computed, and the encoders expose only what the terms with a weight read
+(`features.captures`).
 
-Layer numbers here are resolved (no negative indices, no "uniform" placeholder): `train.loss_spec`
-turns the config's sections into a spec once both models are known.
+Layer numbers in a spec are resolved (no negative indices, no "uniform" placeholder):
+`train.loss_spec` turns the config's sections into a spec once both models are known.
 """
 
 import dataclasses
-
-# Relation pairs: "qk" is the attention distribution itself (MiniLM v1's attention transfer),
-# "vv" the value relation; MiniLM v2 uses "qq", "kk" and "vv".
-RELATION_PAIRS = ("qq", "kk", "vv", "qk")
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
-class HiddenStates:
-    """TinyBERT's hidden-state MSE, through a learned projection when the widths differ.
-
-    `pairs` are (student, teacher) hidden-state indices: 0 is the embeddings' output, i the
-    output of layer i − 1.
-    """
-
-    weight: float = 0.0
-    pairs: tuple[tuple[int, int], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionScores:
-    """TinyBERT's MSE between the unnormalised attention scores of mapped layers (same heads).
-
-    `pairs` are (student layer, teacher layer).
-    """
-
-    weight: float = 0.0
-    pairs: tuple[tuple[int, int], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Relations:
-    """MiniLM's KL between self-attention relations of one student and one teacher layer.
-
-    Each pair "ab" compares softmax(a·bᵀ/√d) per relation head, where a and b are the layer's
-    queries, keys or values with their heads concatenated and split again into `heads` relation
-    heads (so teacher and student head counts and widths need not match).
-    """
-
-    weight: float = 0.0
-    pairs: tuple[str, ...] = ("qq", "kk", "vv")
-    heads: int = 12
-    student_layer: int = 0
-    teacher_layer: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class SentenceEmbeddings:
-    """Terms on sentence embeddings pooled per packed segment (`losses/sentence.py`): MSE and
-    cosine against the teacher's (through a projection when the widths differ), and the in-batch
-    similarity structure; each weight 0 is off."""
-
-    mse: float = 0.0
-    cosine: float = 0.0
-    similarity: float = 0.0
-    similarity_kind: str = "kl"  # kl | mse
-    temperature: float = 0.05  # Of the similarity KL's softmax over cosine similarities.
-    pooling: str = "mean"  # mean | cls
-    max_segments: int = 1  # Segments a row may hold (static: the pooled array's size).
-
-    @property
-    def weight(self) -> float:
-        return self.mse + self.cosine + self.similarity
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """Every term of the distillation loss; a term with weight 0 is not computed at all."""
+class CoreSpec:
+    """The terms every recipe has (DistilBERT's) and the chunk sizes; `registry.LossSpec` adds a
+    field per feature term. A term with weight 0 is not computed at all."""
 
     alpha_ce: float = 5.0
     alpha_mlm: float = 2.0
@@ -89,13 +30,14 @@ class LossSpec:
     # Positions per row in each chunk of the fused head + loss (`fused_distillation_loss`); a chunk
     # holds [batch, head_chunk, vocab] logits. 0: the plain path (`distillation_loss`).
     head_chunk: int = 128
-    hidden_states: HiddenStates = HiddenStates()
-    attention_scores: AttentionScores = AttentionScores()
-    relations: Relations = Relations()
-    embeddings: SentenceEmbeddings = SentenceEmbeddings()
     # Query rows per chunk of the attention-score and relation terms: a chunk holds
     # [batch, heads, relation_chunk, length] scores. 0: all rows at once.
     relation_chunk: int = 128
+
+    def terms(self) -> dict[str, Any]:
+        """The feature terms' specs by name: the fields beyond these ones."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in CORE_FIELDS}
 
     @property
     def uses_heads(self) -> bool:
@@ -108,10 +50,12 @@ class LossSpec:
 
     @property
     def features(self) -> bool:
-        """Whether a term reads the encoders' intermediates or pooled outputs
-        (`features.feature_terms`)."""
-        return bool(self.hidden_states.weight or self.attention_scores.weight
-                    or self.relations.weight or self.embeddings.weight)
+        """Whether a feature term has a weight: one that reads the encoders' intermediates or
+        pooled outputs (`features.feature_terms`)."""
+        return any(term.weight for term in self.terms().values())
+
+
+CORE_FIELDS = frozenset(f.name for f in dataclasses.fields(CoreSpec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +66,15 @@ class Captures:
     qkv: tuple[int, ...] = ()
 
 
-def captures(spec: LossSpec) -> tuple[Captures, Captures]:
-    """(student, teacher) intermediates the weighted terms read, and nothing more."""
-    hidden = spec.hidden_states.pairs if spec.hidden_states.weight else ()
-    scores = spec.attention_scores.pairs if spec.attention_scores.weight else ()
-    relations = ((spec.relations.student_layer, spec.relations.teacher_layer),
-                 ) if spec.relations.weight else ()
+def pair_captures(hidden: tuple[tuple[int, int], ...] = (),
+                  qkv: tuple[tuple[int, int], ...] = ()) -> tuple[Captures, Captures]:
+    """(student, teacher) captures of (student, teacher) index pairs a term compares."""
     side = lambda i, pairs: tuple(sorted({p[i] for p in pairs}))  # noqa: E731
-    return tuple(Captures(hidden=side(i, hidden), qkv=side(i, scores + relations))
-                 for i in (0, 1))
+    return tuple(Captures(hidden=side(i, hidden), qkv=side(i, qkv)) for i in (0, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer maps: a config's `layer_map` field, checked and resolved.
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
@@ -156,10 +100,23 @@ def layer_pairs(layer_map: tuple[int, ...], student_layers: int, teacher_layers:
     return tuple(enumerate(layer_map))
 
 
-def hidden_state_pairs(pairs: tuple[tuple[int, int], ...], embeddings: bool
-                       ) -> tuple[tuple[int, int], ...]:
-    """Layer pairs as hidden-state indices (the output of layer i is index i + 1), with the
-    embeddings' outputs (index 0) first when asked."""
-    shifted = tuple((s + 1, t + 1) for s, t in pairs)
-    return ((0, 0),) + shifted if embeddings else shifted
+def check_layer_map(field: str, layer_map: tuple[int, ...], num_layers: int) -> None:
+    """Before the teacher is known: one teacher layer per student layer, or ().
 
+    Raises:
+      ValueError: naming `field` (e.g. "loss.hidden_states.layer_map").
+    """
+    layer_map = tuple(layer_map)
+    if layer_map and len(layer_map) != num_layers:
+        raise ValueError(
+            f"{field} {layer_map} has {len(layer_map)} entries but model.num_layers is "
+            f"{num_layers}: give one teacher layer per student layer, or () for the uniform map")
+
+
+def mapped_layer_pairs(field: str, layer_map: tuple[int, ...], student_layers: int,
+                       teacher_layers: int) -> tuple[tuple[int, int], ...]:
+    """`layer_pairs` of the config's `field`, whose errors name it."""
+    try:
+        return layer_pairs(tuple(layer_map), student_layers, teacher_layers)
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from None

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from distil_flax.losses.spec import LossSpec
+from distil_flax.losses.spec import CoreSpec
 
 Array = jax.Array
 
@@ -73,7 +73,7 @@ def cosine_distance(student_hidden: Array, teacher_hidden: Array, weights: Array
 
 
 def distillation_loss(
-    spec: LossSpec,
+    spec: CoreSpec,
     *,
     student_logits: Array | None,
     teacher_logits: Array | None,
@@ -132,7 +132,7 @@ HeadInputs = tuple[Array, Array, Array]
 
 
 def fused_distillation_loss(
-    spec: LossSpec,
+    spec: CoreSpec,
     *,
     student_head: HeadInputs,
     teacher_head: HeadInputs | None,
@@ -194,7 +194,7 @@ def fused_distillation_loss(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_head(spec: LossSpec, student: HeadInputs, teacher: HeadInputs | None, targets):
+def _fused_head(spec: CoreSpec, student: HeadInputs, teacher: HeadInputs | None, targets):
     """α_ce·L_ce + α_mlm·L_mlm (a scalar) and float32 sums for metrics, from the heads' inputs.
 
     `targets` is (ce_weights [batch, n], labels [batch, n], label_weights [batch, n]).
@@ -203,7 +203,7 @@ def _fused_head(spec: LossSpec, student: HeadInputs, teacher: HeadInputs | None,
     return loss, sums
 
 
-def _fused_head_fwd(spec: LossSpec, student: HeadInputs, teacher: HeadInputs | None, targets):
+def _fused_head_fwd(spec: CoreSpec, student: HeadInputs, teacher: HeadInputs | None, targets):
     ce_weights, _, label_weights = targets
     # Normalisers over the whole (global) batch: d loss / d logits =
     #   ce_scale·w·(p_s,T − p_t,T) + mlm_scale·w·(softmax(s) − onehot(label)),
@@ -243,7 +243,7 @@ def _batch_mesh_axes() -> tuple[str, ...]:
     return tuple(a for a in axes if mesh.shape[a] > 1 and a not in mesh.manual_axes)
 
 
-def _fused_head_local(spec: LossSpec, student: HeadInputs, teacher: HeadInputs | None, targets,
+def _fused_head_local(spec: CoreSpec, student: HeadInputs, teacher: HeadInputs | None, targets,
                       scales, *, batch_axes: tuple[str, ...]):
     """The chunk loop over this device's rows; returns summed metrics and the gradients."""
     features, decoder, bias = student
@@ -311,7 +311,7 @@ def _fused_head_local(spec: LossSpec, student: HeadInputs, teacher: HeadInputs |
     return sums, (d_features, d_decoder.astype(decoder.dtype), d_bias.astype(bias.dtype))
 
 
-def _fused_head_bwd(spec: LossSpec, residuals, cotangents):
+def _fused_head_bwd(spec: CoreSpec, residuals, cotangents):
     del spec
     d_features, d_decoder, d_bias = residuals
     g = cotangents[0]  # The metrics' sums are not differentiated (stop_gradient'ed by the caller).

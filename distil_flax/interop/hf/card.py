@@ -27,6 +27,7 @@ from absl import logging
 from huggingface_hub import ModelCard, ModelCardData
 
 from distil_flax.interop.hf import hub, reproduce
+from distil_flax.losses import TERMS
 from distil_flax.training import metric_writers
 
 PIPELINE_TAGS = {"mlm": "fill-mask", "none": "feature-extraction",
@@ -43,13 +44,13 @@ _AUTO_CLASSES = {"mlm": "AutoModelForMaskedLM", "none": "AutoModel",
 _TASK_DATASETS = {**dict.fromkeys(("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte",
                                    "wnli"), "nyu-mll/glue"),
                   "squad": "rajpurkar/squad", "imdb": "stanfordnlp/imdb"}
-_LOSS_TERMS = {  # What the weights of `config.loss` weigh; other sections go by their name.
+# What the weights of `config.loss` weigh, the feature terms' as they declare it; other sections
+# (a newer run's terms) go by their name.
+_LOSS_TERMS = {
     "alpha_ce": "soft targets: T²·KL(teacher ‖ student) of the MLM distributions",
     "alpha_mlm": "masked-LM cross-entropy on the true tokens",
     "alpha_cos": "1 − cos between the final hidden states of teacher and student",
-    "hidden_states": "MSE between mapped hidden states (TinyBERT)",
-    "attention_scores": "MSE between the attention scores of mapped layers (TinyBERT)",
-    "relations": "KL between self-attention relations of one layer (MiniLM)",
+    **{term.name: term.card for term in TERMS},
 }
 
 
