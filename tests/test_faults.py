@@ -32,6 +32,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from distil_flax.distill import train
+from distil_flax.interop import sources
+from distil_flax.model import heads
 from distil_flax.training import loop
 from distil_flax.training.checkpoint import (
     ITEMS,
@@ -41,7 +43,7 @@ from distil_flax.training.checkpoint import (
     restore_params,
 )
 from distil_flax.training.checksums import CHECKSUMS, CorruptCheckpointError, verify_step
-from distil_flax.training.config_files import load_config
+from distil_flax.training.config_files import load_config, load_json
 from distil_flax.training.metric_writers import read_metrics
 from distil_flax.training.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
 
@@ -404,7 +406,16 @@ def _data_of_another_tokenizer(c, tmp_path):
 def _teacher_that_is_a_fine_tuning_run(c, tmp_path):
     teacher = tmp_path / "sst2"
     shutil.copytree(c.teacher.checkpoint, teacher)
-    (teacher / "task_model.json").write_text("{}")
+    sources.write_task_model(str(teacher), model_cfg=load_json(teacher / "config.json").model,
+                             head=heads.TaskHead("seq_cls", 2), tokenizer=c.data.tokenizer,
+                             lowercase=True, task="sst2")
+    c.teacher.checkpoint = str(teacher)
+
+
+def _teacher_with_a_damaged_task_model(c, tmp_path):
+    teacher = tmp_path / "sst2"
+    shutil.copytree(c.teacher.checkpoint, teacher)
+    (teacher / "task_model.json").write_text('{"task": "sst2"}')
     c.teacher.checkpoint = str(teacher)
 
 
@@ -425,6 +436,8 @@ def _empty_tokenizer(c, tmp_path):
     (_teacher_without_config, ValueError, "is neither a distil_flax workdir nor a Hugging Face"),
     (_teacher_that_is_a_fine_tuning_run, ValueError,
      r"teacher.checkpoint=.*sst2' is a fine-tuning run \(it holds task_model.json\)"),
+    (_teacher_with_a_damaged_task_model, ValueError,
+     r"sst2/task_model.json is damaged: it lacks model, head, tokenizer, lowercase"),
     (_change("train", batch_size=12), ValueError, r"train.batch_size \(12\)"),
     (_change("train", learning_rate=float("nan")), ValueError, "train.learning_rate"),
     (_empty_tokenizer, ValueError, r"vocab.txt lacks special token\(s\) \[PAD\]"),

@@ -40,12 +40,17 @@ def test_teacher_pretraining_loss_falls_and_leaves_checkpoints(teacher_workdir):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(teacher_workdir))
 
 
-def test_distillation_end_to_end(tmp_path, vocab_path, teacher_workdir):
+def test_distillation_end_to_end(tmp_path, vocab_path, teacher_workdir, monkeypatch):
     c = _student_config(vocab_path, teacher_workdir)
     # From teacher layers the student starts as the teacher minus a layer: on a teacher trained
     # for 20 steps its L_ce is ~1e-3 from the start, and the loss has nothing left to fall by.
     c.init.from_teacher = False
+    validations = []
+    monkeypatch.setattr(train.config_lib, "validate",
+                        lambda c, checked=train.config_lib.validate: validations.append(1) or
+                        checked(c))
     final = train.train_and_evaluate(c, str(tmp_path))
+    assert len(validations) == 1  # Once on start; build takes the tokenizer it loaded.
     records = read_metrics(str(tmp_path))
     for term in ("train/loss_ce", "train/loss_mlm", "train/loss_cos", "train/agreement",
                  "train/teacher_mlm_accuracy", "train/grad_norm", "train/tokens_per_s"):

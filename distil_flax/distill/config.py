@@ -145,12 +145,13 @@ def teacher_terms(c: ml_collections.ConfigDict) -> list[str]:
     return [name for name, weight in loss_weights(c).items() if weight and name != "loss.alpha_mlm"]
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field when a config cannot run.
+def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
+    """Raises ValueError naming the field when a config cannot run; returns the tokenizer.
 
     Runs before a run touches its workdir, so it checks what can be checked without the data or
-    the teacher: the tokenizer is loaded (a damaged vocabulary fails here) and the batch sizes
-    are checked against the mesh on `jax.device_count()` devices.
+    the teacher: the tokenizer is loaded (a damaged vocabulary fails here; `train.build` takes it
+    rather than loading it again) and the batch sizes are checked against the mesh on
+    `jax.device_count()` devices.
     """
     loss = c.loss
     weights = loss_weights(c)
@@ -185,7 +186,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"data.tokenizer={c.data.tokenizer!r} does not exist; train one with `python -m "
             "distil_flax.data.train_vocab --output=...` or point data.tokenizer at a vocab")
     try:
-        tokenizer_lib.load_tokenizer(c.data.tokenizer, c.data.lowercase)
+        tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer, c.data.lowercase)
     except FileNotFoundError:  # It exists: a directory.
         raise ValueError(f"data.tokenizer={c.data.tokenizer!r} is not a file") from None
     m = c.masking
@@ -228,6 +229,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"data.seq_len ({c.data.seq_len}) exceeds model.max_position_embeddings "
             f"({c.model.max_position_embeddings})")
+    return tokenizer
 
 
 def shrink_for_tests(c: ml_collections.ConfigDict, size: str) -> None:

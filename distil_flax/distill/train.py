@@ -87,12 +87,16 @@ def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
     return teacher, params, source.has_mlm_head, found and found.pooling
 
 
-def build(c: ml_collections.ConfigDict) -> Setup:
-    """Validates the config and loads tokenizer, data, teacher and models."""
-    config_lib.validate(c)
+def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = None) -> Setup:
+    """Loads data, teacher and models.
+
+    Args:
+      tokenizer: what `config.validate(c)` returned; None: the config is validated here.
+    """
+    if tokenizer is None:
+        tokenizer = config_lib.validate(c)
     mesh = partitioning.make_mesh(c.mesh)
     rules = partitioning.rules_from_config(c.mesh.rules)
-    tokenizer = data.load_tokenizer(c.data.tokenizer, lowercase=c.data.lowercase)
     train_rows, eval_rows = data.build_datasets(c.data, tokenizer,
                                                 process_count=jax.process_count())
     with c.unlocked():
@@ -341,9 +345,9 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
       CheckpointWriteError: a checkpoint could not be written (disk full, permissions).
       NonFiniteError: `train.max_consecutive_nonfinite` steps in a row had non-finite values.
     """
-    config_lib.validate(c)  # A bad config fails before anything touches the workdir.
+    tokenizer = config_lib.validate(c)  # A bad config fails before anything touches the workdir.
     with loop.exclusive(workdir) as session:
-        setup = build(c)
+        setup = build(c, tokenizer)
         logging.info("Config:\n%s", c)
         logging.info("Devices: %d (%d local, process %d of %d); mesh %s.", jax.device_count(),
                      jax.local_device_count(), jax.process_index(), jax.process_count(),

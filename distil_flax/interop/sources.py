@@ -109,7 +109,7 @@ def open_source(spec: str, *, field: str = "--model", seed: int = 0) -> Source:
     if isinstance(raw, dict) and "model_type" in raw:
         return _open_hf(spec, field, path, seed)
     if (epath.Path(path) / TASK_MODEL_FILE).exists():
-        described = config_files.read_json(os.path.join(path, TASK_MODEL_FILE))
+        described = _read_task_model(os.path.join(path, TASK_MODEL_FILE))
         return Source(spec, field, path, "finetuned",
                       ml_collections.ConfigDict(described["model"]), described["tokenizer"],
                       described["lowercase"], _task_head(described["head"]), described["task"],
@@ -155,6 +155,18 @@ def _is_hf_task_folder(path: str) -> bool:
     with open(os.path.join(path, "config.json")) as f:
         classes = json.load(f).get("architectures") or []
     return bool(classes) and classes[0] in hf.TASK_CLASSES.values()
+
+
+_TASK_MODEL_KEYS = ("task", "model", "head", "tokenizer", "lowercase")
+
+
+def _read_task_model(path: str) -> dict:
+    described = config_files.read_json(path)
+    missing = [key for key in _TASK_MODEL_KEYS
+               if not isinstance(described, dict) or key not in described]
+    if missing:
+        raise ValueError(f"{path} is damaged: it lacks {', '.join(missing)}")
+    return described
 
 
 def _task_head(described: dict) -> heads.TaskHead:
