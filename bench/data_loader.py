@@ -89,7 +89,7 @@ def main(argv):
         c.seq_len, c.threads, c.prefetch = seq_len, 1, 4
         train, _ = data.build_datasets(c, tokenizer)
         source = train.split
-        pieces = source.decode(source.data_source().__getitems__(list(range(source.num_records))))
+        pieces = source.read(source.data_source(), list(range(source.num_records)))
         greedy = data.pack_documents(pieces, seq_len, tokenizer.cls_id, tokenizer.sep_id,
                                      tokenizer.pad_id, strategy="greedy")
         record = {"measure": "packing", "seq_len": seq_len, "window": c.window,

@@ -1,11 +1,12 @@
-"""What several test files build alike: a tiny WordPiece vocabulary, and the one-line check of
-a command's failure."""
+"""What several test files build alike: a tiny WordPiece vocabulary, a run checkpoint holding
+only parameters, and the one-line check of a command's failure."""
 
 import pathlib
 
+import orbax.checkpoint as ocp
 import pytest
 
-from distil_flax.training import cli
+from distil_flax.training import checkpoint, checksums, cli
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 WORDS = ("the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "to", "house", "big", "small",
@@ -17,6 +18,16 @@ def write_vocab(folder: pathlib.Path) -> str:
     path = folder / "vocab.txt"
     path.write_text("".join(t + "\n" for t in SPECIALS + WORDS))
     return str(path)
+
+
+def save_params_checkpoint(workdir, step: int, params) -> None:
+    """Step `step` of the run in `workdir`, holding only `params`, committed with the checksums
+    every committed step has (a step without them counts as damaged)."""
+    directory = checkpoint.checkpoint_dir(str(workdir))
+    with ocp.CheckpointManager(directory, item_names=checkpoint.ITEMS) as manager:
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+        manager.wait_until_finished()
+    checksums.write_checksums(directory / str(step), checkpoint.ITEMS)
 
 
 def error_line(capsys, job) -> str:

@@ -86,7 +86,7 @@ def test_learning_rate_must_be_finite_and_positive(tiny, rate):
 
 def test_model_needs_a_layer(tiny):
     tiny.model.num_layers = 0
-    with pytest.raises(ValueError, match=r"^model\.num_layers must be ≥ 1, got 0"):
+    with pytest.raises(ValueError, match=r"^model\.num_layers must be finite and ≥ 1, got 0"):
         config_lib.validate(tiny)
 
 
@@ -158,10 +158,10 @@ def test_malformed_mesh_rules_are_named(tiny, rules, message):
     ("hidden_states.weight", -1.0, r"^loss\.hidden_states\.weight must be finite and ≥ 0"),
     ("relations.weight", math.nan, r"^loss\.relations\.weight must be finite and ≥ 0"),
     ("relations.pairs", "qq,qv", r"^loss\.relations\.pairs='qq,qv': each pair must be one of"),
-    ("relations.heads", 0, r"^loss\.relations\.heads must be ≥ 1, got 0"),
+    ("relations.heads", 0, r"^loss\.relations\.heads must be finite and ≥ 1, got 0"),
     ("hidden_states.layer_map", (0, 1), r"^loss\.hidden_states\.layer_map \(0, 1\) has 2 "
                                         r"entries but model\.num_layers is 1"),
-    ("relation_chunk", -1, r"^loss\.relation_chunk must be ≥ 0"),
+    ("relation_chunk", -1, r"^loss\.relation_chunk must be finite and ≥ 0"),
 ])
 def test_intermediate_layer_terms_are_validated(tiny, field, value, message):
     tiny.loss.relations.weight = tiny.loss.hidden_states.weight = 1.0

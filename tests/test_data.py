@@ -424,8 +424,8 @@ def _expected_pieces(c, tokenizer) -> dict[str, list[list[int]]]:
 
 def _read_split(directory: str, split: str) -> list[list[int]]:
     part = records.PreparedDataset(directory).split(split)
-    return [r.tolist() for r in part.decode(part.data_source().__getitems__(
-        list(range(part.num_records))))]
+    return [r.tolist() for r in part.read(part.data_source(),
+                                             list(range(part.num_records)))]
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 import scipy.optimize  # noqa: E402
 import scipy.stats  # noqa: E402
 from flax import linen as nn  # noqa: E402
-from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
+from helpers import SPECIALS, WORDS, error_line, save_params_checkpoint, write_vocab  # noqa: E402
 
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
@@ -35,7 +34,7 @@ from distil_flax.interop import hf  # noqa: E402
 from distil_flax.interop import sentence_transformers as st_layout  # noqa: E402
 from distil_flax.model import pooling as pooling_lib  # noqa: E402
 from distil_flax.model import student_init  # noqa: E402
-from distil_flax.training import checkpoint, config_files
+from distil_flax.training import config_files
 
 
 def _sentences(n: int, seed: int = 0) -> list[str]:
@@ -285,10 +284,7 @@ def tiny_pair(tmp_path):
     student = tmp_path / "student"
     student.mkdir()
     config_files.save_json(c, str(student / "config.json"))
-    with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(student)),
-                               item_names=checkpoint.ITEMS) as manager:
-        manager.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(trained)))
-        manager.wait_until_finished()
+    save_params_checkpoint(student, 3, trained)
 
     sts = tmp_path / "sts.tsv"
     rng = np.random.default_rng(6)
@@ -339,11 +335,7 @@ def test_init_only_is_the_teacher_minus_layers(tiny_pair, tmp_path):
     twin.mkdir()
     config_files.save_json(config, str(twin / "config.json"))
     _, params = hf.load_hf_checkpoint(teacher)
-    with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(twin)),
-                               item_names=checkpoint.ITEMS) as manager:
-        manager.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave(
-            {k: v for k, v in params.items() if k != "pooler"})))
-        manager.wait_until_finished()
+    save_params_checkpoint(twin, 1, {k: v for k, v in params.items() if k != "pooler"})
     report = ev.evaluate(str(twin), str(teacher), sts=files["sts"], max_len=32, pooling="cls")
     assert report["pooling"] == "cls" and report["pooling_source"] == "--pooling"
     metrics = report["metrics"]

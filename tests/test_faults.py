@@ -432,7 +432,7 @@ def _empty_tokenizer(c, tmp_path):
      r"model.vocab_size \(1999\) differs from data.tokenizer's \(2000\)"),
     (_change("mesh", data=3), ValueError, r"mesh shape \(mesh.data=3, mesh.fsdp=1, "
      r"mesh.tensor=1\) needs 3 devices, but 8 are available"),
-    (_change("train", log_every=0), ValueError, "train.log_every must be ≥ 1, got 0"),
+    (_change("train", log_every=0), ValueError, "train.log_every must be finite and ≥ 1, got 0"),
     (_teacher_without_config, ValueError, "is neither a distil_flax workdir nor a Hugging Face"),
     (_teacher_that_is_a_fine_tuning_run, ValueError,
      r"teacher.checkpoint=.*sst2' is a fine-tuning run \(it holds task_model.json\)"),
@@ -454,6 +454,28 @@ def test_bad_inputs_fail_clearly_and_leave_the_workdir_untouched(
     with pytest.raises(error, match=message):
         train.train_and_evaluate(c, workdir)
     assert _snapshot(workdir) == before
+
+
+def test_a_garbled_prepared_shard_stops_the_run_naming_the_data(vocab_path, tmp_path):
+    """ArrayRecord's block checks catch it in the loader's threads: a ValueError naming the
+    directory (one `error:` line) rather than a RuntimeError traceback."""
+    from distil_flax import data
+
+    c = load_config(os.path.join(ROOT, "configs/quickstart_teacher.py:tiny"))
+    c.data.tokenizer = vocab_path
+    c.data.dir = str(tmp_path / "prepared")
+    c.train.num_steps, c.train.eval_batches = 4, 1
+    data.build_datasets(c.data, data.load_tokenizer(vocab_path, lowercase=c.data.lowercase))
+    shard = next(str(p) for p in (tmp_path / "prepared").iterdir()
+                 if p.name.startswith("train-") and p.name.endswith(".array_record"))
+    with open(shard, "r+b") as f:  # Every block of the shard: the first batch reads one.
+        for offset in range(1024, os.path.getsize(shard) - 16, 16384):
+            f.seek(offset)
+            f.write(bytes(b ^ 0xFF for b in f.read(16)))
+            f.seek(offset + 16)
+    with pytest.raises(ValueError, match=rf"the prepared data in {c.data.dir} is damaged "
+                                         r"\(Corrupted Riegeli"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
 
 
 def test_resuming_with_another_model_names_the_fields(straight, vocab_path, teacher_workdir,
@@ -541,6 +563,57 @@ def test_export_of_a_corrupt_checkpoint_writes_nothing(straight, tmp_path):
     assert (output / "model.safetensors").exists()
 
 
+def _garbled_without_checksums(workdir, step):
+    """The fault checksums guard against, and then the checksums gone too: a step damaged after
+    its commit (16 bytes flipped in its largest params file) that nothing could check."""
+    step_dir = str(checkpoint_dir(workdir) / str(step))
+    _garble(_largest_file(step_dir, "params"))
+    os.remove(os.path.join(step_dir, CHECKSUMS))
+
+
+def test_a_step_without_checksums_is_refused_by_export_and_teacher_loading(
+        teacher_workdir, vocab_path, tmp_path):
+    from distil_flax.interop import export as export_hf
+
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(teacher_workdir, teacher)
+    newest = _steps(teacher)[-1]
+    _garbled_without_checksums(teacher, newest)
+    missing = rf"checkpoint step {newest}: .*checksums.json is missing"
+    with pytest.raises(CorruptCheckpointError, match=missing):
+        export_hf.export_run(teacher, str(tmp_path / "exported"))
+    assert not (tmp_path / "exported").exists()
+    run = str(tmp_path / "student")
+    with pytest.raises(CorruptCheckpointError, match=missing):
+        train.train_and_evaluate(_student_config(vocab_path, teacher), run)
+    assert not os.path.exists(os.path.join(run, LOCK_NAME))
+
+
+def test_resume_falls_back_past_a_step_without_checksums_and_moves_damaged_records_aside(
+        straight, vocab_path, teacher_workdir, tmp_path, caplog):
+    """Two faults of one resume: the newest step was garbled and lost its checksums; a line in
+    the middle of metrics.jsonl was overwritten by something else."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    _garbled_without_checksums(workdir, 8)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    lines = open(metrics).read().splitlines()
+    lines[1] = lines[1][:len(lines[1]) // 2]  # Torn: the rest of the record is gone.
+    open(metrics, "w").write("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(_student_config(vocab_path, teacher_workdir, num_steps=12),
+                                 workdir)
+    assert _steps(workdir)[-1] == 12
+    assert os.listdir(os.path.join(workdir, "corrupt_checkpoints"))[0].startswith("8-")
+    aside = [n for n in os.listdir(workdir) if n.startswith("metrics.damaged-")]
+    assert len(aside) == 1 and open(os.path.join(workdir, aside[0])).read() == lines[1] + "\n"
+    assert f"line(s) 2 are not JSON records; moved them to {os.path.join(workdir, aside[0])}" \
+        in caplog.text
+    records = read_metrics(workdir)
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == sorted(steps) and steps[-1] == 12  # The records past step 4 were redone.
+
+
 def test_an_export_killed_mid_write_leaves_only_litter_the_next_export_removes(straight,
                                                                              tmp_path):
     from distil_flax.interop import export as export_hf
@@ -566,6 +639,35 @@ def test_cli_wrong_type_names_the_field(tmp_path, vocab_path):
     assert result.returncode != 0
     assert "train.batch_size" in result.stderr and "eight" in result.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_cli_values_out_of_range_are_one_line_naming_the_field(tmp_path, vocab_path,
+                                                               teacher_workdir):
+    """NaN weights and temperatures used to train as "finished" runs that skipped every step."""
+    mrpc = os.path.join(ROOT, "tests", "fixtures", "glue", "MRPC")
+    distil = ["distil_flax.main", "--config=configs/quickstart_teacher.py:tiny",
+              f"--config.data.tokenizer={vocab_path}"]
+    finetune = ["distil_flax.finetune", "--config=configs/glue.py:task=mrpc,preset=tiny",
+                f"--config.init.checkpoint={teacher_workdir}", f"--config.data.dir={mrpc}"]
+    cases = {
+        "loss.temperature=nan": (distil, "must be finite and > 0, got nan"),
+        "train.weight_decay=nan": (distil, "must be finite and ≥ 0, got nan"),
+        "train.warmup_fraction=-1": (distil, "must be in [0, 1], got -1.0"),
+        "distill.temperature=inf": (finetune, "must be finite and > 0, got inf"),
+    }
+    running = {
+        override: subprocess.Popen(
+            [sys.executable, "-m", *command, f"--workdir={tmp_path / str(i)}",
+             f"--config.{override}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        for i, (override, (command, _)) in enumerate(cases.items())}
+    for i, (override, process) in enumerate(running.items()):
+        _, stderr = process.communicate(timeout=300)
+        field, says = override.split("=")[0], cases[override][1]
+        assert process.returncode == 1 and "Traceback" not in stderr, stderr
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+            f"error: {field} {says}"], stderr
+        assert not os.path.exists(tmp_path / str(i))
 
 
 def test_cli_unknown_preset_is_one_line(tmp_path):

@@ -19,7 +19,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 import tokenizers  # noqa: E402
 from flax import linen as nn  # noqa: E402
@@ -29,6 +28,7 @@ torch = pytest.importorskip("torch", reason="HF interop tests need torch: pip in
 transformers = pytest.importorskip(
     "transformers", reason="HF interop tests need transformers: pip install -e '.[test]'")
 
+from helpers import save_params_checkpoint  # noqa: E402
 from hf_parity import (  # noqa: E402
     TOL,
     assert_bit_exact,
@@ -51,7 +51,6 @@ from distil_flax.distill import config as config_lib  # noqa: E402
 from distil_flax.interop import export as export_hf  # noqa: E402
 from distil_flax.interop import hf  # noqa: E402
 from distil_flax.training import (  # noqa: E402
-    checkpoint,  # noqa: E402
     config_files,
 )
 
@@ -411,10 +410,7 @@ def _workdir(tmp_path, vocab: str):
     c.data.tokenizer = vocab
     workdir.mkdir()
     config_files.save_json(c, str(workdir / "config.json"))
-    with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(workdir)),
-                               item_names=checkpoint.ITEMS) as manager:
-        manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-        manager.wait_until_finished()
+    save_params_checkpoint(workdir, 7, params)
     return workdir, model_cfg, params
 
 

@@ -18,14 +18,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[test]'")
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime: pip install -e '.[test]'")
 
-from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
+from helpers import SPECIALS, WORDS, error_line, save_params_checkpoint, write_vocab  # noqa: E402
 
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
@@ -35,7 +34,6 @@ from distil_flax.interop import hf  # noqa: E402
 from distil_flax.interop import onnx as export_onnx  # noqa: E402
 from distil_flax.interop import sentence_transformers as st_layout  # noqa: E402
 from distil_flax.training import (  # noqa: E402
-    checkpoint,  # noqa: E402
     config_files,
 )
 
@@ -120,6 +118,26 @@ def test_onnx_distilbert_without_tokenizer(folders, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["d.onnx"]  # No temporary file left.
 
 
+def test_an_onnx_export_removes_what_a_killed_one_left(folders, tmp_path):
+    """A killed export leaves its temporary graph (and, from a run, its staged model folder)
+    beside the output; the next export to that output removes them, but not a live one's."""
+    from distil_flax.training import atomic
+
+    folder, _, _ = folders["distil_hf"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # A pid that no longer runs: the export that was killed.
+    output = tmp_path / "d.onnx"
+    litter = [f"d.onnx.{dead.pid}-0123abcd.tmp",  # An earlier version's name.
+              f"d.onnx.tmp{dead.pid}-{atomic.HOST}.onnx",
+              f"d.onnx.tmp{dead.pid}-{atomic.HOST}.model"]
+    for name in litter:
+        (tmp_path / name).write_bytes(b"partial")
+    live = f"d.onnx.tmp{os.getpid()}-{atomic.HOST}.model"  # Another export, still running.
+    (tmp_path / live).mkdir()
+    export_onnx.export_onnx(str(folder), str(output), pooling="mean")
+    assert sorted(os.listdir(tmp_path)) == ["d.onnx", live]
+
+
 def test_onnx_from_a_workdir(folders, tmp_path):
     folder, cfg, params = folders["distil_hf"]
     c = config_lib.base_config()
@@ -128,10 +146,7 @@ def test_onnx_from_a_workdir(folders, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     config_files.save_json(c, str(workdir / "config.json"))
-    with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(workdir)),
-                               item_names=checkpoint.ITEMS) as manager:
-        manager.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-        manager.wait_until_finished()
+    save_params_checkpoint(workdir, 3, params)
     result = export_onnx.export_onnx(str(workdir), str(tmp_path / "run.onnx"))
     assert max(result.max_abs_diff_hidden, result.max_abs_diff_embedding) <= TOL
     # The same weights as the DistilBERT folder: the same graph outputs.

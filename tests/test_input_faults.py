@@ -174,6 +174,64 @@ def test_train_vocab_cli_errors_are_one_line(tmp_path, duplicated_vocab):
     assert not (tmp_path / "vocab.txt").exists()
 
 
+def _train_vocab(kind: str, vocab_size: int, corpus_path, output) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distil_flax.data.train_vocab", "--source=text",
+         f"--paths={corpus_path}", f"--kind={kind}", f"--vocab_size={vocab_size}",
+         f"--output={output}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The CLI contract, and that the whole of stderr holds one `error:` line."""
+    last = _last_line_is_one_error(result)
+    assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1, (
+        result.stderr)
+    return last
+
+
+OUTPUTS = {"wordpiece": "vocab.txt", "sentencepiece": "spm", "bpe": "bpe"}
+
+
+@pytest.mark.parametrize("kind, vocab_size, bound", [
+    ("bpe", 0, "at least 262"), ("bpe", -5, "at least 262"), ("bpe", 261, "at least 262"),
+    ("wordpiece", 0, "at least 7"), ("wordpiece", 6, "at least 7"),
+    ("sentencepiece", -5, "at least 8"), ("sentencepiece", 0, "at least 8"),
+    ("sentencepiece", 7, "at least 8"),
+    # Past the cap the trainers fail hard: bpe's reserves memory per target token (an abort
+    # at 3e9), sentencepiece's spins near 2**31 and rejects more than an int32.
+    ("bpe", 2**20 + 1, "at most 1048576"), ("sentencepiece", 2**31 - 1, "at most 1048576"),
+    ("wordpiece", 5 * 10**9, "at most 1048576"),
+])
+def test_train_vocab_refuses_a_vocab_size_out_of_range_before_reading(tmp_path, kind,
+                                                                       vocab_size, bound):
+    # No such corpus: a run that read it before checking the size would name the file.
+    result = _train_vocab(kind, vocab_size, tmp_path / "missing.txt",
+                          tmp_path / "out" / OUTPUTS[kind])
+    last = _one_error_line(result)
+    assert f"--vocab_size={vocab_size}" in last and f"--kind={kind}" in last, last
+    assert bound in last, last
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, vocab_size, message", [
+    # The bundled corpus's characters need 42 pieces; these documents' need 33.
+    (None, 20, "--vocab_size=20 is too small for this corpus: --kind=sentencepiece needs at "
+               "least 33"),
+    # SentencePiece skips sentences over 16384 characters: here all of them.
+    ("x" * 20000 + "\n", 100, "no sentence"),
+])
+def test_sentencepiece_failures_on_a_corpus_are_one_line(tmp_path, text, vocab_size, message):
+    corpus_path = tmp_path / "corpus.txt"
+    if text is None:
+        _write_corpus(corpus_path, 4000)
+    else:
+        corpus_path.write_text(text)
+    output = tmp_path / "out" / "spm"
+    result = _train_vocab("sentencepiece", vocab_size, corpus_path, output)
+    assert message in _one_error_line(result)
+    assert not os.path.exists(f"{output}.model") and not os.path.exists(f"{output}.vocab")
+
+
 # ---------------------------------------------------------------------------------------------
 # A preparation killed with SIGKILL
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +292,7 @@ def _prepared(directory: str):
     splits = {}
     for name in records.SPLITS:
         part = dataset.split(name)
-        rows = part.decode(part.data_source().__getitems__(list(range(part.num_records))))
+        rows = part.read(part.data_source(), list(range(part.num_records)))
         splits[name] = [r.tolist() for r in rows]
     return json.dumps(manifest, sort_keys=True), splits, dataset.token_counts().tolist()
 

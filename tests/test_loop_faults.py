@@ -161,6 +161,64 @@ def test_sigterm_during_start_up_exits_0_and_releases_the_workdir(vocab_path, te
     assert not os.path.exists(os.path.join(workdir, LOCK_NAME))
 
 
+def _noting_signals(process, timeout=60):
+    """Waits until the command's first handlers are in place (`early_signals`: it catches
+    SIGTERM, which Python alone does not), a moment before it imports JAX."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(f"/proc/{process.pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+        assert process.poll() is None, f"the command ended with status {process.returncode}"
+        time.sleep(0.005)
+    raise TimeoutError("the command never installed its handlers")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("signals, status, says", [
+    ((signal.SIGINT,), 0, "Ctrl-C while starting: stopped before the run touched its workdir"),
+    ((signal.SIGTERM,), 0, "SIGTERM while starting: stopped before the run touched its workdir"),
+    ((signal.SIGINT, signal.SIGINT), 130,
+     "error: interrupted by a second Ctrl-C while starting, before anything was written"),
+], ids=["ctrl-c", "sigterm", "two-ctrl-c"])
+def test_a_signal_while_a_run_imports_stops_it_before_it_touches_the_workdir(
+        signals, status, says, vocab_path, teacher_workdir, tmp_path):
+    """Python's own Ctrl-C, landing in JAX's import or XLA's callbacks, was lost or a
+    traceback; now it is noted from the first moment and honoured before the lock."""
+    workdir = str(tmp_path / "run")
+    process = _start("distil", workdir, vocab_path, teacher_workdir, log := tmp_path / "log")
+    _noting_signals(process)
+    for sig in signals:
+        process.send_signal(sig)
+        time.sleep(0.05)
+    assert process.wait(timeout=180) == status, log.read_text()
+    text = log.read_text()
+    assert says in text
+    assert "Traceback" not in text and "Exception ignored" not in text, text
+    assert [line for line in text.splitlines() if line.startswith("error:")] == (
+        [says] if status else [])
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_ctrl_c_while_an_export_imports_aborts_in_one_line(teacher_workdir, tmp_path):
+    output = tmp_path / "exported"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distil_flax.export_hf", f"--workdir={teacher_workdir}",
+         f"--output={output}"], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _noting_signals(process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: interrupted: --output was left as it was (an export is renamed into place "
+        "whole); rerun the same command"]
+    assert not output.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite values
 # ---------------------------------------------------------------------------------------------

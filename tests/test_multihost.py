@@ -24,13 +24,17 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
-TIMEOUT_S = 300  # The whole two-process run; on 2 shared cores it takes well under a minute.
+# Each two-host run, start to exit: about 40 s on 2 quiet cores, a few minutes on 2 cores that
+# other jobs keep busy. Every wait inside a host is given as long (a starved host is late, not
+# dead; a dead one exits, which `_wait` sees at once).
+TIMEOUT_S = 900
 PREEMPTION_STEPS = 60
 STEP_FLOOR_S = 0.05  # The least a step of the SIGTERM test takes: 3 s for the whole run.
 
@@ -113,6 +117,36 @@ def _restore_final_params(c, workdir: str):
 # ---------------------------------------------------------------------------------- one host
 
 
+def _connect_collectives() -> None:
+    """Connects the hosts' Gloo collectives, for every group of devices the runs use, at once.
+
+    Gloo gives the hosts 30 s to meet the first time a group of devices runs a collective
+    (`kTimeoutDefault` in gloo/context.cc; XLA never sets another and no flag reaches it), then
+    keeps that connection for the life of the process. Left to the run, that first time is its
+    first checkpoint barrier or step, which each host reaches after compiling on its own: on a
+    loaded machine one can be more than 30 s behind ("Gloo context initialization failed:
+    DEADLINE_EXCEEDED"). Here each host compiles first, the hosts meet at a barrier of the
+    coordination service (which waits as long as it is told), and only then run one collective
+    per group: the devices of all hosts (the steps' all-reduce) and each local device with its
+    peers on the other hosts (Orbax's barriers, `multihost_utils.process_allgather`).
+    """
+    import jax
+    from jax._src import distributed  # Its client's barrier, as Orbax uses it.
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(NUM_PROCESSES, LOCAL_DEVICES),
+                             ("hosts", "local"))
+    spec = PartitionSpec("hosts", "local")
+    ones = jax.make_array_from_process_local_data(NamedSharding(mesh, spec),
+                                                  np.ones((1, LOCAL_DEVICES), np.float32))
+    sums = [jax.jit(jax.shard_map(lambda x, axes=axes: jax.lax.psum(x, axes), mesh=mesh,
+                                  in_specs=spec, out_specs=spec)).lower(ones).compile()
+            for axes in ("hosts", ("hosts", "local"))]
+    distributed.global_state.client.wait_at_barrier("connect_collectives", TIMEOUT_S * 1000)
+    for compiled in sums:
+        compiled(ones).block_until_ready()
+
+
 def _host(args: argparse.Namespace) -> None:
     """One process of the 2-host run; writes what it holds to `args.out/process_{i}.*`."""
     import jax
@@ -121,7 +155,10 @@ def _host(args: argparse.Namespace) -> None:
     logging.set_verbosity(logging.INFO)  # The log is shown if a host fails.
     jax.distributed.initialize(coordinator_address=args.coordinator,
                                num_processes=NUM_PROCESSES, process_id=args.process_id,
-                               initialization_timeout=120)
+                               initialization_timeout=TIMEOUT_S,
+                               heartbeat_timeout_seconds=TIMEOUT_S,
+                               shutdown_timeout_seconds=TIMEOUT_S)
+    _connect_collectives()
     from distil_flax.distill import train
 
     if args.preemption:  # One run, which the test may stop with SIGTERM: no restore here.
@@ -165,13 +202,27 @@ def _tail(path: str, lines: int = 40) -> str:
         return "".join(f.readlines()[-lines:])
 
 
+def _check(hosts, deadline: float) -> None:
+    """Raises, with the logs that tell why, once a host failed or the deadline passed."""
+    failed = [log for proc, log in hosts if proc.poll() not in (None, 0)]
+    if failed or time.monotonic() > deadline:
+        reason = "failed" if failed else f"did not finish within {TIMEOUT_S} s"
+        shown = failed or [log for _, log in hosts]  # Without a failure, all may tell.
+        logs = "\n".join(f"--- {log}\n{_tail(log)}" for log in shown)
+        raise AssertionError(f"a host {reason}:\n{logs}")
+
+
 def _start_hosts(tmp_path, vocab_path, teacher_workdir, *, out=None, preemption: bool = False
                  ) -> list[tuple[subprocess.Popen, str]]:
     """Starts the hosts on the workdir `tmp_path/run`; their logs and outputs go to `out`."""
     out = out or tmp_path
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           # Not the 8 devices the test process simulates: each host has its own two.
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+           # Not the 8 devices the test process simulates: each host has its own two. A host's
+           # devices must meet at each collective within 40 s (else it aborts), and a
+           # collective waits 30 min for the other host: both as long as the harness waits.
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES} "
+                        f"--xla_cpu_collective_call_terminate_timeout_seconds={TIMEOUT_S} "
+                        f"--xla_cpu_collective_timeout_seconds={TIMEOUT_S}",
            # The resumed run compiles the same programs again: read them from disk instead.
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "compilation_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -194,14 +245,9 @@ def _wait(hosts, deadline: float) -> None:
     """Waits for every host; the first failure or the deadline ends all of them."""
     try:
         while any(proc.poll() is None for proc, _ in hosts):
-            failed = [(p, log) for p, log in hosts if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                reason = "failed" if failed else f"did not finish within {TIMEOUT_S} s"
-                logs = "\n".join(f"--- {log}\n{_tail(log)}" for _, log in (failed or hosts))
-                raise AssertionError(f"a host {reason}:\n{logs}")
+            _check(hosts, deadline)
             time.sleep(0.2)
-        for proc, log in hosts:
-            assert proc.returncode == 0, f"{log}:\n{_tail(log)}"
+        _check(hosts, float("inf"))  # All have exited: did one fail?
     finally:
         for proc, _ in hosts:
             if proc.poll() is None:
@@ -277,7 +323,8 @@ def _wait_for_training(workdir: str, hosts, deadline: float) -> int:
     """
     from distil_flax.training.metric_writers import read_metrics
 
-    while time.monotonic() < deadline:
+    while True:
+        _check(hosts, deadline)
         for proc, log in hosts:
             if proc.poll() is not None:
                 raise AssertionError(f"a host ended (status {proc.returncode}) before training:"
@@ -289,7 +336,6 @@ def _wait_for_training(workdir: str, hosts, deadline: float) -> int:
         if steps:
             return steps[-1]
         time.sleep(0.05)
-    raise AssertionError(f"no training step within {TIMEOUT_S} s:\n{_tail(hosts[0][1])}")
 
 
 def _stopping_steps(log: str) -> list[int]:
@@ -397,4 +443,13 @@ if __name__ == "__main__":
     parser.add_argument("--process_id", type=int, required=True)
     parser.add_argument("--preemption", action="store_true",
                         help="run the long config once (the SIGTERM test), not the restart run")
-    _host(parser.parse_args())
+    try:
+        _host(parser.parse_args())
+    except Exception:
+        # Exit now: on the way out JAX's client would first wait at the shutdown barrier for the
+        # other host (`shutdown_timeout_seconds`), which a failed run never reaches, and the
+        # harness would see a host that does not finish rather than one that failed, and why.
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

@@ -19,7 +19,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
@@ -27,7 +26,7 @@ from huggingface_hub import ModelCard  # noqa: E402
 st = pytest.importorskip("sentence_transformers",
                          reason="needs sentence-transformers: pip install -e '.[test]'")
 
-from helpers import SPECIALS, WORDS, error_line, write_vocab  # noqa: E402
+from helpers import SPECIALS, WORDS, error_line, save_params_checkpoint, write_vocab  # noqa: E402
 
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.data import load_tokenizer  # noqa: E402
@@ -38,7 +37,6 @@ from distil_flax.interop import hf  # noqa: E402
 from distil_flax.interop import sentence_transformers as st_layout  # noqa: E402
 from distil_flax.model.pooling import POOLINGS  # noqa: E402
 from distil_flax.training import (  # noqa: E402
-    checkpoint,  # noqa: E402
     config_files,
 )
 
@@ -177,10 +175,7 @@ def _workdir(tmp_path, vocab: str, teacher: str):
     workdir = tmp_path / "run"
     workdir.mkdir()
     config_files.save_json(c, str(workdir / "config.json"))
-    with ocp.CheckpointManager(checkpoint.checkpoint_dir(str(workdir)),
-                               item_names=checkpoint.ITEMS) as manager:
-        manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-        manager.wait_until_finished()
+    save_params_checkpoint(workdir, 5, params)
     return str(workdir), cfg, params
 
 

@@ -186,8 +186,8 @@ class _Batches:
             plan.row_bounds[r0]:plan.row_bounds[r1]] - r0 + base) for plan, r0, r1, base in parts]
         wanted = np.unique(np.concatenate([p.record[s] for p, s, _ in segments] or
                                           [np.zeros([0], np.int64)]))
-        pieces = dict(zip(wanted.tolist(), rows.split.decode(
-            self._source.__getitems__(wanted.tolist())))) if len(wanted) else {}
+        pieces = dict(zip(wanted.tolist(), rows.split.read(self._source, wanted.tolist()))
+                      ) if len(wanted) else {}
         tokens, lengths, local_rows, starts = [], [], [], []
         for plan, sl, local in segments:
             for record, offset, length in zip(plan.record[sl].tolist(), plan.offset[sl].tolist(),

@@ -44,7 +44,7 @@ from absl import flags, logging
 from distil_flax.data import corpus, records, worker_pool
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.data import units as units_lib
-from distil_flax.training import atomic, cli
+from distil_flax.training import atomic, cli, fields
 
 _REQUEST = "request.json"
 
@@ -294,6 +294,7 @@ def _units(value: str) -> tuple[int, int] | None:
 
 def _prepare_and_report(flags_) -> None:
     units = _units(flags_.units)
+    fields.check(flags_.config, fields.DATA)
     directory = prepare(flags_.config.data, workers=flags_.workers or None,
                         overwrite=flags_.overwrite, units=units)
     if units is None:

@@ -85,9 +85,21 @@ def _clean(raw: bytes | str, where: str, max_bytes: int, tally: Tally) -> str | 
     return text
 
 
+# A file with a NUL byte among its first bytes is not text (git and grep judge the same way).
+_SNIFF_BYTES = 8192
+
+
 def _lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) for the lines of a byte range."""
+    """(offset, line) for the lines of a byte range.
+
+    Raises:
+      ValueError: the file is not UTF-8 text (binary, UTF-16 or garbled), judged by the first
+        unit of the file; a stray bad byte later only costs its document (`invalid_utf8`).
+    """
     with open(unit.path, "rb") as f:
+        if unit.start == 0 and (nul := f.read(_SNIFF_BYTES).find(b"\0")) >= 0:
+            raise ValueError(f"{unit.path} is not UTF-8 text (a NUL byte at offset {nul}: "
+                             "binary, UTF-16 or garbled)")
         f.seek(unit.start)
         offset = unit.start
         while offset < unit.stop:

@@ -21,10 +21,11 @@ record is read by index without decompressing its neighbours: the loader shuffle
 The manifest is written last, atomically; a directory without one is an unfinished preparation.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -83,7 +84,20 @@ class Split:
         """A grain/ArrayRecord random-access source of the raw records (bytes)."""
         import grain  # The loader's dependency; preparing data needs only array_record.
 
-        return grain.sources.ArrayRecordDataSource(list(self.paths))
+        with self._damage_named():
+            return grain.sources.ArrayRecordDataSource(list(self.paths))
+
+    @contextlib.contextmanager
+    def _damage_named(self) -> Iterator[None]:
+        """A shard that fails ArrayRecord's own block checks (garbled after it was written) is a
+        ValueError naming the directory: raised in the loader's threads, it stops the run in one
+        line instead of ArrayRecord's RuntimeError and its traceback."""
+        try:
+            yield
+        except RuntimeError as error:
+            reason = str(error).strip().split("; ")[0] or repr(error)
+            raise ValueError(f"the prepared data in {self.directory} is damaged ({reason}); move "
+                             "it aside (or set another data.dir) to prepare it again") from None
 
     def lengths(self) -> np.ndarray:
         """int64 [num_records]: every piece's length, in record order (4 bytes a piece on disk).
@@ -100,8 +114,14 @@ class Split:
             parts.append(lengths.astype(np.int64))
         return np.concatenate(parts) if parts else np.zeros([0], np.int64)
 
-    def decode(self, records: Sequence[bytes]) -> list[np.ndarray]:
-        """Token ids of raw records."""
+    def read(self, source, indices: list[int]) -> list[np.ndarray]:
+        """Token ids of the records at global `indices`, read from `source` (`data_source()`).
+
+        Raises:
+          ValueError: a shard is damaged (`_damage_named`).
+        """
+        with self._damage_named():
+            records = source.__getitems__(indices)
         return [np.frombuffer(r, dtype=self.dtype) for r in records]
 
     def segments_per_epoch(self, seq_len: int) -> tuple[int, int]:

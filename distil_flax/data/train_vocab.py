@@ -21,6 +21,7 @@ the file or flag when the source, an input or the output stops it.
 
 import os
 import random
+import re
 import time
 
 from absl import flags
@@ -39,7 +40,25 @@ _SAMPLE = flags.DEFINE_integer("sample_documents", 0, "Train on a uniform random
 _KIND = flags.DEFINE_enum("kind", "wordpiece", ["wordpiece", "sentencepiece", "bpe"],
                           "wordpiece writes a BERT vocab.txt; sentencepiece a unigram .model; "
                           "bpe a RoBERTa-style byte-level BPE folder.")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "Target vocabulary size.")
+
+# What each kind holds before it learns a token: its special tokens and the least alphabet it
+# starts from. The trainers keep these whatever the target (bpe comes out at 261 tokens for 0,
+# wordpiece at the corpus's alphabet) or fail on them (sentencepiece), so --vocab_size must
+# leave room for at least one learned token beyond them.
+_SPECIALS = len(tokenizer_lib.SPECIAL_TOKENS)  # bpe's <s> <pad> </s> <unk> <mask> are as many.
+_ALPHABET = {"wordpiece": (1, "a character"),
+             "sentencepiece": (2, "'▁' (a word start), a character"),
+             "bpe": (256, "the 256 bytes")}
+MIN_VOCAB_SIZE = {kind: _SPECIALS + size + 1 for kind, (size, _) in _ALPHABET.items()}
+# Well above the largest vocabularies released (~256k). Past it the trainers fail hard: bpe's
+# reserves memory for every target token up front (it aborts at 3e9), sentencepiece's rejects
+# more than an int32 and spins at 2**31 - 1.
+MAX_VOCAB_SIZE = 1 << 20
+
+_VOCAB_SIZE = flags.DEFINE_integer(
+    "vocab_size", 8000, "Target vocabulary size, special tokens included: at least "
+    + ", ".join(f"{size} for {kind}" for kind, size in MIN_VOCAB_SIZE.items())
+    + f" (a learned token beyond the special tokens and alphabet); at most {MAX_VOCAB_SIZE}.")
 _OUTPUT = flags.DEFINE_string("output", None, "vocab.txt path (wordpiece), .model path or "
                               "prefix (sentencepiece), or folder (bpe).", required=True)
 _LOWERCASE = flags.DEFINE_bool("lowercase", True, "Uncased normalisation (wordpiece and "
@@ -74,6 +93,30 @@ def sample(documents, k: int, seed: int = 0) -> list[str]:
     return [document for _, document in sorted(reservoir)]
 
 
+def check_vocab_size(kind: str, vocab_size: int) -> None:
+    """Raises ValueError, naming the bound, if `vocab_size` is out of range for `kind`."""
+    if kind in MIN_VOCAB_SIZE and vocab_size < MIN_VOCAB_SIZE[kind]:
+        raise ValueError(f"--vocab_size={vocab_size} is too small for --kind={kind}: it needs at "
+                         f"least {MIN_VOCAB_SIZE[kind]} ({_SPECIALS} special tokens, "
+                         f"{_ALPHABET[kind][1]} and one learned token).")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"--vocab_size={vocab_size} is too large for --kind={kind}: it must be "
+                         f"at most {MAX_VOCAB_SIZE}.")
+
+
+def _sentencepiece_problem(message: str, vocab_size: int) -> ValueError:
+    """What SentencePiece's failed check (`INTERNAL: src/....cc(N) [check] text`) means here."""
+    if needed := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        return ValueError(
+            f"--vocab_size={vocab_size} is too small for this corpus: --kind=sentencepiece needs "
+            f"at least {needed[1]} ({_SPECIALS} special pieces, '▁' and the characters making "
+            "up 99.95% of the text).")
+    if "!sentences_.empty()" in message:  # Its max_sentence_length, set by train_sentencepiece.
+        return ValueError("SentencePiece found no sentence to train on: it skips those over "
+                          "16384 characters, and every sentence of this corpus is longer.")
+    return ValueError(f"SentencePiece could not train on this corpus: {message.strip()}")
+
+
 def main(argv):
     del argv
     # A source, input or output problem ends in one `error:` line (exit status 1).
@@ -96,6 +139,7 @@ def train_or_reuse(kind: str, output: str, vocab_size: int, *, source: str = "bu
     Raises:
       ValueError, OSError: a source, input or output problem (`main` prints one `error:` line).
     """
+    check_vocab_size(kind, vocab_size)  # Before a corpus is read, which can take hours.
     if kind == "bpe" and output.endswith(tokenizer_lib.SUFFIXES):
         raise ValueError(f"--kind=bpe writes a folder (vocab.json, merges.txt, tokenizer.json), "
                          f"but --output={output} names a file; give a folder.")
@@ -113,7 +157,10 @@ def train_or_reuse(kind: str, output: str, vocab_size: int, *, source: str = "bu
     if kind == "wordpiece":
         tokenizer_lib.train_wordpiece(documents, vocab_size, path, lowercase)
     elif kind == "sentencepiece":
-        tokenizer_lib.train_sentencepiece(documents, vocab_size, path, lowercase)
+        try:
+            tokenizer_lib.train_sentencepiece(documents, vocab_size, path, lowercase)
+        except RuntimeError as error:  # A failed check in SentencePiece's C++ trainer.
+            raise _sentencepiece_problem(str(error), vocab_size) from None
     elif kind == "bpe":
         roberta_vocab.train_bpe(documents, vocab_size, output)
     else:

@@ -18,12 +18,13 @@ describes, then a summary that marks the unit done. What happens to a document:
      duplicates of a held-out document are held out too), else to train.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,6 +161,7 @@ class _SplitWriter:
         self.path = os.path.join(directory, self.name)
         self.tmp = atomic.temp_path(self.path)
         self.writer = array_record_module.ArrayRecordWriter(self.tmp, records.WRITER_OPTIONS)
+        self._open = True
         self.dtype = dtype
         self.documents = self.records = self.tokens = 0
         self.histogram = np.zeros(max_len + 1, np.int64)
@@ -168,7 +170,8 @@ class _SplitWriter:
     def write(self, pieces: list[list[int]]) -> None:
         self.documents += 1
         for piece in pieces:
-            self.writer.write(np.asarray(piece, dtype=self.dtype).tobytes())
+            with self._write_errors():
+                self.writer.write(np.asarray(piece, dtype=self.dtype).tobytes())
             self.histogram[len(piece)] += 1
             self.lengths.append(len(piece))
             self.records += 1
@@ -180,7 +183,9 @@ class _SplitWriter:
         Returns:
           The shard's summary for the unit file.
         """
-        self.writer.close()
+        self._open = False
+        with self._write_errors():
+            self.writer.close()
         if self.records:
             lengths_path = records.lengths_path(self.path)
             tmp = atomic.temp_path(lengths_path, ".npy")
@@ -193,19 +198,60 @@ class _SplitWriter:
                 "records": self.records, "tokens": self.tokens,
                 "length_histogram": self.histogram.tolist()}
 
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """ArrayRecord's failures (a full disk among them) are RuntimeErrors: an OSError naming
+        the file, as every other failed write is."""
+        try:
+            yield
+        except RuntimeError as error:
+            raise OSError(f"writing {self.tmp} failed: {error}") from error
+
+    def abandon(self) -> None:
+        """Removes the temporary shard of a unit that failed (the next run would anyway)."""
+        if self._open:
+            self._open = False
+            with contextlib.suppress(RuntimeError):
+                self.writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.tmp)
+
 
 def prepare_unit(job: Job) -> dict[str, Any]:
     """Tokenizes one unit into its train and eval shards; returns (and writes) its summary.
 
     The shards are renamed into place before the summary is written: a unit with a summary on
-    disk is complete.
+    disk is complete. A unit that fails removes its temporary shards.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     tokenizer = _worker_tokenizer(job.tokenizer_path, job.lowercase)
-    opts = job.options
     dtype = records.token_dtype(tokenizer.vocab_size)
-    writers = {split: _SplitWriter(job.directory, split, job.index, opts.max_len, dtype)
+    writers = {split: _SplitWriter(job.directory, split, job.index, job.options.max_len, dtype)
                for split in records.SPLITS}
+    try:
+        tally, counts = _tokenize_unit(job, tokenizer, writers)
+        splits = {split: w.finish() for split, w in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abandon()
+        raise
+    summary = {"unit": job.unit.describe(), "tally": tally.to_json(), "splits": splits,
+               "seconds": time.perf_counter() - start,
+               # CPU time of the worker (all its threads): tokens per CPU-second is what one
+               # core delivers, whatever else shares the machine.
+               "cpu_seconds": time.process_time() - cpu_start}
+    tmp = atomic.temp_path(counts_path(job.directory, job.index), ".npy")
+    np.save(tmp, counts)
+    atomic.commit(tmp, counts_path(job.directory, job.index))
+    atomic.write_json(done_path(job.directory, job.index), summary, indent=1)
+    return summary
+
+
+def _tokenize_unit(job: Job, tokenizer: tokenizer_lib.Tokenizer,
+                   writers: dict[str, "_SplitWriter"]) -> tuple[corpus.Tally, np.ndarray]:
+    """Reads, filters and tokenizes the unit's documents into `writers`; returns what it met and
+    the training split's token counts."""
+    opts = job.options
     counts = np.zeros(tokenizer.vocab_size, np.int64)
     tally = corpus.Tally()
     documents = readers.read_unit(job.spec, job.unit, tally)
@@ -236,15 +282,5 @@ def prepare_unit(job: Job) -> dict[str, Any]:
         if train_ids:
             ids = np.concatenate([np.asarray(p, np.int64) for p in train_ids])
             counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    summary = {"unit": job.unit.describe(), "tally": tally.to_json(),
-               "splits": {split: w.finish() for split, w in writers.items()},
-               "seconds": time.perf_counter() - start,
-               # CPU time of the worker (all its threads): tokens per CPU-second is what one
-               # core delivers, whatever else shares the machine.
-               "cpu_seconds": time.process_time() - cpu_start}
-    tmp = atomic.temp_path(counts_path(job.directory, job.index), ".npy")
-    np.save(tmp, counts)
-    atomic.commit(tmp, counts_path(job.directory, job.index))
-    atomic.write_json(done_path(job.directory, job.index), summary, indent=1)
-    return summary
+    return tally, counts
 

@@ -4,17 +4,17 @@ Config files in `configs/` call `base_config()` and change fields. Every field i
 but those of the feature terms' sections, commented where each term is declared (`losses.TERMS`).
 """
 
-import math
 import os
 
 import ml_collections
 from etils import epath
 
+from distil_flax.data import SOURCES
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.interop import hf
 from distil_flax.losses import TERMS
 from distil_flax.model import model_config
-from distil_flax.training import partitioning
+from distil_flax.training import fields, partitioning
 
 RELEASED_LAYER_MAP = (0, 2, 4, 7, 9, 11)  # The layers the released DistilBERT took from BERT-base.
 
@@ -131,6 +131,36 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# What every numeric (and choice) field may hold; `validate` checks them first.
+RULES = {
+    "seed": fields.at_least(0),
+    **fields.MODEL,
+    "loss.temperature": fields.positive(),
+    "loss.alpha_ce": fields.at_least(0),
+    "loss.alpha_mlm": fields.at_least(0),
+    "loss.alpha_cos": fields.at_least(0),
+    "loss.head_chunk": fields.at_least(0),
+    "loss.relation_chunk": fields.at_least(0),
+    **{f"loss.{term.name}.{name}": fields.at_least(0) for term in TERMS for name in term.weights},
+    **{f"loss.{term.name}.{field.name}": field.rule
+       for term in TERMS for field in term.fields if field.rule},
+    "masking.mask_prob": fields.fraction(high_open=True),
+    "masking.replace_with_mask": fields.fraction(),
+    "masking.replace_with_random": fields.fraction(),
+    "masking.smoothing": fields.at_least(0),
+    "data.source": fields.one_of(*SOURCES),
+    **fields.DATA,
+    **fields.OPTIMIZER,
+    "train.micro_batch_size": fields.at_least(0),
+    "train.eval_every": fields.at_least(0),
+    "train.eval_batches": fields.at_least(0),
+    "train.checkpoint_every": fields.at_least(1),
+    "train.keep_checkpoints": fields.at_least(1),
+    "train.peak_tflops": fields.at_least(0),
+    **fields.MESH,
+}
+
+
 def loss_weights(c: ml_collections.ConfigDict) -> dict[str, float]:
     """Every loss term's weight, by field name."""
     loss = c.loss
@@ -153,22 +183,16 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
     rather than loading it again) and the batch sizes are checked against the mesh on
     `jax.device_count()` devices.
     """
+    fields.check(c, RULES)
     loss = c.loss
     weights = loss_weights(c)
-    for name, weight in weights.items():
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"{name} must be finite and ≥ 0, got {weight}")
     if not any(weights.values()):
         raise ValueError(f"every loss weight is 0: set one of {', '.join(weights)}")
-    if loss.temperature <= 0:
-        raise ValueError(f"loss.temperature must be > 0, got {loss.temperature}")
     needs_teacher = bool(teacher_terms(c))
     if needs_teacher and not c.teacher.checkpoint:
         raise ValueError(
             f"{', '.join(teacher_terms(c))} need a teacher but teacher.checkpoint is empty: set "
             "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set those weights to 0)")
-    if loss.relation_chunk < 0:
-        raise ValueError(f"loss.relation_chunk must be ≥ 0, got {loss.relation_chunk}")
     for term in TERMS:  # Layers against the teacher are checked once it is loaded (loss_spec).
         term.check(loss[term.name], c)
     if c.teacher.checkpoint:
@@ -190,37 +214,24 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
     except FileNotFoundError:  # It exists: a directory.
         raise ValueError(f"data.tokenizer={c.data.tokenizer!r} is not a file") from None
     m = c.masking
-    if not 0 <= m.mask_prob < 1:
-        raise ValueError(f"masking.mask_prob must be in [0, 1), got {m.mask_prob}")
     if m.mask_prob == 0 and loss.alpha_mlm:
         raise ValueError("masking.mask_prob is 0, which leaves loss.alpha_mlm nothing to predict")
-    if m.replace_with_mask < 0 or m.replace_with_random < 0 or (
-            m.replace_with_mask + m.replace_with_random > 1):
+    if m.replace_with_mask + m.replace_with_random > 1:
         raise ValueError(
             "masking.replace_with_mask + masking.replace_with_random must be in [0, 1]")
     t = c.train
     micro = t.micro_batch_size or t.batch_size
-    if t.batch_size <= 0 or t.batch_size % micro:
+    if t.batch_size % micro:
         raise ValueError(
             f"train.batch_size ({t.batch_size}) must be a positive multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})")
-    if t.num_steps <= 0 and t.num_epochs <= 0:
+    if t.num_steps == 0 and t.num_epochs == 0:
         raise ValueError("set train.num_steps or train.num_epochs to a positive value")
-    # A NaN or infinite rate passes every later check and turns every parameter into NaN.
-    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
-        raise ValueError(f"train.learning_rate must be finite and > 0, got {t.learning_rate}")
-    for name, low in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1),
-                      ("eval_every", 0), ("eval_batches", 0), ("micro_batch_size", 0),
-                      ("max_consecutive_nonfinite", 0)):
-        if t[name] < low:
-            raise ValueError(f"train.{name} must be ≥ {low}, got {t[name]}")
     partitioning.check_rules(c.mesh.rules)
     # Also resolves the mesh sizes: a mesh that does not fit the devices fails here.
     partitioning.check_batch_divides(c.mesh, "train.batch_size", t.batch_size)
     if t.micro_batch_size:
         partitioning.check_batch_divides(c.mesh, "train.micro_batch_size", t.micro_batch_size)
-    if c.model.num_layers < 1:
-        raise ValueError(f"model.num_layers must be ≥ 1, got {c.model.num_layers}")
     if needs_teacher and c.init.from_teacher and len(c.init.layer_map) != c.model.num_layers:
         raise ValueError(
             f"init.layer_map {tuple(c.init.layer_map)} has {len(c.init.layer_map)} entries but "

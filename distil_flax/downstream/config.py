@@ -4,14 +4,13 @@
 and its usual hyper-parameters. Every field is commented here.
 """
 
-import math
 import os
 
 import ml_collections
 from etils import epath
 
 from distil_flax.interop import hf
-from distil_flax.training import partitioning
+from distil_flax.training import fields, partitioning
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -103,6 +102,32 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# What every numeric (and choice) field may hold; `validate` checks them first.
+RULES = {
+    "seed": fields.at_least(0),
+    "model.dtype": fields.MODEL["model.dtype"],
+    "model.attention_impl": fields.MODEL["model.attention_impl"],
+    "model.dropout_rate": fields.fraction(high_open=True,
+                                          special={-1: "the pretrained model's"}),
+    "model.head_dropout": fields.fraction(high_open=True, special={-1: "transformers' default"}),
+    "data.source": fields.one_of("files", "tfds"),
+    "data.max_length": fields.at_least(8),
+    "data.doc_stride": fields.at_least(1),
+    "data.max_query_length": fields.at_least(1),
+    "data.max_answer_length": fields.at_least(1),
+    "data.n_best_size": fields.at_least(1),
+    "data.max_train_examples": fields.at_least(0),
+    "data.max_eval_examples": fields.at_least(0),
+    **fields.OPTIMIZER,
+    "train.eval_batch_size": fields.at_least(1),
+    "train.eval_every": fields.at_least(0),
+    "train.checkpoint_every": fields.at_least(0),
+    "distill.alpha": fields.fraction(),
+    "distill.temperature": fields.positive(),
+    **fields.MESH,
+}
+
+
 def parse_arg(arg: str, default_task: str) -> tuple[str, str]:
     """(task, preset) from a task config's `:arg`: "task=mrpc", "task=mrpc,preset=tiny" or ""."""
     values = {"task": default_task, "preset": ""}
@@ -141,6 +166,7 @@ def _resolve(field: str, spec: str) -> str:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when a fine-tuning config cannot run."""
+    fields.check(c, RULES)
     if not c.init.checkpoint:
         raise ValueError("init.checkpoint is empty: set --config.init.checkpoint to a distil_flax "
                          "workdir, a Hugging Face model folder or hf://ORG/NAME")
@@ -149,32 +175,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     teacher = c.distill.teacher and _resolve("distill.teacher", c.distill.teacher)
     if teacher and not epath.Path(teacher).exists():
         raise ValueError(f"distill.teacher={c.distill.teacher!r} does not exist")
-    if not 0 <= c.distill.alpha <= 1:
-        raise ValueError(f"distill.alpha must be in [0, 1], got {c.distill.alpha}")
-    if c.distill.temperature <= 0:
-        raise ValueError(f"distill.temperature must be > 0, got {c.distill.temperature}")
-    if c.data.source not in ("files", "tfds"):
-        raise ValueError(f"data.source must be files or tfds, got {c.data.source!r}")
     if c.data.tokenizer and not os.path.isfile(c.data.tokenizer):
         raise ValueError(f"data.tokenizer={c.data.tokenizer!r} does not exist")
-    if c.data.max_length < 8:
-        raise ValueError(f"data.max_length must be at least 8, got {c.data.max_length}")
     t = c.train
-    for field in ("batch_size", "eval_batch_size"):
-        if t[field] <= 0:
-            raise ValueError(f"train.{field} must be positive, got {t[field]}")
-    if t.num_steps <= 0 and t.num_epochs <= 0:
+    if t.num_steps == 0 and t.num_epochs == 0:
         raise ValueError("set train.num_steps or train.num_epochs to a positive value")
-    if t.log_every <= 0 or t.eval_every < 0 or t.checkpoint_every < 0:
-        raise ValueError("train.log_every must be positive; train.eval_every and "
-                         "train.checkpoint_every ≥ 0")
-    if not math.isfinite(t.learning_rate) or t.learning_rate <= 0:
-        raise ValueError(f"train.learning_rate must be finite and > 0, got {t.learning_rate}")
-    if t.max_consecutive_nonfinite < 0:
-        raise ValueError("train.max_consecutive_nonfinite must be ≥ 0, got "
-                         f"{t.max_consecutive_nonfinite}")
     partitioning.check_rules(c.mesh.rules)
     for field in ("batch_size", "eval_batch_size"):
         partitioning.check_batch_divides(c.mesh, f"train.{field}", t[field])
-    if c.model.dtype not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"model.dtype must be bfloat16, float16 or float32, got {c.model.dtype!r}")

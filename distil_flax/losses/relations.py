@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from distil_flax.losses.scores import scaled_scores, split_heads, sum_over_row_chunks, visible
 from distil_flax.losses.spec import pair_captures
 from distil_flax.losses.term import Field, Term, TermInputs
+from distil_flax.training import fields
 
 Array = jax.Array
 
@@ -90,9 +91,12 @@ class RelationsTerm(Term):
         Field("pairs", "qq,kk,vv", "Comma-separated pairs of q, k, v: MiniLM v2 \"qq,kk,vv\"; "
                                    "MiniLM v1 \"qk,vv\" (attention distributions and value "
                                    "relation, with relations.heads = the models' head count)."),
-        Field("heads", 12, "Relation heads; teacher and student widths must divide by it."),
-        Field("teacher_layer", -1, "Negative: from the end (MiniLM: the last, for base)."),
-        Field("student_layer", -1),
+        Field("heads", 12, "Relation heads; teacher and student widths must divide by it.",
+              fields.at_least(1)),
+        # Checked against the models' depths once both are known (`resolve`).
+        Field("teacher_layer", -1, "Negative: from the end (MiniLM: the last, for base).",
+              fields.any_number()),
+        Field("student_layer", -1, "As teacher_layer.", fields.any_number()),
     )
     card = "KL between self-attention relations of one layer (MiniLM)"
 
@@ -104,8 +108,6 @@ class RelationsTerm(Term):
         if unknown or not pairs:
             raise ValueError(f"loss.{self.name}.pairs={section.pairs!r}: each pair must be one "
                              f"of {', '.join(RELATION_PAIRS)}")
-        if section.heads < 1:
-            raise ValueError(f"loss.{self.name}.heads must be ≥ 1, got {section.heads}")
 
     def resolve(self, section, config, student, teacher, teacher_pooling):
         for width, name in ((student.hidden_size, "model.hidden_size"),

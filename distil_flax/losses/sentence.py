@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from distil_flax.losses.term import Field, Term, TermInputs, project
 from distil_flax.losses.triple import weighted_mean, wide
 from distil_flax.model.pooling import POOLINGS, pool_segments
+from distil_flax.training import fields
 
 Array = jax.Array
 
@@ -140,25 +141,16 @@ class SentenceEmbeddingsTerm(Term):
         Field("mse_weight", 0.0),
         Field("cosine_weight", 0.0, "Weight of 1 − cos(student, teacher)."),
         Field("similarity_weight", 0.0),
-        Field("similarity", "kl", "kl (row-wise softmax, temperature) | mse."),
-        Field("temperature", 0.05),
+        Field("similarity", "kl", "kl (row-wise softmax, temperature) | mse.",
+              fields.one_of(*SIMILARITIES)),
+        Field("temperature", 0.05, "Of the similarity term's softmax.", fields.positive()),
         Field("pooling", "auto", "mean | cls | auto: the teacher folder's sentence-transformers "
-                                 "pooling (1_Pooling), else mean."),
+                                 "pooling (1_Pooling), else mean.",
+              fields.one_of("auto", *POOLINGS)),
     )
     weights = ("mse_weight", "cosine_weight", "similarity_weight")
     # The model card lists the sections with a single `weight` field: it leaves this one out.
     card = "MSE, cosine and in-batch similarity structure of pooled sentence embeddings"
-
-    def check(self, section, config):
-        if section.similarity not in SIMILARITIES:
-            raise ValueError(f"loss.{self.name}.similarity must be one of "
-                             f"{', '.join(SIMILARITIES)}, got {section.similarity!r}")
-        if not section.temperature > 0:
-            raise ValueError(f"loss.{self.name}.temperature must be > 0, got "
-                             f"{section.temperature}")
-        if section.pooling not in ("auto", *POOLINGS):
-            raise ValueError(f"loss.{self.name}.pooling must be auto, {', '.join(POOLINGS)}, got "
-                             f"{section.pooling!r}")
 
     def resolve(self, section, config, student, teacher, teacher_pooling):
         pooling = (teacher_pooling or "mean") if section.pooling == "auto" else section.pooling

@@ -22,17 +22,20 @@ import jax
 
 from distil_flax.losses.spec import Captures
 from distil_flax.model import Encoder
+from distil_flax.training.fields import Rule
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """A field of a term's config section: its name, its default, and what it means."""
+    """A field of a term's config section: its name, its default, what it means, and the values
+    it may hold (`training.fields`; None for a field whose term's `check` judges it)."""
 
     name: str
     default: Any
     doc: str = ""
+    rule: Rule | None = None
 
 
 @dataclasses.dataclass(frozen=True)

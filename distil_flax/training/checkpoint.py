@@ -35,6 +35,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from distil_flax.training import background_reports
 from distil_flax.training.checksums import (
     CorruptCheckpointError,
     is_local,
@@ -50,7 +51,11 @@ TRASH = "deleted"  # Inside `checkpoints/`: old steps renamed away by Orbax, rem
 
 
 class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (disk full, quota, permissions); committed steps are intact."""
+    """Writing a checkpoint failed (disk full, quota, permissions); committed steps are intact.
+
+    Raising it is what tells the failure: the tracebacks Orbax's threads print about it go to
+    DEBUG (`background_reports`).
+    """
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -70,6 +75,8 @@ def _reason(error: BaseException) -> str:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return first if len(first) <= 300 else first[:300] + " ..."
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +110,8 @@ class Checkpointer:
         self.save_every = save_every
         self.async_save = async_save
         self.directory = checkpoint_dir(workdir)
-        self._saving: int | None = None  # The step whose save is in flight.
+        self._saving: int | None = None  # The step of the latest save.
+        self._in_flight = False  # `_saving` was not waited for yet.
         self._failed = False
         local = is_local(self.directory)
         # Always Orbax's async checkpointer: its commit callback is where checksums are written;
@@ -149,8 +157,7 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False  # Already saved (e.g. the final step was also a periodic one).
         self.wait()  # The previous save must be committed before `_saving` names this one.
-        self._empty_trash()
-        self._saving = step
+        self._begin(step)
         try:
             started = self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
@@ -172,8 +179,7 @@ class Checkpointer:
           CheckpointWriteError: the save failed.
         """
         self.wait()
-        self._empty_trash()
-        self._saving = step
+        self._begin(step)
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), data=ocp.args.JsonSave(record)), force=True)
@@ -201,6 +207,18 @@ class Checkpointer:
         if jax.process_index() == 0 and is_local(trash) and trash.exists():
             shutil.rmtree(trash, ignore_errors=True)
 
+    def _begin(self, step: int) -> None:
+        """What every save does first (the previous one is committed)."""
+        self._empty_trash()
+        self._saving, self._in_flight = step, True
+        background_reports.REPORTS.begin()
+
+    def _settle(self, failed: bool) -> None:
+        """The save in flight, if any, is committed or failed: its held reports may go."""
+        if self._in_flight:
+            self._in_flight = False
+            background_reports.REPORTS.end(failed)
+
     def wait(self) -> None:
         """Blocks until background saves are committed.
 
@@ -211,9 +229,11 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as error:  # noqa: BLE001
             raise self._write_error(self._saving, error) from error
+        self._settle(failed=False)
 
     def _write_error(self, step: int | None, error: BaseException) -> CheckpointWriteError:
         self._failed = True
+        self._settle(failed=True)  # Raised next: what background threads printed goes to DEBUG.
         self.manager.reload()  # The failed step stays a temporary directory, never a step.
         committed = self.all_steps()
         kept = (f"committed steps {committed} are intact; a restart resumes from step "

@@ -67,17 +67,22 @@ def verify_step(directory: str | os.PathLike, step: int,
         file the step lists.
 
     Returns:
-      True if every listed file matched; False if the step has no checksums (written on object
-      storage, or by an older version), so nothing could be checked.
+      True if every listed file matched; False for a step on object storage, which has no
+      checksums, so nothing could be checked.
 
     Raises:
       CorruptCheckpointError: naming the step and the first file that is missing, has another
-        size or another CRC-32, or an unreadable `checksums.json`.
+        size or another CRC-32, or an unreadable or missing `checksums.json` (on a local file
+        system every committed step has one: a step without it was damaged after its commit).
     """
     step_dir = os.path.join(os.fspath(directory), str(step))
     manifest_path = os.path.join(step_dir, CHECKSUMS)
-    if not is_local(epath.Path(step_dir)) or not os.path.exists(manifest_path):
+    if not is_local(epath.Path(step_dir)):
         return False
+    if not os.path.exists(manifest_path):
+        raise CorruptCheckpointError(
+            f"checkpoint step {step}: {manifest_path} is missing (every step committed on a local "
+            "file system has one, so the step was damaged after its commit)")
     try:
         with open(manifest_path) as f:
             files = json.load(f)["files"]

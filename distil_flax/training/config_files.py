@@ -49,7 +49,7 @@ def read_json(path: str | os.PathLike) -> Any:
     """
     try:
         return json.loads(epath.Path(path).read_text())
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # Also not UTF-8 (UnicodeDecodeError).
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 

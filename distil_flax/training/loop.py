@@ -267,15 +267,18 @@ def _check_resumable(trainer: Trainer, checkpointer: Checkpointer, workdir: str)
 def _close_all(*closers: Callable[[], None]) -> None:
     """Calls every closer; raises the first failure unless an error is already on its way."""
     in_flight = sys.exc_info()[0] is not None
-    first = None
+    failures = []
     for close in closers:
         try:
             close()
         except Exception as error:  # noqa: BLE001 — reported below, never masking another.
-            first = first or error
+            failures.append(error)
+    raised = failures[0] if failures and not in_flight else None
+    for error in failures:
+        if error is not raised:  # The raised one becomes the command's `error:` line.
             logging.error("While closing the run: %s", error)
-    if first is not None and not in_flight:
-        raise first
+    if raised is not None:
+        raise raised
 
 
 def run(trainer: Trainer, workdir: str, session: Session, *,

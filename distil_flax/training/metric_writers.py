@@ -5,7 +5,9 @@ to `metrics.jsonl` in the workdir (one JSON object a write, for notebooks and sc
 is written, before the loop's next checkpoint save can commit, so no kill loses the records of a
 committed step. A run that resumes from step N drops the records past N that its killed
 predecessor wrote (they are written again, with the same values), and a record cut short by a
-full disk or a kill is dropped on reopening and skipped by `read_metrics`.
+full disk or a kill is dropped on reopening and skipped by `read_metrics`. A damaged line
+elsewhere (something else wrote over the file) is moved on reopening to
+`metrics.damaged-<time>.jsonl` beside it, named in one warning, and the run goes on.
 """
 
 import json
@@ -89,29 +91,47 @@ class MetricWriter:
                 self._jsonl.close()
 
 
-def _parse(lines: list[str]) -> list[dict]:
-    """Records of whole lines; a last line cut short (a kill, a full disk) is dropped."""
-    records = []
+def _parse(lines: list[str]) -> tuple[list[dict], dict[int, str]]:
+    """(records, damaged lines by 1-based number) of the lines of a file; a last line cut short
+    (a kill, a full disk) is neither: it is dropped."""
+    records, damaged = [], {}
     for index, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a record")
+            records.append(record)
         except ValueError:
             if index < len(lines) - 1:
-                raise
-    return records
+                damaged[index + 1] = line
+    return records, damaged
 
 
 def _keep_records(path: epath.Path, last_step: int) -> None:
-    """Rewrites `path` without a torn last line and without the records past `last_step`."""
+    """Rewrites `path` without a torn last line, without the records past `last_step`, and
+    with any damaged line moved to a file beside it."""
     text = path.read_text()
-    lines = [line for line in text.splitlines() if line.strip()]
-    kept = [r for r in _parse(lines) if r.get("step", 0) <= last_step]
-    if len(kept) == len(lines) and text.endswith("\n"):
+    lines = text.splitlines()
+    records, damaged = _parse(lines)
+    kept = [r for r in records if r.get("step", 0) <= last_step]
+    if len(kept) == sum(1 for line in lines if line.strip()) and text.endswith("\n"):
         return
+    if damaged:
+        aside = path.parent / f"metrics.damaged-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        atomic.write_text(aside, "".join(line + "\n" for line in damaged.values()))
+        logging.warning("%s: line(s) %s are not JSON records; moved them to %s and resumed.",
+                        path, ", ".join(map(str, damaged)), aside)
     atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-    """The records of a run's `metrics.jsonl`, in order (for notebooks and tests)."""
+    """The records of a run's `metrics.jsonl`, in order (for notebooks and tests); a damaged
+    line is skipped, with a warning naming it."""
     path = epath.Path(workdir) / "metrics.jsonl"
-    return _parse([line for line in path.read_text().splitlines() if line.strip()])
+    records, damaged = _parse(path.read_text().splitlines())
+    if damaged:
+        logging.warning("%s: skipped line(s) %s, which are not JSON records.", path,
+                        ", ".join(map(str, damaged)))
+    return records

@@ -3,7 +3,9 @@
 Either signal asks the loop to finish the step it is in, save it and return (exit status 0:
 rerun the same command to continue). A second Ctrl-C aborts at once. The handlers are in place
 from before the workdir is locked until the run has closed everything, so a signal during
-start-up also ends in a clean exit that leaves no `run.lock` behind.
+start-up also ends in a clean exit that leaves no `run.lock` behind. A signal that came earlier
+still, while the command imported and validated (`early_signals` noted it), stops the run
+before it locks the workdir (`early_signals.StoppedBeforeStart`), and the workdir is not touched.
 
 With several processes, every host must stop after the same step, or they would enter the
 collective checkpoint save at different steps. A signal reaches one host; JAX's preemption
@@ -21,6 +23,10 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from distil_flax.training import early_signals
+
+_NAMES = {"SIGINT": "Ctrl-C", "SIGTERM": "SIGTERM"}
+
 
 class StopSignals:
     """Context manager: installs the handlers; `reason(step)` says whether to stop after `step`."""
@@ -33,9 +39,18 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         self._multihost = jax.process_count() > 1
         if threading.current_thread() is threading.main_thread():
+            early = early_signals.take(sigterm=not self._multihost)
             if not self._multihost:  # Else JAX's preemption notifier owns SIGTERM.
                 self._install(signal.SIGTERM, self._on_sigterm)
             self._install(signal.SIGINT, self._on_sigint)
+            if early and not self._multihost:
+                self.__exit__()
+                raise early_signals.StoppedBeforeStart(
+                    f"{_NAMES[early]} while starting: stopped before the run touched its "
+                    "workdir; rerun the same command to start")
+            if early:  # Every host must stop, at a step they agree on: tell JAX's notifier.
+                self.requested = early
+                os.kill(os.getpid(), signal.SIGTERM)
         return self
 
     def __exit__(self, *exc) -> None:
