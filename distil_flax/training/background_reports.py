@@ -17,14 +17,12 @@ from absl import logging
 class BackgroundReports(py_logging.Filter):
     """Holds what background threads print during a save until the save's outcome is known.
 
-    A failed write makes Orbax's and TensorStore's threads print dozens of tracebacks before
-    the main thread learns of it: Orbax's ERROR records (with exc_info), asyncio's "Task
-    exception was never retrieved" for the writes the failure abandoned, and unraisable
-    "Event loop is closed" errors of TensorStore callbacks aimed at the closed loops of Orbax's
-    threads. The main thread raises the failure (CheckpointWriteError: one `error:` line), so
-    these go to DEBUG with their tracebacks (shown with `--verbosity=1`), as do the stragglers
-    that arrive until the next save starts. When the save succeeds instead, what was held
-    prints as it would have: no report is hidden unless a failure the caller sees explains it.
+    What they print: Orbax's ERROR records (with exc_info), asyncio's "Task exception was never
+    retrieved" for the writes the failure abandoned, and unraisable "Event loop is closed"
+    errors of TensorStore callbacks aimed at the closed loops of Orbax's threads. After a failed
+    save these go to DEBUG (shown with `--verbosity=1`), as do the stragglers that arrive until
+    the next save starts; after a successful one, what was held prints as it would have, so no
+    report is hidden unless a failure the caller sees explains it.
 
     One for the process: logging's filters and `sys.unraisablehook` are global.
     """
