@@ -5,7 +5,9 @@
         --workdir=runs/recipes --output=bench/results/recipes.json
 
 Each recipe trains the quickstart's student shape (2 × 128) on the quickstart's data for the same
-steps, both from the teacher's layers [1, 3] and from random init, through the real CLI
+steps, both from the teacher's layers [1, 3] and from random init, and a student of half the
+width (2 × 64: 2 heads of 32, 256 neurons) pruned from those layers (`init.prune`, hidden states
+compared on the kept channels: `loss.kept_channels`) and from random init, through the real CLI
 (`python -m distil_flax.main --config=configs/quickstart.py` with the recipe's loss sections as
 overrides). Each student is then scored against the teacher by `python -m
 distil_flax.evaluate_embeddings` on held-out sentences from another domain than the training
@@ -37,8 +39,15 @@ RECIPES = {
                "--config.loss.alpha_cos=0", "--config.loss.relations.weight=1",
                "--config.loss.relations.heads=4", "--config.masking.mask_prob=0"],
 }
+_HALF_WIDTH = ["--config.model.hidden_size=64", "--config.model.num_heads=2",
+               "--config.model.intermediate_size=256"]
 INITS = {"teacher layers": ["--config.init.from_teacher=True", "--config.init.layer_map=(1,3)"],
-         "random": ["--config.init.from_teacher=False"]}
+         "random": ["--config.init.from_teacher=False"],
+         "pruned 2 × 64": ["--config.init.from_teacher=True", "--config.init.layer_map=(1,3)",
+                           "--config.loss.kept_channels=True", *_HALF_WIDTH],
+         # L_cos needs equal widths, or the kept channels of a pruned student: off here.
+         "random 2 × 64": ["--config.init.from_teacher=False", "--config.loss.alpha_cos=0",
+                           *_HALF_WIDTH]}
 
 
 def held_out_sentences(count: int, seed: int = 0) -> list[str]:
@@ -77,6 +86,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="runs/recipes", help="one run per recipe and init here")
     p.add_argument("--sentences", type=int, default=1000, help="held-out sentences")
     p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--inits", default=",".join(INITS), help="comma-separated")
     p.add_argument("--output", default="", help="also write the results as JSON here")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -86,8 +96,10 @@ def main(argv=None) -> None:
 
     rows = []
     for recipe in args.recipes.split(","):
-        for init, init_flags in INITS.items():
-            workdir = os.path.join(args.workdir, f"{recipe}-{init.split()[0]}")
+        for init in args.inits.split(","):
+            init_flags = INITS[init]
+            slug = init.replace(" × ", "x").replace(" ", "-")
+            workdir = os.path.join(args.workdir, f"{recipe}-{slug}")
             timing = f"{workdir}.minutes"  # A finished run is not trained again.
             if not os.path.exists(timing):
                 minutes = _run(

@@ -141,10 +141,16 @@ def _narrow(c):
     c.model.hidden_size = 256
     c.model.num_heads = 8  # Heads of 32, as the teacher's.
     c.model.intermediate_size = 1024
-    c.init.from_teacher = False  # A narrower student cannot copy teacher layers.
-    c.loss.embeddings.similarity_weight = 1.0
-    c.train.learning_rate = 5e-4  # From random weights.
-    c.train.warmup_fraction = 0.1
+    # Pruned from the teacher (init.prune): in each of the layers (0, 3, 5), the 8 heads, 1024
+    # neurons and 256 hidden channels with the largest activations on the first training batches.
+    c.init.from_teacher = True
+    # MSE and cosine against the teacher's embeddings on the channels the student kept, which it
+    # starts out computing, rather than through a projection learned from random.
+    c.loss.kept_channels = True
+    # 200-step probes of the 3 × 256 student, Spearman on the held-out quotations / definitions:
+    # 1e-3 0.579 / 0.640 against 0.569 / 0.626 for 5e-4 (through a projection instead of the kept
+    # channels, 0.398 / 0.480; with the similarity term besides, 0.535 / 0.576).
+    c.train.learning_rate = 1e-3
 
 
 def _tiny(c, narrow):

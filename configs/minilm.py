@@ -20,8 +20,14 @@ tokens, Adam (β₂ 0.999) with peak learning rate 6e-4, 4 % warmup and linear d
 0.01, 400K steps — check them against the paper before quoting this config as its recipe. Data:
 English Wikipedia from TFDS (the paper adds BookCorpus), as `configs/distil6.py`.
 
+`:pruned` starts the student as the teacher pruned instead (`init.prune`): the six layers
+DistilBERT takes, and in each the 6 heads of 64, the 1536 feed-forward neurons and the 384 hidden
+channels with the largest activations, so it keeps what the teacher computes rather than learning
+it from nothing. The heads keep the teacher's size, so there are 6 of them (relations split into
+their own relation heads either way).
+
 `:tiny` runs in seconds on a CPU against the tests' tiny teacher (2 × 32) with a narrower 2 × 16
-student.
+student; `:pruned,tiny` is that student pruned from the tiny teacher (one head of 16).
 """
 
 from distil_flax.config import base_config, shrink_for_tests
@@ -39,7 +45,7 @@ def get_config(preset: str = ""):
     c.model.type_vocab_size = 2
     c.model.use_pooler = True
     c.model.head_style = "bert"
-    c.init.from_teacher = False  # A narrower student cannot copy teacher layers.
+    c.init.from_teacher = False  # The paper's start: random (`:pruned` prunes the teacher).
     c.loss.alpha_ce = c.loss.alpha_mlm = c.loss.alpha_cos = 0.0
     c.loss.relations.weight = 1.0
     c.loss.relations.pairs = "qq,kk,vv"
@@ -56,10 +62,18 @@ def get_config(preset: str = ""):
     c.train.warmup_fraction = 0.04
     c.train.weight_decay = 0.01
     c.train.b2 = 0.999
-    if preset == "tiny":
+    presets = [p for p in preset.split(",") if p]
+    unknown = set(presets) - {"pruned", "tiny"}
+    if unknown:
+        raise ValueError(f"unknown preset {sorted(unknown)}; known: pruned, tiny, pruned,tiny")
+    if "pruned" in presets:
+        c.model.num_heads = 6  # The teacher's heads of 64.
+        c.init.from_teacher = True  # Narrower than the teacher: pruned from it.
+    if "tiny" in presets:
         _tiny(c)
-    elif preset:
-        raise ValueError(f"unknown preset {preset!r}; known: tiny")
+        if "pruned" in presets:
+            c.model.num_heads = 1  # The tiny teacher's heads of 16.
+            c.init.layer_map = (0, 1)
     return c
 
 

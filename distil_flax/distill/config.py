@@ -40,12 +40,26 @@ def base_config() -> ml_collections.ConfigDict:
     # Teacher layer for each student layer; a tuple, so that `--config.init.layer_map=(0,3,5)`
     # can set it (config_flags cannot override lists).
     c.init.layer_map = RELEASED_LAYER_MAP
+    # A student narrower than its teacher (model.hidden_size, num_heads or intermediate_size) is
+    # pruned from it: it keeps the heads (of the teacher's size), feed-forward neurons and hidden
+    # channels with the largest activations on the first training batches (`model.importance`),
+    # and its record, pruning.json, goes to the workdir and the model card.
+    c.init.prune = ml_collections.ConfigDict()
+    c.init.prune.calibration_batches = 8  # Training batches measured, one forward pass each.
+    # map: student layer i is teacher layer init.layer_map[i]. importance: the model.num_layers
+    # teacher layers that change their input most (Block Importance), in order; this prunes a
+    # student of the teacher's width too.
+    c.init.prune.layers = "map"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.temperature = 2.0  # Softmax temperature of L_ce; the term is scaled by T².
     c.loss.alpha_ce = 5.0  # Weight of the soft-target loss (teacher → student distributions).
     c.loss.alpha_mlm = 2.0  # Weight of the masked-LM loss on the true tokens.
     c.loss.alpha_cos = 1.0  # Weight of 1 − cos between final hidden states.
+    # A pruned student compares its hidden states (L_cos, loss.hidden_states, loss.embeddings'
+    # MSE and cosine) with the teacher's channels it kept, instead of through learned
+    # projections onto the teacher's width.
+    c.loss.kept_channels = False
     # L_ce on masked positions only (cheaper; not the released recipe).
     c.loss.restrict_ce_to_mask = False
     # Positions per chunk of the fused MLM heads + loss (never materialises all logits at once);
@@ -135,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
 RULES = {
     "seed": fields.at_least(0),
     **fields.MODEL,
+    "init.prune.calibration_batches": fields.at_least(1),
+    "init.prune.layers": fields.one_of("map", "importance"),
     "loss.temperature": fields.positive(),
     "loss.alpha_ce": fields.at_least(0),
     "loss.alpha_mlm": fields.at_least(0),
@@ -232,7 +248,11 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
     partitioning.check_batch_divides(c.mesh, "train.batch_size", t.batch_size)
     if t.micro_batch_size:
         partitioning.check_batch_divides(c.mesh, "train.micro_batch_size", t.micro_batch_size)
-    if needs_teacher and c.init.from_teacher and len(c.init.layer_map) != c.model.num_layers:
+    if loss.kept_channels and not (needs_teacher and c.init.from_teacher):
+        raise ValueError("loss.kept_channels compares with the teacher's channels that a pruned "
+                         "student kept: it needs init.from_teacher and a teacher")
+    if (needs_teacher and c.init.from_teacher and c.init.prune.layers == "map"
+            and len(c.init.layer_map) != c.model.num_layers):
         raise ValueError(
             f"init.layer_map {tuple(c.init.layer_map)} has {len(c.init.layer_map)} entries but "
             f"model.num_layers is {c.model.num_layers}: give one teacher layer per student layer")

@@ -71,7 +71,8 @@ def _loss_and_grads(
     def head_terms(p, student_hidden):
         common = dict(mlm_labels=masked["mlm_labels"], mlm_weights=masked["mlm_weights"],
                       student_hidden=student_hidden,
-                      teacher_hidden=None if teacher_out is None else teacher_out["hidden"],
+                      teacher_hidden=None if teacher_out is None else losses.kept_channels(
+                          teacher_out["hidden"], loss.teacher_channels),
                       token_weights=real_tokens, ce_weights=ce_weights)
         if fused:
             return losses.fused_distillation_loss(

@@ -1,7 +1,8 @@
 """Distillation (and MLM pretraining of a teacher) on the one run loop (`training/loop.py`).
 
 `train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. This module
-says what distillation adds: the teacher, the student's state (from teacher layers or random),
+says what distillation adds: the teacher, the student's state (from teacher layers, pruned from
+the teacher, or random),
 the jitted step (`step.py`), held-out MLM metrics, and the workdir's config.json. Checkpoints,
 signals, the non-finite policy, logging and the cadence are the loop's.
 """
@@ -17,7 +18,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from flax import linen as nn
 
 from distil_flax import data
 from distil_flax import model as model_lib
@@ -26,8 +26,8 @@ from distil_flax.distill.masking import MaskingSpec, smoothing_weights
 from distil_flax.distill.step import jit_steps
 from distil_flax.interop import sources
 from distil_flax.losses import TERMS, LossSpec, projection_init
-from distil_flax.model import Encoder, make_encoder, student_init
-from distil_flax.training import config_files, flops, loop, partitioning, train_state
+from distil_flax.model import Encoder, importance, make_encoder, student_init
+from distil_flax.training import atomic, config_files, flops, loop, partitioning, train_state
 from distil_flax.training.optimizer import make_optimizer
 from distil_flax.training.train_state import TrainState
 
@@ -48,6 +48,7 @@ class Setup:
     teacher_init: Any  # Student parameters taken from teacher layers, before the teacher's cast.
     loss: LossSpec  # The config's loss, its layers resolved against both models.
     teacher_mlm: bool = True  # Whether the teacher has a trained MLM head (for its metrics).
+    pruning: student_init.Pruning | None = None  # What a pruned student keeps of the teacher.
 
 
 def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
@@ -105,51 +106,100 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
     if student.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({student.vocab_size}) differs from data.tokenizer's "
                          f"({tokenizer.vocab_size})")
-    teacher = teacher_params = teacher_init = teacher_pooling = None
+    teacher = teacher_params = teacher_init = teacher_pooling = pruning = None
     teacher_mlm = False
     if config_lib.teacher_terms(c):
         teacher, teacher_params, teacher_mlm, teacher_pooling = load_teacher(
             c, tokenizer.vocab_size, mesh, rules)
-        if c.loss.alpha_cos and teacher.hidden_size != student.hidden_size:
-            raise ValueError(
-                f"loss.alpha_cos compares hidden states, but the teacher's hidden size "
-                f"({teacher.hidden_size}) differs from model.hidden_size ({student.hidden_size}): "
-                "a narrower student distils through loss.hidden_states or loss.relations")
         if not teacher_mlm:
             logging.info("The teacher has no MLM head: no MLM metrics for it.")
         if c.init.from_teacher:
+            if prunes(c, teacher, student):
+                pruning = prune_plan(c, teacher, teacher_params, student, train_rows, mesh, rules)
             abstract = jax.eval_shape(model_lib.init_fn(student), jax.random.PRNGKey(0))
             teacher_init = student_init.init_from_teacher(
-                teacher_params, nn.unbox(abstract), c.init.layer_map,
+                teacher_params, abstract, c.init.layer_map,
                 num_heads=(teacher.num_heads, student.num_heads),
-                position_offset=(teacher.position_offset, student.position_offset))
+                position_offset=(teacher.position_offset, student.position_offset),
+                pruning=pruning)
         teacher_params = partitioning.cast(teacher_params, jnp.dtype(c.teacher.param_dtype))
     return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
                  teacher_params, teacher_init,
-                 loss_spec(c, student, teacher, teacher_pooling), teacher_mlm)
+                 loss_spec(c, student, teacher, teacher_pooling, pruning), teacher_mlm, pruning)
+
+
+def prunes(c: ml_collections.ConfigDict, teacher: Encoder, student: Encoder) -> bool:
+    """Whether `init.from_teacher` prunes: the student is narrower, or init.prune picks layers."""
+    widths = lambda m: (m.hidden_size, m.num_heads, m.intermediate_size)  # noqa: E731
+    return c.init.prune.layers == "importance" or widths(teacher) != widths(student)
+
+
+def prune_plan(c: ml_collections.ConfigDict, teacher: Encoder, teacher_params, student: Encoder,
+               train_rows, mesh, rules) -> student_init.Pruning:
+    """The teacher's units the student keeps: the most important on the first
+    `init.prune.calibration_batches` training batches (`model.importance`), sharded as the step.
+
+    Measured again on every start, with the same result: the batches are the first of the
+    data's seeded order, whatever the step the run resumes at.
+    """
+    batches = data.BatchIterator(train_rows, c.train.micro_batch_size or c.train.batch_size,
+                                 seed=c.seed, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    sharding = partitioning.batch_sharding(mesh, rules)
+    calibration = (partitioning.host_to_global(next(batches), sharding)
+                   for _ in range(c.init.prune.calibration_batches))
+    with partitioning.mesh_context(mesh, rules):
+        measured = importance.measure(teacher, teacher_params, calibration)
+    layers = (c.model.num_layers if c.init.prune.layers == "importance"
+              else tuple(c.init.layer_map))
+    pruning = importance.keep(measured, layers=layers, hidden_size=student.hidden_size,
+                              num_heads=student.num_heads,
+                              intermediate_size=student.intermediate_size)
+    logging.info("Pruned from the teacher (importance over %d calibration rows): layers %s, %d "
+                 "of %d hidden channels, heads %s, neurons %s.", measured.rows,
+                 list(pruning.layers), len(pruning.channels), teacher.hidden_size,
+                 [len(h) for h in pruning.heads], [len(n) for n in pruning.neurons])
+    return pruning
 
 
 def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder | None,
-              teacher_pooling: str | None = None) -> LossSpec:
+              teacher_pooling: str | None = None,
+              pruning: student_init.Pruning | None = None) -> LossSpec:
     """The config's loss with each weighted feature term resolved against the two models
     (`Term.resolve`: layer maps, negative layers, pooling).
 
     Args:
       teacher_pooling: the teacher folder's own sentence-embedding pooling (`loss.embeddings.
         pooling=auto` takes it), None when it has none.
+      pruning: what a pruned student kept (`loss.kept_channels` compares on its channels).
 
     Raises:
       ValueError: naming the field, when a layer map or layer is outside a model, or the models'
         heads or widths do not fit a term.
     """
     loss = c.loss
+    channels = ()
+    if loss.kept_channels:
+        if pruning is None:
+            raise ValueError("loss.kept_channels compares with the teacher's channels that a "
+                             "pruned student kept, but this student is not pruned (init.prune "
+                             "applies to a student narrower than its teacher)")
+        channels = pruning.channels
     # Without a teacher, validation leaves no feature term a weight.
     terms = {} if teacher is None else {
-        term.name: term.resolve(loss[term.name], c, student, teacher, teacher_pooling)
+        term.name: term.resolve(loss[term.name], c, student, teacher, teacher_pooling, pruning)
         for term in TERMS if term.weighted(loss[term.name])}
+    if loss.alpha_cos and teacher is not None and not channels and (
+            teacher.hidden_size != student.hidden_size):
+        raise ValueError(
+            f"loss.alpha_cos compares hidden states, but the teacher's hidden size "
+            f"({teacher.hidden_size}) differs from model.hidden_size ({student.hidden_size}): a "
+            "narrower student distils through loss.hidden_states or loss.relations, or, pruned, "
+            "compares the channels it kept (loss.kept_channels)")
     return LossSpec(alpha_ce=loss.alpha_ce, alpha_mlm=loss.alpha_mlm, alpha_cos=loss.alpha_cos,
                     temperature=loss.temperature, restrict_ce_to_mask=loss.restrict_ce_to_mask,
-                    head_chunk=loss.head_chunk, relation_chunk=loss.relation_chunk, **terms)
+                    head_chunk=loss.head_chunk, relation_chunk=loss.relation_chunk,
+                    teacher_channels=channels, **terms)
 
 
 def masking_spec(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer") -> MaskingSpec:
@@ -192,7 +242,11 @@ def init_state(setup: Setup, optimizer, abstract: TrainState) -> TrainState:
         params = jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, dtype), p),
                          out_shardings=shardings.params)(setup.teacher_init)
         setup.teacher_init = None  # Only needed once; free it.
-        logging.info("Student initialised from teacher layers %s.", list(c.init.layer_map))
+        if setup.pruning is None:
+            logging.info("Student initialised from teacher layers %s.", list(c.init.layer_map))
+        else:
+            logging.info("Student initialised as the pruned teacher (%s in the workdir).",
+                         student_init.PRUNING_FILE)
     else:
         params, _ = partitioning.sharded_init(
             model_lib.init_fn(setup.student), param_rng, setup.mesh, setup.rules)
@@ -309,6 +363,11 @@ def make_trainer(setup: Setup, workdir: str) -> loop.Trainer:
     def on_start(state) -> None:
         if jax.process_index() == 0:
             config_files.save_json(c, str(epath.Path(workdir) / "config.json"))
+            if setup.pruning is not None:
+                teacher = {name: getattr(setup.teacher, name) for name in (
+                    "num_layers", "hidden_size", "num_heads", "intermediate_size")}
+                atomic.write_json(epath.Path(workdir) / student_init.PRUNING_FILE,
+                                  {**setup.pruning.to_json(), "teacher": teacher}, indent=None)
 
     return loop.Trainer(
         mesh=setup.mesh, rules=setup.rules, abstract=abstract,

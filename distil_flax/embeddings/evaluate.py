@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from distil_flax import model as model_lib
 from distil_flax.data import load_tokenizer
 from distil_flax.embeddings import embed as embeddings
 from distil_flax.embeddings.files import read_labelled, read_sts, read_text
@@ -51,6 +52,7 @@ class Model:
     tokenizer: str = ""
     lowercase: bool = True
     run_config: ml_collections.ConfigDict | None = None  # A run workdir's config.json.
+    pruning: student_init.Pruning | None = None  # A pruned run's record (its pruning.json).
 
     def describe(self) -> dict[str, Any]:
         c = self.model_cfg
@@ -80,11 +82,12 @@ def load_model(role: str, path: str, mesh=None) -> Model:
                  f", step {step}" if step is not None else "", source.model_cfg.num_layers,
                  source.model_cfg.hidden_size)
     return Model(role, path, source.kind, source.model_cfg, params, step, source.tokenizer,
-                 source.lowercase, source.run_config)
+                 source.lowercase, source.run_config, source.pruning)
 
 
 def init_only_model(student: Model, teacher: Model) -> tuple[Model | None, str]:
-    """The student as its run started: the teacher's layers `init.layer_map` (the run's).
+    """The student as its run started: the teacher's layers `init.layer_map` (the run's), or
+    the teacher pruned as its pruning.json records.
 
     Returns:
       (model, "") or (None, why there is none).
@@ -93,6 +96,17 @@ def init_only_model(student: Model, teacher: Model) -> tuple[Model | None, str]:
         return None, (f"the student is a {student.source} model, not a distil_flax "
                       "distillation workdir (no init.layer_map)")
     s, t = student.model_cfg, teacher.model_cfg
+    if student.pruning is not None:
+        structure = jax.eval_shape(model_lib.init_fn(model_lib.make_encoder(s)),
+                                   jax.random.PRNGKey(0))
+        try:
+            params = student_init.init_from_teacher(
+                teacher.params, structure, student.pruning.layers,
+                num_heads=(int(t.num_heads), int(s.num_heads)), pruning=student.pruning)
+        except ValueError as error:
+            return None, f"cannot prune the teacher as the student's run did: {error}"
+        return Model("init_only", f"{teacher.path} pruned as {student.path}", "init_only",
+                     s, params), ""
     if s.hidden_size != t.hidden_size:
         return None, (f"the student's hidden size {s.hidden_size} differs from the teacher's "
                       f"{t.hidden_size}: it did not start as teacher layers")

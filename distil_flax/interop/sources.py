@@ -31,7 +31,7 @@ from etils import epath
 from distil_flax import model as model_lib
 from distil_flax.interop import hf
 from distil_flax.interop import sentence_transformers as st_layout
-from distil_flax.model import heads
+from distil_flax.model import heads, student_init
 from distil_flax.training import atomic, config_files, loop, partitioning
 from distil_flax.training.checkpoint import checkpoint_dir, restore_params
 
@@ -56,6 +56,7 @@ class Source:
       task: the task it was fine-tuned on ("" when unknown).
       has_mlm_head: whether its MLM head was trained (an HF folder without one gets a fresh one).
       run_config: a run workdir's whole config.json.
+      pruning: what a run's student, pruned from its teacher, kept of it (its pruning.json).
       host_params: an HF folder's parameters (host numpy): the encoder's tree, or the
         `TaskModel`'s when `head` is set.
     """
@@ -72,6 +73,7 @@ class Source:
     has_mlm_head: bool = True
     run_config: ml_collections.ConfigDict | None = None
     host_params: Any = None
+    pruning: student_init.Pruning | None = None
 
     def named(self) -> str:
         return f"{self.field}={self.spec!r}"
@@ -122,7 +124,17 @@ def open_source(spec: str, *, field: str = "--model", seed: int = 0) -> Source:
         raise ValueError(f"{config_file} has no resolved model section (model.vocab_size): the "
                          "run never started")
     return Source(spec, field, path, "run", c.model, c.data.get("tokenizer", ""),
-                  c.data.get("lowercase", True), run_config=c)
+                  c.data.get("lowercase", True), run_config=c, pruning=_read_pruning(path))
+
+
+def _read_pruning(path: str) -> student_init.Pruning | None:
+    record = epath.Path(path) / student_init.PRUNING_FILE
+    if not record.exists():
+        return None
+    try:
+        return student_init.Pruning.from_json(config_files.read_json(record))
+    except ValueError as error:
+        raise ValueError(f"{record} is damaged: {error}") from None
 
 
 def _open_hf(spec: str, field: str, path: str, seed: int) -> Source:

@@ -27,7 +27,7 @@ from distil_flax.losses.sentence import (
     similarity_structure,
 )
 from distil_flax.losses.spec import Captures, CoreSpec, layer_pairs, uniform_layer_map
-from distil_flax.losses.term import Field, Term, TermInputs, project
+from distil_flax.losses.term import Field, Term, TermInputs, kept_channels, project
 from distil_flax.losses.triple import (
     HeadInputs,
     cosine_distance,
@@ -38,11 +38,11 @@ from distil_flax.losses.triple import (
 )
 
 __all__ = [
-    "RELATION_PAIRS", "SIMILARITIES", "TERMS", "AttentionScores", "Captures", "CoreSpec",
-    "Field", "HeadInputs", "HiddenStates", "LossSpec", "Relations", "SentenceEmbeddings", "Term",
+    "AttentionScores", "Captures", "CoreSpec", "Field", "HeadInputs", "HiddenStates", "LossSpec",
+    "RELATION_PAIRS", "Relations", "SIMILARITIES", "SentenceEmbeddings", "TERMS", "Term",
     "TermInputs", "attention_score_mse", "captures", "cosine_distance", "distillation_loss",
-    "feature_terms", "fused_distillation_loss", "hidden_mse", "hidden_state_pairs", "layer_pairs",
-    "masked_lm_loss", "pooled_cosine_distance", "pooled_mse", "project", "projection_init",
-    "projections_needed", "relation_kl", "similarity_structure", "soft_target_kl",
-    "uniform_layer_map",
+    "feature_terms", "fused_distillation_loss", "hidden_mse", "hidden_state_pairs",
+    "kept_channels", "layer_pairs", "masked_lm_loss", "pooled_cosine_distance", "pooled_mse",
+    "project", "projection_init", "projections_needed", "relation_kl", "similarity_structure",
+    "soft_target_kl", "uniform_layer_map",
 ]

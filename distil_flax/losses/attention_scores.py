@@ -2,6 +2,9 @@
 
     L_attention = Σ_(i,j) MSE(q_s,i k_s,iᵀ/√d, q_t,j k_t,jᵀ/√d)     (equal heads, one segment)
 
+A student pruned from the teacher compares each of its heads with the teacher head it was cut
+from, so it needs no equal heads.
+
 Over the (query, key) pairs attention can see, in float32 (float64 inputs stay float64), query
 rows chunk by chunk (`scores.sum_over_row_chunks`).
 
@@ -25,11 +28,13 @@ Array = jax.Array
 class AttentionScores:
     """TinyBERT's MSE between the unnormalised attention scores of mapped layers (same heads).
 
-    `pairs` are (student layer, teacher layer).
+    `pairs` are (student layer, teacher layer); `teacher_heads`, per pair, the teacher heads
+    compared with the student's, in order (a pruned student's kept heads), () for all.
     """
 
     weight: float = 0.0
     pairs: tuple[tuple[int, int], ...] = ()
+    teacher_heads: tuple[tuple[int, ...], ...] = ()
 
 
 def attention_score_mse(student_qk: tuple[Array, Array], teacher_qk: tuple[Array, Array],
@@ -66,7 +71,7 @@ class AttentionScoresTerm(Term):
     spec = AttentionScores
     fields = (
         Field("weight", 0.0, "MSE between the attention scores q·kᵀ/√d of mapped layers "
-                             "(TinyBERT); needs equal heads."),
+                             "(TinyBERT); needs equal heads, or a pruned student."),
         Field("layer_map", (), "As hidden_states.layer_map."),
     )
     card = "MSE between the attention scores of mapped layers (TinyBERT)"
@@ -76,15 +81,25 @@ class AttentionScoresTerm(Term):
             check_layer_map(f"loss.{self.name}.layer_map", section.layer_map,
                             config.model.num_layers)
 
-    def resolve(self, section, config, student, teacher, teacher_pooling):
-        if student.num_heads != teacher.num_heads:
+    def resolve(self, section, config, student, teacher, teacher_pooling, pruning=None):
+        field = f"loss.{self.name}.layer_map"
+        pairs = mapped_layer_pairs(field, section.layer_map, student.num_layers,
+                                   teacher.num_layers)
+        if student.num_heads == teacher.num_heads:
+            return AttentionScores(weight=section.weight, pairs=pairs)
+        if pruning is None:
             raise ValueError(
                 f"loss.{self.name} compares heads one to one, but model.num_heads is "
                 f"{student.num_heads} and the teacher has {teacher.num_heads}: use "
-                "loss.relations, which needs no equal heads")
-        return AttentionScores(weight=section.weight, pairs=mapped_layer_pairs(
-            f"loss.{self.name}.layer_map", section.layer_map, student.num_layers,
-            teacher.num_layers))
+                "loss.relations, which needs no equal heads, or prune the student from the "
+                "teacher (init.prune)")
+        if any(t != pruning.layers[s] for s, t in pairs):
+            raise ValueError(
+                f"loss.{self.name} compares a pruned student's heads with the teacher heads they "
+                f"were cut from, so {field} must be the layers it was pruned from: "
+                f"{tuple(pruning.layers)}")
+        return AttentionScores(weight=section.weight, pairs=pairs,
+                               teacher_heads=tuple(pruning.heads[s] for s, _ in pairs))
 
     def captures(self, spec):
         return pair_captures(qkv=spec.pairs)
@@ -92,10 +107,13 @@ class AttentionScoresTerm(Term):
     def compute(self, spec, inputs: TermInputs):
         metrics = {}
         total = 0.0
-        for s, t in spec.pairs:
-            mse = attention_score_mse(inputs.student["qkv_at"][s][:2],
-                                      inputs.teacher["qkv_at"][t][:2], inputs.segment_ids,
-                                      chunk=inputs.chunk)
+        for index, (s, t) in enumerate(spec.pairs):
+            teacher_qk = inputs.teacher["qkv_at"][t][:2]
+            if spec.teacher_heads:
+                heads = jnp.asarray(spec.teacher_heads[index], jnp.int32)
+                teacher_qk = tuple(jnp.take(x, heads, axis=2) for x in teacher_qk)
+            mse = attention_score_mse(inputs.student["qkv_at"][s][:2], teacher_qk,
+                                      inputs.segment_ids, chunk=inputs.chunk)
             metrics[f"attention_mse/s{s}_t{t}"] = mse
             total += mse
         metrics["loss_attention"] = total

@@ -47,8 +47,9 @@ def captures(spec: LossSpec) -> tuple[Captures, Captures]:
 def projections_needed(spec: LossSpec, student_width: int, teacher_width: int) -> tuple[str, ...]:
     """Which projections the weighted terms compare through (each term's `projections`: "hidden"
     for TinyBERT's hidden states, "embeddings" for pooled sentence embeddings' MSE and cosine),
-    in `TERMS` order. None at equal widths."""
-    if student_width == teacher_width:
+    in `TERMS` order. None at equal widths, or where hidden states are compared on the teacher's
+    kept channels (`LossSpec.teacher_channels`)."""
+    if student_width == teacher_width or spec.teacher_channels:
         return ()
     return tuple(dict.fromkeys(name for term, term_spec in _weighted(spec)
                                for name in term.projections(term_spec)))
@@ -98,7 +99,8 @@ def feature_terms(spec: LossSpec, student_out: dict[str, Any], teacher_out: dict
       projections: the loss's trainable projections ({} when the widths agree).
     """
     inputs = TermInputs(student=student_out, teacher=teacher_out, segment_ids=segment_ids,
-                    projections=projections, chunk=spec.relation_chunk)
+                        projections=projections, chunk=spec.relation_chunk,
+                        teacher_channels=spec.teacher_channels)
     metrics: dict[str, Array] = {}
     loss = jnp.zeros((), jnp.float32)
     for term, term_spec in _weighted(spec):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from distil_flax.losses.spec import check_layer_map, mapped_layer_pairs, pair_captures
-from distil_flax.losses.term import Field, Term, TermInputs, project
+from distil_flax.losses.term import Field, Term, TermInputs, kept_channels, project
 from distil_flax.losses.triple import cosine_distance, weighted_mean, wide
 
 Array = jax.Array
@@ -71,7 +71,7 @@ class HiddenStatesTerm(Term):
             check_layer_map(f"loss.{self.name}.layer_map", section.layer_map,
                             config.model.num_layers)
 
-    def resolve(self, section, config, student, teacher, teacher_pooling):
+    def resolve(self, section, config, student, teacher, teacher_pooling, pruning=None):
         pairs = mapped_layer_pairs(f"loss.{self.name}.layer_map", section.layer_map,
                                    student.num_layers, teacher.num_layers)
         return HiddenStates(weight=section.weight,
@@ -89,7 +89,7 @@ class HiddenStatesTerm(Term):
         total = 0.0
         for s, t in spec.pairs:
             student = project(inputs.projections.get("hidden"), inputs.student["hidden_at"][s])
-            teacher = inputs.teacher["hidden_at"][t]
+            teacher = kept_channels(inputs.teacher["hidden_at"][t], inputs.teacher_channels)
             mse = hidden_mse(student, teacher, real)
             # Named by layer (hidden-state index − 1), as the config's layer maps are.
             name = "embeddings" if s == t == 0 else f"s{s - 1}_t{t - 1}"

@@ -109,7 +109,7 @@ class RelationsTerm(Term):
             raise ValueError(f"loss.{self.name}.pairs={section.pairs!r}: each pair must be one "
                              f"of {', '.join(RELATION_PAIRS)}")
 
-    def resolve(self, section, config, student, teacher, teacher_pooling):
+    def resolve(self, section, config, student, teacher, teacher_pooling, pruning=None):
         for width, name in ((student.hidden_size, "model.hidden_size"),
                             (teacher.hidden_size, "the teacher's hidden size")):
             if width % section.heads:

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from distil_flax.losses.term import Field, Term, TermInputs, project
+from distil_flax.losses.term import Field, Term, TermInputs, kept_channels, project
 from distil_flax.losses.triple import weighted_mean, wide
 from distil_flax.model.pooling import POOLINGS, pool_segments
 from distil_flax.training import fields
@@ -102,10 +102,12 @@ def similarity_structure(student: Array, teacher: Array, present: Array, *, kind
 
 
 def embedding_terms(spec: SentenceEmbeddings, student_hidden: Array, teacher_hidden: Array,
-                    segment_ids: Array, projection: dict[str, Array] | None
-                    ) -> tuple[Array, dict[str, Array]]:
+                    segment_ids: Array, projection: dict[str, Array] | None,
+                    teacher_channels: tuple[int, ...] = ()) -> tuple[Array, dict[str, Array]]:
     """The weighted terms on both models' final hidden states [batch, length, width], pooled per
-    segment, and their metrics."""
+    segment, and their metrics. MSE and cosine compare with the teacher's `teacher_channels`
+    when given (`LossSpec.teacher_channels`); the similarity structure, the teacher's whole
+    embeddings."""
 
     def pooled(hidden):  # [batch, max_segments, d] → [batch · max_segments, d]
         vectors, present = pool_segments(hidden, segment_ids, spec.max_segments, spec.pooling)
@@ -114,10 +116,11 @@ def embedding_terms(spec: SentenceEmbeddings, student_hidden: Array, teacher_hid
     (student, present), (teacher, _) = pooled(student_hidden), pooled(teacher_hidden)
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
-    if projection or student.shape[-1] == teacher.shape[-1]:
+    compared = kept_channels(teacher, teacher_channels)
+    if projection or student.shape[-1] == compared.shape[-1]:
         projected = project(projection, student)
-        metrics["embedding_mse"] = pooled_mse(projected, teacher, present)
-        metrics["embedding_cosine"] = 1.0 - pooled_cosine_distance(projected, teacher, present)
+        metrics["embedding_mse"] = pooled_mse(projected, compared, present)
+        metrics["embedding_cosine"] = 1.0 - pooled_cosine_distance(projected, compared, present)
         loss += (spec.mse * metrics["embedding_mse"]
                  + spec.cosine * (1.0 - metrics["embedding_cosine"]))
     if spec.similarity:
@@ -149,10 +152,9 @@ class SentenceEmbeddingsTerm(Term):
               fields.one_of("auto", *POOLINGS)),
     )
     weights = ("mse_weight", "cosine_weight", "similarity_weight")
-    # The model card lists the sections with a single `weight` field: it leaves this one out.
-    card = "MSE, cosine and in-batch similarity structure of pooled sentence embeddings"
+    card = "pooled sentence embeddings against the teacher's"  # Named per weight on the card.
 
-    def resolve(self, section, config, student, teacher, teacher_pooling):
+    def resolve(self, section, config, student, teacher, teacher_pooling, pruning=None):
         pooling = (teacher_pooling or "mean") if section.pooling == "auto" else section.pooling
         return SentenceEmbeddings(
             mse=section.mse_weight, cosine=section.cosine_weight,
@@ -167,7 +169,8 @@ class SentenceEmbeddingsTerm(Term):
 
     def compute(self, spec, inputs: TermInputs):
         return embedding_terms(spec, inputs.student["hidden"], inputs.teacher["hidden"],
-                               inputs.segment_ids, inputs.projections.get("embeddings"))
+                               inputs.segment_ids, inputs.projections.get("embeddings"),
+                               inputs.teacher_channels)
 
 
 TERM = SentenceEmbeddingsTerm()

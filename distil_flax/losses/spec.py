@@ -33,6 +33,10 @@ class CoreSpec:
     # Query rows per chunk of the attention-score and relation terms: a chunk holds
     # [batch, heads, relation_chunk, length] scores. 0: all rows at once.
     relation_chunk: int = 128
+    # loss.kept_channels: the teacher's hidden channels that a pruned student kept, in order.
+    # Hidden states (L_cos, hidden_states, embeddings' MSE and cosine) are compared on them, with
+    # no projection. (): the teacher's whole width, through projections where widths differ.
+    teacher_channels: tuple[int, ...] = ()
 
     def terms(self) -> dict[str, Any]:
         """The feature terms' specs by name: the fields beyond these ones."""

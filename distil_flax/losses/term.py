@@ -19,9 +19,11 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from distil_flax.losses.spec import Captures
 from distil_flax.model import Encoder
+from distil_flax.model.student_init import Pruning
 from distil_flax.training.fields import Rule
 
 Array = jax.Array
@@ -50,6 +52,9 @@ class TermInputs:
     segment_ids: Array  # [batch, length], 0 on padding.
     projections: dict[str, Any]  # The loss's trainable projections by name ({}: none).
     chunk: int  # Query rows per chunk of a score term (`LossSpec.relation_chunk`; 0: all).
+    # The teacher's hidden channels a pruned student kept, where hidden states are compared on
+    # them instead of through projections (`LossSpec.teacher_channels`; (): all).
+    teacher_channels: tuple[int, ...] = ()
 
 
 class Term:
@@ -75,7 +80,7 @@ class Term:
         """
 
     def resolve(self, section, config, student: Encoder, teacher: Encoder,
-                teacher_pooling: str | None):
+                teacher_pooling: str | None, pruning: Pruning | None = None):
         """The term's spec from its weighted config section and both models (`train.loss_spec`).
 
         Args:
@@ -83,6 +88,7 @@ class Term:
           config: the whole run config, for what the term reads beyond its section.
           student, teacher: the models.
           teacher_pooling: the teacher folder's sentence-embedding pooling, None without one.
+          pruning: what a student pruned from the teacher kept of it, None for any other.
 
         Raises:
           ValueError: naming the field, when the models do not fit the section.
@@ -100,6 +106,14 @@ class Term:
     def compute(self, spec, inputs: TermInputs) -> tuple[Array, dict[str, Array]]:
         """The term's weighted loss and its metrics, each named by the term."""
         raise NotImplementedError
+
+
+def kept_channels(teacher_hidden: Array, channels: tuple[int, ...]) -> Array:
+    """teacher_hidden [..., teacher width] at the channels a pruned student kept, in order
+    (`LossSpec.teacher_channels`); unchanged for ()."""
+    if not channels:
+        return teacher_hidden
+    return jnp.take(teacher_hidden, jnp.asarray(channels, jnp.int32), axis=-1)
 
 
 def project(projection: dict[str, Array] | None, hidden: Array) -> Array:

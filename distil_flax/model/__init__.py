@@ -5,7 +5,8 @@
   attention      which attention kernel runs (cuDNN, splash, XLA, einsum)
   heads          task heads (classification, QA, token classification, multiple choice)
   pooling        sentence embeddings pooled per packed segment
-  student_init   a student from teacher layers
+  student_init   a student from teacher layers, or pruned from the teacher
+  importance     what each head, neuron, channel and layer contributes, and the units to keep
 
 Imports nothing above it. What config files and most callers use is importable from here.
 """

@@ -22,7 +22,7 @@ HEAD_STYLES = ("bert", "distilbert", "roberta", "xlm-roberta")
 
 # Model fields added after runs were first saved, and the value a config.json without them meant.
 LATER_FIELDS = {"attention_mask": "segments", "layer_norm_eps": LAYER_NORM_EPS,
-                "position_offset": 0}
+                "position_offset": 0, "head_dim": 0}
 
 # RoBERTa's and XLM-R's embeddings and LayerNorms (the head style is set per family).
 _ROBERTA = dict(type_vocab_size=1, use_pooler=False, layer_norm_eps=1e-5, position_offset=2)
@@ -77,6 +77,9 @@ def model_config(size: str) -> "ml_collections.ConfigDict":
     # fairseq numbered them; BERT: 0). Rows restart positions at 0 in every packed segment.
     c.position_offset = 0
     c.layer_norm_eps = LAYER_NORM_EPS  # Every LayerNorm's epsilon (BERT 1e-12, RoBERTa 1e-5).
+    # Width of each attention head; 0: hidden_size // num_heads. Any other value gives heads that
+    # do not fill the hidden size, which transformers' BERT cannot hold (export refuses it).
+    c.head_dim = 0
     # Names of the checkpoint family (HEAD_STYLES): bert | distilbert | roberta | xlm-roberta.
     # Only the Hugging Face names and classes differ; the computation comes from the fields.
     c.head_style = "bert"
@@ -113,7 +116,8 @@ def make_encoder(c: "ml_collections.ConfigDict", vocab_size: int | None = None) 
     vocab = c.vocab_size or vocab_size
     if not vocab:
         raise ValueError("model.vocab_size is 0 and no tokenizer vocabulary size was given")
-    if c.hidden_size % c.num_heads:
+    head_dim = later_field(c, "head_dim")
+    if not head_dim and c.hidden_size % c.num_heads:
         raise ValueError(
             f"model.hidden_size ({c.hidden_size}) must be divisible by model.num_heads "
             f"({c.num_heads})")
@@ -141,7 +145,7 @@ def make_encoder(c: "ml_collections.ConfigDict", vocab_size: int | None = None) 
         attention_dropout_rate=c.attention_dropout_rate, attention_impl=c.attention_impl,
         attention_mask=attention_mask, dtype=jnp.dtype(c.dtype),
         param_dtype=jnp.dtype(c.param_dtype),
-        remat=remat, layer_norm_eps=float(eps), position_offset=offset)
+        remat=remat, layer_norm_eps=float(eps), position_offset=offset, head_dim=int(head_dim))
 
 
 def later_field(c: "ml_collections.ConfigDict", name: str) -> Any:

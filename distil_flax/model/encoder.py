@@ -114,6 +114,9 @@ class Attention(nn.Module):
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **mask_args)
         out = nn.with_logical_constraint(out, axes)
+        # Each head's output, for measuring what it contributes (`importance`); a no-op unless
+        # the "intermediates" collection is mutable.
+        self.sow("intermediates", "heads", out)
         out = out.reshape(*out.shape[:2], width)
         return dense(self.hidden_size, ("heads", "embed"), "out")(out), (q, k, v)
 
@@ -140,6 +143,7 @@ class EncoderLayer(nn.Module):
     param_dtype: Any
     attention_mask: str = "segments"
     layer_norm_eps: float = LAYER_NORM_EPS
+    head_dim: int = 0  # 0: hidden_size // num_heads.
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, train: bool
@@ -149,7 +153,7 @@ class EncoderLayer(nn.Module):
             kernel_init=_dense_init(names), bias_init=_zeros(names[1:]), name=name)
         dropout = nn.Dropout(self.dropout_rate)
         attended, qkv = Attention(
-            num_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
+            num_heads=self.num_heads, head_dim=self.head_dim or self.hidden_size // self.num_heads,
             hidden_size=self.hidden_size, attention_dropout_rate=self.attention_dropout_rate,
             attention_impl=self.attention_impl, attention_mask=self.attention_mask,
             dtype=self.dtype, param_dtype=self.param_dtype, name="attention")(
@@ -157,6 +161,9 @@ class EncoderLayer(nn.Module):
         x = _layer_norm(self.dtype, self.param_dtype, "attention_norm", self.layer_norm_eps)(
             x + dropout(attended, deterministic=not train))
         h = _gelu(dense(self.intermediate_size, ("embed", "mlp"), "mlp_in")(x))
+        # What each feed-forward neuron and the normalised hidden channels carry (`importance`).
+        self.sow("intermediates", "neurons", h)
+        self.sow("intermediates", "normalised", x)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
         h = dense(self.hidden_size, ("mlp", "embed"), "mlp_out")(h)
         x = _layer_norm(self.dtype, self.param_dtype, "mlp_norm", self.layer_norm_eps)(
@@ -195,6 +202,13 @@ class Encoder(nn.Module):
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.float32
     remat: bool | str = False  # A name in REMAT_POLICIES or "none"; True means "full".
+    # Width of each attention head; 0: hidden_size // num_heads, as in every released BERT (and
+    # all transformers can load). Heads pruned from a wider model keep their size.
+    head_dim: int = 0
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
 
     def setup(self):
         embed_init = lambda names: nn.with_logical_partitioning(  # noqa: E731
@@ -223,7 +237,7 @@ class Encoder(nn.Module):
                 intermediate_size=self.intermediate_size, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 attention_impl=self.attention_impl, attention_mask=self.attention_mask,
-                layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                layer_norm_eps=self.layer_norm_eps, head_dim=self.head_size, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f"layers_{i}")
             for i in range(self.num_layers)
         ]
@@ -357,5 +371,5 @@ def attention_kernel(model: Encoder, length: int, *, train: bool = False) -> str
     """The attention kernel `model` runs on this platform for rows of `length` tokens."""
     return attention.select_attention(
         model.attention_impl, platform=attention.platform(), dtype=model.dtype,
-        head_dim=model.hidden_size // model.num_heads, length=length, mask=model.attention_mask,
+        head_dim=model.head_size, length=length, mask=model.attention_mask,
         dropout=train and model.attention_dropout_rate > 0)

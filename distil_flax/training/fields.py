@@ -157,6 +157,7 @@ MODEL = {
     "model.num_layers": at_least(1),
     "model.hidden_size": at_least(1),
     "model.num_heads": at_least(1),
+    "model.head_dim": at_least(1, {0: "hidden_size // num_heads"}),
     "model.intermediate_size": at_least(1),
     "model.type_vocab_size": at_least(0),
     "model.head_style": one_of(*HEAD_STYLES),

@@ -28,6 +28,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from distil_flax.interop.hf import hub, reproduce
 from distil_flax.losses import TERMS
+from distil_flax.model import student_init
 from distil_flax.training import metric_writers
 
 PIPELINE_TAGS = {"mlm": "fill-mask", "none": "feature-extraction",
@@ -105,7 +106,8 @@ def run_card(workdir: str, hf_config: Mapping[str, Any], head: str, *, name: str
             step = best.get("step")
         run = _finetuning(config, records, best, step, workdir)
     else:
-        run = _distillation(config, records, step)
+        run = _distillation(config, records, step,
+                            _read_json(os.path.join(workdir, student_init.PRUNING_FILE)))
     data = _card_data(head, hf_config, base_model=run.base_model, tags=run.tags,
                       datasets=run.datasets)
     return _card(data, [
@@ -133,7 +135,8 @@ class _Run:
 # ---------------------------------------------------------------------------------------------
 
 
-def _distillation(config: dict, records: list[dict], step: int | None) -> _Run:
+def _distillation(config: dict, records: list[dict], step: int | None,
+                  pruning: dict | None = None) -> _Run:
     loss, train, data = config.get("loss", {}), config.get("train", {}), config.get("data", {})
     terms = loss_terms(loss)
     teacher = config.get("teacher", {}).get("checkpoint") or ""
@@ -143,7 +146,9 @@ def _distillation(config: dict, records: list[dict], step: int | None) -> _Run:
     lines = []
     if distilled:
         lines.append(f"- **Teacher**: {_source(teacher)}")
-        if init.get("from_teacher"):
+        if init.get("from_teacher") and pruning:
+            lines.append(_pruned(pruning))
+        elif init.get("from_teacher"):
             layer_map = tuple(init.get("layer_map") or ())
             lines.append(f"- **Student initialisation**: teacher layers {layer_map} → student "
                          f"layers {tuple(range(len(layer_map)))}")
@@ -236,17 +241,41 @@ def _finetuning(config: dict, records: list[dict], best: dict | None, step: int 
 
 def loss_terms(loss: Mapping[str, Any]) -> list[tuple[str, float, str]]:
     """(config field, weight, what it weighs) of every term of a `loss` section: its `alpha_*`
-    fields and its sub-sections with a `weight` field (their other fields described inline)."""
+    fields and the weights of its sub-sections (each term's `weights`; their other fields
+    described inline)."""
+    weight_fields = {term.name: term.weights for term in TERMS}
     terms = []
     for key, value in sorted(loss.items()):
-        if isinstance(value, Mapping) and "weight" in value:
-            rest = ", ".join(f"{k}={v}" for k, v in sorted(value.items()) if k != "weight")
-            terms.append((f"loss.{key}.weight", float(value["weight"]),
-                          _LOSS_TERMS.get(key, key.replace("_", " "))
-                          + (f"; {rest}" if rest else "")))
+        if isinstance(value, Mapping):
+            names = [w for w in weight_fields.get(key, ("weight",)) if w in value]
+            rest = ", ".join(f"{k}={v}" for k, v in sorted(value.items()) if k not in names)
+            for name in names:
+                what = _LOSS_TERMS.get(key, key.replace("_", " "))
+                if name != "weight":  # A section of several weights: say which one.
+                    what += f" ({name.removesuffix('_weight')})"
+                terms.append((f"loss.{key}.{name}", float(value[name]),
+                              what + (f"; {rest}" if rest else "")))
         elif key.startswith("alpha_") and not isinstance(value, Mapping):
             terms.append((f"loss.{key}", float(value), _LOSS_TERMS.get(key, key[6:])))
     return terms
+
+
+def _pruned(record: Mapping[str, Any]) -> str:
+    """The initialisation line of a student pruned from its teacher (its pruning.json)."""
+    layers, teacher = tuple(record.get("layers", ())), record.get("teacher", {})
+
+    def kept(units: Sequence[Sequence[int]], of: str, what: str) -> str:
+        counts = sorted({len(u) for u in units})
+        total = f" of {teacher[of]}" if of in teacher else ""
+        return f"{'/'.join(map(str, counts))}{total} {what}"
+
+    return (f"- **Student initialisation**: pruned from the teacher ({student_init.PRUNING_FILE}"
+            f" lists what it kept): teacher layers {layers} → student layers "
+            f"{tuple(range(len(layers)))}, keeping in each "
+            f"{kept(record.get('heads', ()), 'num_heads', 'heads')} and "
+            f"{kept(record.get('neurons', ()), 'intermediate_size', 'feed-forward neurons')}, "
+            f"and {kept([record.get('channels', ())], 'hidden_size', 'hidden channels')}: those "
+            "with the largest activations on the first training batches")
 
 
 def _optimizer(train: Mapping[str, Any]) -> str:

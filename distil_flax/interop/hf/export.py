@@ -81,6 +81,12 @@ def hf_config(model_cfg: ml_collections.ConfigDict, *, head: str = "mlm",
                 f"row {offset} (model.position_offset): use a vocabulary whose pad id is "
                 f"{offset - 1} (RoBERTa's <pad> is 1)")
         pad_token_id = offset - 1
+    head_dim = model_lib.later_field(model_cfg, "head_dim")
+    if head_dim and head_dim * model_cfg.num_heads != model_cfg.hidden_size:
+        raise ValueError(
+            f"model.num_heads ({model_cfg.num_heads}) × model.head_dim ({head_dim}) differs from "
+            f"model.hidden_size ({model_cfg.hidden_size}): transformers' {arch.model_type} needs "
+            "heads that fill the hidden size (prune heads and channels together)")
     common = {
         "architectures": [arch.mlm_class if head == "mlm" else arch.base_class],
         "model_type": arch.model_type,
