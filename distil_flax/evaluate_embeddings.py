@@ -28,12 +28,13 @@ Metrics, each on the files given:
                         excluded) that are among its 10 nearest student neighbours.
 
 Rows: the teacher; the init-only student — the teacher with layers removed as the student run
-started (`student_init.init_from_teacher` with the run's init.layer_map), when the student is a
-distil_flax workdir as wide as its teacher — so that what distillation gained is visible; and the
-student; then each --onnx file, an ONNX export of the student (`export_onnx`, fp32 or int8), run
-by ONNX Runtime on the same sentences one to a row, so that what quantisation costs is measured
-the same way. The table goes to stdout and, with --output, the same numbers to JSON with what was
-evaluated (files, sizes, pooling, tokenizer). A bad file or model ends in one `error:` line.
+started (`student_init.init_from_teacher` with the run's init.layer_map, or pruned as the run's
+pruning.json records), when the student is a distil_flax distillation workdir — so that what
+distillation gained is visible; and the student; then each --onnx file, an ONNX export of the
+student (`export_onnx`, fp32 or int8), run by ONNX Runtime on the same sentences one to a row, so
+that what quantisation costs is measured the same way. The table goes to stdout and, with
+--output, the same numbers to JSON with what was evaluated (files, sizes, pooling, tokenizer). A
+bad file or model ends in one `error:` line.
 """
 
 import functools
@@ -77,7 +78,8 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
                                    "Compute dtype of the encoders."),
         "init_only": flags.DEFINE_bool(
             "init_only", True, "Also evaluate the student as its run started (teacher layers "
-            "init.layer_map), when the student is a distil_flax workdir as wide as the teacher."),
+            "init.layer_map, or the teacher pruned as its pruning.json says), when the student "
+            "is a distil_flax distillation workdir."),
         "seed": flags.DEFINE_integer("seed", 0, "Seeds the probe's folds and pair sampling."),
         "onnx": flags.DEFINE_string(
             "onnx", None, "Comma-separated ONNX exports of the student (export_onnx: fp32, "

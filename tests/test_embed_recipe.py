@@ -130,3 +130,8 @@ def test_a_pruned_student_records_what_it_kept_and_exports_with_parity(tmp_path)
     ids = [tokenizer.frame(ids[:30]).input_ids for ids in tokenizer.encode_batch(SENTENCES)]
     from_onnx = onnx_runtime.embed(exported.output, ids, tokenizer.pad_id, 32)
     assert np.abs(from_onnx - theirs).max() < 1e-4
+
+    # A damaged record is refused in one line naming it, by every reader of the run.
+    (tmp_path / "run" / "pruning.json").write_text('{"layers": [5], "channels": "all"}')
+    with pytest.raises(ValueError, match=r"pruning\.json is damaged: 'channels' is not a list"):
+        sources.open_source(workdir)

@@ -425,9 +425,12 @@ def _empty_tokenizer(c, tmp_path):
 
 
 @pytest.mark.parametrize("change,error,message", [
-    (_change("model", hidden_size=48, num_heads=4, intermediate_size=96), ValueError,
+    (_change("model", hidden_size=16, num_heads=1, intermediate_size=64), ValueError,
      r"loss.alpha_cos compares hidden states, but the teacher's hidden size \(32\) differs from "
-     r"model.hidden_size \(48\)"),
+     r"model.hidden_size \(16\)"),
+    (_change("model", hidden_size=48, num_heads=3, intermediate_size=96), ValueError,
+     r"init.prune keeps units of the teacher, but model.hidden_size \(48\) is larger than the "
+     r"teacher's \(32\)"),
     (_change("model", vocab_size=1999), ValueError,
      r"model.vocab_size \(1999\) differs from data.tokenizer's \(2000\)"),
     (_change("mesh", data=3), ValueError, r"mesh shape \(mesh.data=3, mesh.fsdp=1, "

@@ -156,3 +156,29 @@ def test_every_recipe_distils_a_pruned_student(recipe, loss, tmp_path, vocab_pat
     _, _, train_item = _restore(workdir)
     # A projection only where a term compares hidden states across widths (TinyBERT's).
     assert ("projections" in train_item) == (recipe == "tinybert" and not loss)
+
+
+def test_a_pruned_run_resumes_exactly_on_the_units_it_recorded(tmp_path, vocab_path,
+                                                               teacher_workdir):
+    def config():
+        c = load_config(os.path.join(ROOT, "configs/tinybert.py:pruned,tiny"))
+        c.data.tokenizer, c.teacher.checkpoint = vocab_path, teacher_workdir
+        c.loss.kept_channels = True
+        c.train.num_steps, c.train.eval_every, c.train.checkpoint_every = 6, 0, 3
+        return c
+
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train.train_and_evaluate(config(), whole)
+    train.train_and_evaluate(config(), parts, stop_at_step=3)
+    record = tmp_path / "parts" / "pruning.json"
+    kept = record.read_text()
+    record.write_text("{")  # Damaged: the resume is refused naming it ...
+    with pytest.raises(ValueError, match="pruning.json"):
+        train.train_and_evaluate(config(), parts)
+    record.write_text(kept)  # ... and, intact, continues as the uninterrupted run.
+    c = config()
+    c.init.prune.calibration_batches = 1  # Not measured again: the record decides.
+    train.train_and_evaluate(c, parts)
+    _, want, _ = _restore(whole, 6)
+    _, got, _ = _restore(parts, 6)
+    jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -88,11 +88,14 @@ def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
     return teacher, params, source.has_mlm_head, found and found.pooling
 
 
-def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = None) -> Setup:
+def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = None,
+          workdir: str | None = None) -> Setup:
     """Loads data, teacher and models.
 
     Args:
       tokenizer: what `config.validate(c)` returned; None: the config is validated here.
+      workdir: the run's, when it may resume: a pruned student that has checkpoints there keeps
+        the units its pruning.json records.
     """
     if tokenizer is None:
         tokenizer = config_lib.validate(c)
@@ -115,7 +118,10 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
             logging.info("The teacher has no MLM head: no MLM metrics for it.")
         if c.init.from_teacher:
             if prunes(c, teacher, student):
-                pruning = prune_plan(c, teacher, teacher_params, student, train_rows, mesh, rules)
+                # A resumed run compares on the units it was pruned to, measured or not.
+                pruning = (workdir and sources.available_steps(workdir)
+                           and sources.read_pruning(workdir)) or prune_plan(
+                    c, teacher, teacher_params, student, train_rows, mesh, rules)
             abstract = jax.eval_shape(model_lib.init_fn(student), jax.random.PRNGKey(0))
             teacher_init = student_init.init_from_teacher(
                 teacher_params, abstract, c.init.layer_map,
@@ -139,8 +145,8 @@ def prune_plan(c: ml_collections.ConfigDict, teacher: Encoder, teacher_params, s
     """The teacher's units the student keeps: the most important on the first
     `init.prune.calibration_batches` training batches (`model.importance`), sharded as the step.
 
-    Measured again on every start, with the same result: the batches are the first of the
-    data's seeded order, whatever the step the run resumes at.
+    The batches are the first of the data's seeded order, whatever the step a run resumes at;
+    a resumed run reads what it kept from its pruning.json instead (`build`).
     """
     batches = data.BatchIterator(train_rows, c.train.micro_batch_size or c.train.batch_size,
                                  seed=c.seed, process_index=jax.process_index(),
@@ -406,7 +412,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,
     """
     tokenizer = config_lib.validate(c)  # A bad config fails before anything touches the workdir.
     with loop.exclusive(workdir) as session:
-        setup = build(c, tokenizer)
+        setup = build(c, tokenizer, workdir)
         logging.info("Config:\n%s", c)
         logging.info("Devices: %d (%d local, process %d of %d); mesh %s.", jax.device_count(),
                      jax.local_device_count(), jax.process_index(), jax.process_count(),

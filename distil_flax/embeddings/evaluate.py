@@ -126,6 +126,13 @@ def init_only_model(student: Model, teacher: Model) -> tuple[Model | None, str]:
     return model, ""
 
 
+def _init_only_note(student: Model) -> dict[str, Any]:
+    """How the init-only student was made, for the report."""
+    if student.pruning is not None:
+        return {"layer_map": list(student.pruning.layers), "pruned": True}
+    return {"layer_map": list(student.run_config.init.layer_map)}
+
+
 def _check_model_fits(model: Model, vocab_size: int, tokenizer: str, max_len: int) -> None:
     c = model.model_cfg
     if int(c.vocab_size) != vocab_size:
@@ -314,8 +321,8 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
     report = {
         "metrics": metrics,
         "models": {**{role: m.describe() for role, m in models.items()}, **onnx_rows},
-        "init_only": ({"layer_map": list(models["student"].run_config.init.layer_map)}
-                      if "init_only" in models else {"skipped": init_note}),
+        "init_only": _init_only_note(models["student"]) if "init_only" in models else {
+            "skipped": init_note},
         "pooling": pooling, "pooling_source": pooling_source,
         "tokenizer": tokenizer_path, "lowercase": lowercase, "max_len": max_len,
         "batch_size": batch_size, "dtype": dtype, "seed": seed,

@@ -124,11 +124,16 @@ def open_source(spec: str, *, field: str = "--model", seed: int = 0) -> Source:
         raise ValueError(f"{config_file} has no resolved model section (model.vocab_size): the "
                          "run never started")
     return Source(spec, field, path, "run", c.model, c.data.get("tokenizer", ""),
-                  c.data.get("lowercase", True), run_config=c, pruning=_read_pruning(path))
+                  c.data.get("lowercase", True), run_config=c, pruning=read_pruning(path))
 
 
-def _read_pruning(path: str) -> student_init.Pruning | None:
-    record = epath.Path(path) / student_init.PRUNING_FILE
+def read_pruning(workdir: str) -> student_init.Pruning | None:
+    """What a run's student pruned from its teacher kept (its pruning.json); None if unpruned.
+
+    Raises:
+      ValueError: the record is damaged (naming it).
+    """
+    record = epath.Path(workdir) / student_init.PRUNING_FILE
     if not record.exists():
         return None
     try:
