@@ -54,13 +54,12 @@ by about 0.01 either way, but CPython's help topics, its own kind, to 0.888 / 0.
 held-out text). Text of the kind the student will embed is the lever: train on it (`data.source`,
 `data.paths`).
 
-`:narrow` distils into a narrower 3 × 256 student (8 heads of 32, 1024 intermediate) from random
-weights (a narrower student cannot copy layers): MSE and cosine through a learned 256 → 384
-projection (trained, checkpointed, never exported), and the in-batch similarity term: the only
-one that compares the student's own embeddings, which are what its users compare. In 5.4
-minutes (700 steps, 5e-4) it reached eval cosine 0.682 on the held-out Bible, and 0.150 / 0.081,
-0.212 / 0.087 and 0.142 / 0.156 on the three held-out texts above: from random weights this
-budget buys little.
+`:narrow` distils into a narrower 3 × 256 student (8 heads of 32, 1024 intermediate) pruned from
+the teacher (`init.prune`: in layers 0, 3 and 5 the heads, neurons and hidden channels of the
+largest activations), by MSE and cosine on the teacher's channels it kept (`loss.kept_channels`).
+700 steps reach 0.635, 0.682 and 0.531 on the three held-out texts above (init-only 0.355, 0.439,
+0.385), where random init with a learned projection and the similarity term reached 0.166, 0.218
+and 0.141 (`bench/pruning.py`, BENCHMARKS.md §8).
 
 `:tiny` runs in seconds (one layer, the teacher's last, 32-token rows, 12 steps; 0.2-0.4 s a step
 on one device) with all three terms on; `:narrow,tiny` is its narrow twin, 1 × 32.
