@@ -22,11 +22,12 @@ from etils import epath
 from distil_flax import data
 from distil_flax import model as model_lib
 from distil_flax.distill import config as config_lib
+from distil_flax.distill import pruning as pruning_lib
 from distil_flax.distill.masking import MaskingSpec, smoothing_weights
 from distil_flax.distill.step import jit_steps
 from distil_flax.interop import sources
 from distil_flax.losses import TERMS, LossSpec, projection_init
-from distil_flax.model import Encoder, importance, make_encoder, student_init
+from distil_flax.model import Encoder, make_encoder, student_init
 from distil_flax.training import atomic, config_files, flops, loop, partitioning, train_state
 from distil_flax.training.optimizer import make_optimizer
 from distil_flax.training.train_state import TrainState
@@ -117,11 +118,8 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
         if not teacher_mlm:
             logging.info("The teacher has no MLM head: no MLM metrics for it.")
         if c.init.from_teacher:
-            if prunes(c, teacher, student):
-                # A resumed run compares on the units it was pruned to, measured or not.
-                pruning = (workdir and sources.available_steps(workdir)
-                           and sources.read_pruning(workdir)) or prune_plan(
-                    c, teacher, teacher_params, student, train_rows, mesh, rules)
+            pruning = pruning_lib.student_pruning(c, teacher, teacher_params, student,
+                                                  train_rows, mesh, rules, workdir)
             abstract = jax.eval_shape(model_lib.init_fn(student), jax.random.PRNGKey(0))
             teacher_init = student_init.init_from_teacher(
                 teacher_params, abstract, c.init.layer_map,
@@ -132,40 +130,6 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
     return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
                  teacher_params, teacher_init,
                  loss_spec(c, student, teacher, teacher_pooling, pruning), teacher_mlm, pruning)
-
-
-def prunes(c: ml_collections.ConfigDict, teacher: Encoder, student: Encoder) -> bool:
-    """Whether `init.from_teacher` prunes: the student is narrower, or init.prune picks layers."""
-    widths = lambda m: (m.hidden_size, m.num_heads, m.intermediate_size)  # noqa: E731
-    return c.init.prune.layers == "importance" or widths(teacher) != widths(student)
-
-
-def prune_plan(c: ml_collections.ConfigDict, teacher: Encoder, teacher_params, student: Encoder,
-               train_rows, mesh, rules) -> student_init.Pruning:
-    """The teacher's units the student keeps: the most important on the first
-    `init.prune.calibration_batches` training batches (`model.importance`), sharded as the step.
-
-    The batches are the first of the data's seeded order, whatever the step a run resumes at;
-    a resumed run reads what it kept from its pruning.json instead (`build`).
-    """
-    batches = data.BatchIterator(train_rows, c.train.micro_batch_size or c.train.batch_size,
-                                 seed=c.seed, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    sharding = partitioning.batch_sharding(mesh, rules)
-    calibration = (partitioning.host_to_global(next(batches), sharding)
-                   for _ in range(c.init.prune.calibration_batches))
-    with partitioning.mesh_context(mesh, rules):
-        measured = importance.measure(teacher, teacher_params, calibration)
-    layers = (c.model.num_layers if c.init.prune.layers == "importance"
-              else tuple(c.init.layer_map))
-    pruning = importance.keep(measured, layers=layers, hidden_size=student.hidden_size,
-                              num_heads=student.num_heads,
-                              intermediate_size=student.intermediate_size)
-    logging.info("Pruned from the teacher (importance over %d calibration rows): layers %s, %d "
-                 "of %d hidden channels, heads %s, neurons %s.", measured.rows,
-                 list(pruning.layers), len(pruning.channels), teacher.hidden_size,
-                 [len(h) for h in pruning.heads], [len(n) for n in pruning.neurons])
-    return pruning
 
 
 def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder | None,
