@@ -719,11 +719,22 @@ def test_prepare_cli_then_training_config_reads_the_shards(tmp_path, vocab_path)
                "--config=configs/quickstart_teacher.py:tiny",
                f"--config.data.tokenizer={vocab_path}",
                f"--config.data.dir={out}", "--config.data.max_len=200"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Not a terminal: plain progress lines, here one per unit.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DISTIL_FLAX_PROGRESS_SECONDS": "0"}
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
     assert "Prepared data in" in first.stdout and "tokens/s" in first.stdout
     manifest = records.PreparedDataset(str(out)).manifest
+    units = manifest["units"]
+    lines = [line.split("] ", 1)[-1] for line in first.stderr.splitlines() if "prepare: " in line]
+    assert len(lines) == units + 1 and lines[0].startswith(f"prepare: 1/{units} units (")
+    assert " units/s | " in lines[0] and ", shards " in lines[0]
+    assert (" | ETA " in lines[0]) == (units > 1)  # None once everything is done.
+    totals = manifest["splits"]["train"], manifest["splits"]["eval"]
+    assert lines[-1].startswith(f"prepare: {units}/{units} units (100%)")
+    assert (f"documents {sum(t['documents'] for t in totals):,}, tokens "
+            f"{sum(t['tokens'] for t in totals):,}, shards ") in lines[-1]
+    assert " | done in " in lines[-1]
     assert manifest["splits"]["train"]["documents"] > 1000  # The bundled Bible's chapters.
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     assert second.returncode == 0 and "already prepared" in second.stderr
@@ -737,5 +748,6 @@ def test_train_vocab_cli_trains_then_reuses(tmp_path):
                "--sample_documents=10"]
     first = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "10 of 20 documents" in first.stdout and output.exists()
+    assert "read: 20 documents | " in first.stderr and " | done in " in first.stderr
     second = subprocess.run(command, capture_output=True, text=True, check=True)
     assert "Reusing" in second.stdout

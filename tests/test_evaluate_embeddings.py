@@ -8,6 +8,7 @@ and on the real all-MiniLM-L6-v2 our mean-pooled embeddings equal transformers' 
 
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import re
@@ -299,12 +300,17 @@ def tiny_pair(tmp_path):
     return teacher, student, dict(sts=str(sts), labelled=str(labelled), text=str(text))
 
 
-def test_report_json_holds_the_table(tiny_pair, tmp_path):
+def test_report_json_holds_the_table(tiny_pair, tmp_path, caplog):
     teacher, student, files = tiny_pair
     output = tmp_path / "report.json"
+    caplog.set_level(logging.INFO)
     report = ev.evaluate(str(student), str(teacher), output=str(output), folds=3,
                          max_len=32, batch_size=4, **files)
     assert json.loads(output.read_text()) == report
+    # Progress: three models each embed the 2 × 20 STS sentences, the labelled and the text.
+    per_model = 40 + sum(len(open(files[f]).read().splitlines()) for f in ("labelled", "text"))
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate: ")][-1]
+    assert last.startswith(f"evaluate: {3 * per_model}/{3 * per_model} sentences (100%)")
     assert report["pooling"] == "mean" and "default" in report["pooling_source"]
     assert report["models"]["student"]["step"] == 3
     assert report["init_only"] == {"layer_map": [1]}

@@ -199,6 +199,8 @@ def test_onnx_command_prints_its_differences(folders, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ONNX vs PyTorch (fp32, 2 sentences): max |diff|" in result.stdout
     assert "int8 vs fp32 sentence embeddings: cosine mean" in result.stdout
+    # PyTorch, ONNX and int8 each run the 2 sentences; the last progress line says so.
+    assert "parity: 6/6 sentences (100%)" in result.stderr and " | done in " in result.stderr
     assert (tmp_path / "m.onnx").is_file() and (tmp_path / "m_int8.onnx").is_file()
 
 

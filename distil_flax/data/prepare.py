@@ -44,7 +44,7 @@ from absl import flags, logging
 from distil_flax.data import corpus, records, worker_pool
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.data import units as units_lib
-from distil_flax.training import atomic, cli, fields
+from distil_flax.training import atomic, cli, fields, progress
 
 _REQUEST = "request.json"
 
@@ -182,13 +182,18 @@ def prepare(
     logging.info("Preparing %s into %s: %d units (%d already done), %d worker(s).",
                  spec.source, directory, len(selected), len(selected) - len(jobs), workers)
     start = time.perf_counter()
-    tokens, cpu_seconds = 0, 0.0
-    for done, summary in enumerate(_run(jobs, workers), start=1):
-        unit_tokens = sum(s["tokens"] for s in summary["splits"].values())
-        tokens += unit_tokens
-        cpu_seconds += summary["cpu_seconds"]
-        logging.info("Unit %d/%d %s: %d tokens in %.1f s.", done, len(jobs), summary["unit"],
-                     unit_tokens, summary["seconds"])
+    tokens, cpu_seconds, documents, shards = 0, 0.0, 0, 0
+    with progress.Progress("prepare", len(jobs), "units") as shown:
+        for summary in _run(jobs, workers):
+            splits = summary["splits"].values()
+            unit_tokens = sum(s["tokens"] for s in splits)
+            tokens += unit_tokens
+            documents += sum(s["documents"] for s in splits)
+            shards += sum(1 for s in splits if s["path"])
+            cpu_seconds += summary["cpu_seconds"]
+            logging.debug("Unit %s: %d tokens in %.1f s.", summary["unit"], unit_tokens,
+                          summary["seconds"])
+            shown.update(1, documents=documents, tokens=tokens, shards=shards)
     seconds = time.perf_counter() - start
     throughput = {"seconds": round(seconds, 3), "tokens": tokens, "workers": workers,
                   "units": len(jobs), "tokens_per_second": round(tokens / max(seconds, 1e-9)),

@@ -28,7 +28,7 @@ from absl import flags
 
 from distil_flax.data import corpus, readers, roberta_vocab
 from distil_flax.data import tokenizer as tokenizer_lib
-from distil_flax.training import cli
+from distil_flax.training import cli, progress
 
 _SOURCE = flags.DEFINE_enum("source", "bundled", corpus.SOURCES, "Document source.")
 _PATHS = flags.DEFINE_list("paths", [], "Files or globs (text/jsonl/parquet), or the TFDS name.")
@@ -152,6 +152,8 @@ def train_or_reuse(kind: str, output: str, vocab_size: int, *, source: str = "bu
     tally = corpus.Tally()
     documents = readers.read_documents(source, list(paths), text_field, tfds_split=tfds_split,
                                       tfds_data_dir=tfds_data_dir, tally=tally)
+    # The trainers read the documents once, then learn the vocabulary from their counts.
+    documents = progress.track(documents, progress.Progress("read", None, "documents"))
     if sample_documents:
         documents = sample(documents, sample_documents)
     if kind == "wordpiece":

@@ -14,7 +14,7 @@ from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.interop import hf
 from distil_flax.losses import TERMS
 from distil_flax.model import model_config
-from distil_flax.training import fields, partitioning
+from distil_flax.training import fields, partitioning, trackers
 
 RELEASED_LAYER_MAP = (0, 2, 4, 7, 9, 11)  # The layers the released DistilBERT took from BERT-base.
 
@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     # every log_every steps). 0: never stop.
     c.train.max_consecutive_nonfinite = 20
     c.train.peak_tflops = 0.0  # Device bf16 peak for MFU; 0: look up the device kind.
+    trackers.add_fields(c.train)  # writers (TensorBoard, JSONL, MLflow, W&B) and their fields.
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # Data-parallel size; -1: all devices not used by other axes.
@@ -200,6 +201,7 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
     `jax.device_count()` devices.
     """
     fields.check(c, RULES)
+    trackers.writers(c)  # An unknown writer, or a tracker that is not installed.
     loss = c.loss
     weights = loss_weights(c)
     if not any(weights.values()):

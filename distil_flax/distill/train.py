@@ -28,7 +28,15 @@ from distil_flax.distill.step import jit_steps
 from distil_flax.interop import sources
 from distil_flax.losses import TERMS, LossSpec, projection_init
 from distil_flax.model import Encoder, make_encoder, student_init
-from distil_flax.training import atomic, config_files, flops, loop, partitioning, train_state
+from distil_flax.training import (
+    atomic,
+    config_files,
+    flops,
+    loop,
+    partitioning,
+    trackers,
+    train_state,
+)
 from distil_flax.training.optimizer import make_optimizer
 from distil_flax.training.train_state import TrainState
 
@@ -352,7 +360,7 @@ def make_trainer(setup: Setup, workdir: str) -> loop.Trainer:
             max_consecutive_nonfinite=c.train.max_consecutive_nonfinite),
         evaluate=lambda state, step: loop.Evaluation(
             evaluate(setup, state, eval_fn, c.train.eval_batches)),
-        throughput=throughput, on_start=on_start,
+        throughput=throughput, on_start=on_start, tracking=trackers.Settings.of(c),
         explain_shapes=lambda: _explain_shapes(c, workdir))
 
 

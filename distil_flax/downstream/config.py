@@ -10,7 +10,7 @@ import ml_collections
 from etils import epath
 
 from distil_flax.interop import hf
-from distil_flax.training import fields, partitioning
+from distil_flax.training import fields, partitioning, trackers
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Stop after this many steps in a row whose loss, gradients or update were not finite (their
     # updates are skipped; 0: skip and go on).
     c.train.max_consecutive_nonfinite = 20
+    trackers.add_fields(c.train)  # writers (TensorBoard, JSONL, MLflow, W&B) and their fields.
 
     c.distill = ml_collections.ConfigDict()
     # Task-specific distillation ("DistilBERT (D)"): a teacher fine-tuned on the same task — a
@@ -167,6 +168,7 @@ def _resolve(field: str, spec: str) -> str:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field when a fine-tuning config cannot run."""
     fields.check(c, RULES)
+    trackers.writers(c)  # An unknown writer, or a tracker that is not installed.
     if not c.init.checkpoint:
         raise ValueError("init.checkpoint is empty: set --config.init.checkpoint to a distil_flax "
                          "workdir, a Hugging Face model folder or hf://ORG/NAME")

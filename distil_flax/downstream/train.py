@@ -47,7 +47,7 @@ from distil_flax.downstream.step import INPUTS, LossSpec, finetune_step, predict
 from distil_flax.downstream.tasks import batching
 from distil_flax.interop import hf, sources
 from distil_flax.model import heads
-from distil_flax.training import atomic, config_files, loop, partitioning, train_state
+from distil_flax.training import atomic, config_files, loop, partitioning, trackers, train_state
 from distil_flax.training import optimizer as optim
 from distil_flax.training.train_state import TrainState
 
@@ -322,7 +322,8 @@ def make_trainer(run: Run, workdir: str) -> loop.Trainer:
             async_checkpoints=c.train.async_checkpoints, strict_restore=c.train.strict_restore,
             max_consecutive_nonfinite=c.train.max_consecutive_nonfinite),
         evaluate=lambda state, step: _evaluation(run, state.params, predict_fn, step, workdir),
-        throughput=throughput, on_start=on_start, keep_best=True)
+        throughput=throughput, on_start=on_start, keep_best=True,
+        tracking=trackers.Settings.of(c))
 
 
 def finetune_and_evaluate(c: ml_collections.ConfigDict, workdir: str, *,

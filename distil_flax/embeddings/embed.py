@@ -23,6 +23,7 @@ from distil_flax.data import packing
 from distil_flax.data.tokenizer import Tokenizer
 from distil_flax.model import Encoder, make_encoder
 from distil_flax.model.pooling import check_pooling, pool_segments
+from distil_flax.training.progress import Progress
 
 Array = jax.Array
 
@@ -120,7 +121,8 @@ def _encode(params, input_ids, segment_ids, positions, *, model: Encoder, max_se
 
 
 def embed_packed(model: Encoder, params: dict[str, Any], packed: PackedSentences, *,
-                 pooling: str = "mean", batch_size: int = 64) -> np.ndarray:
+                 pooling: str = "mean", batch_size: int = 64,
+                 progress: Progress | None = None) -> np.ndarray:
     """Embeds packed sentences, in their original order.
 
     Args:
@@ -130,6 +132,7 @@ def embed_packed(model: Encoder, params: dict[str, Any], packed: PackedSentences
       pooling: "mean" or "cls".
       batch_size: rows per forward pass (the last batch is padded with empty rows, so one
         program serves every batch).
+      progress: counts the sentences embedded.
 
     Returns:
       float32 [sentences, d].
@@ -143,12 +146,15 @@ def embed_packed(model: Encoder, params: dict[str, Any], packed: PackedSentences
     n_rows = rows["input_ids"].shape[0]
     batch = min(batch_size, n_rows)
     pooled = []
+    per_row = np.bincount(packed.row, minlength=n_rows)  # Sentences in each row.
     for start in range(0, n_rows, batch):
         chunk = [rows[k][start:start + batch] for k in packing.FIELDS]
         missing = batch - chunk[0].shape[0]
         if missing:  # Padding rows: segment 0 everywhere, never read.
             chunk = [np.pad(a, ((0, missing), (0, 0))) for a in chunk]
         pooled.append(np.asarray(encode(params, *chunk))[:batch - missing])
+        if progress is not None:
+            progress.update(int(per_row[start:start + batch].sum()))
     by_row = np.concatenate(pooled)  # [rows, max_segments, d]
     return by_row[packed.row, packed.segment - 1]
 

@@ -28,7 +28,7 @@ from distil_flax.interop import onnx_runtime, sources
 from distil_flax.interop import sentence_transformers as st_layout
 from distil_flax.model import pooling as pooling_lib
 from distil_flax.model import student_init
-from distil_flax.training import atomic, partitioning
+from distil_flax.training import atomic, partitioning, progress
 
 ROLES = ("teacher", "init_only", "student")  # Table rows, in order.
 ROLE_NAMES = {"teacher": "teacher", "init_only": "init-only student", "student": "student"}
@@ -285,6 +285,10 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
     metrics: dict[str, dict[str, float]] = {}
     details: dict[str, dict[str, Any]] = {}
     teacher_text = None
+    # Every model embeds every file's sentences: the JAX models, then each ONNX file.
+    sentences_per_model = sum(len(p.row) for p in packed.values())
+    shown = progress.Progress(
+        "evaluate", sentences_per_model * (len(models) + len(onnx_files)), "sentences")
     for role in ROLES:
         if role not in models:
             continue
@@ -293,7 +297,7 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
         params = embeddings.encoder_only(model.params)
         started = time.perf_counter()
         embedded = {name: embeddings.embed_packed(encoder, params, p, pooling=pooling,
-                                                  batch_size=batch_size)
+                                                  batch_size=batch_size, progress=shown)
                     for name, p in packed.items()}
         details[role] = {"embed_seconds": round(time.perf_counter() - started, 3)}
         metrics[role] = score(embedded, details[role], teacher_text)
@@ -310,13 +314,16 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
     for path in onnx_files:
         role = f"onnx:{os.path.basename(path)}"
         started = time.perf_counter()
-        embedded = {name: onnx_runtime.embed(path, ids, tok.pad_id, max_len, batch_size)
-                    for name, ids in framed.items()}
+        embedded = {}
+        for name, ids in framed.items():
+            embedded[name] = onnx_runtime.embed(path, ids, tok.pad_id, max_len, batch_size)
+            shown.update(len(ids))
         details[role] = {"embed_seconds": round(time.perf_counter() - started, 3)}
         metrics[role] = score(embedded, details[role], teacher_text)
         onnx_rows[role] = {"path": path, "source": "onnx",
                            "hidden_size": int(next(iter(embedded.values())).shape[-1])}
         logging.info("%s: %s", role, metrics[role])
+    shown.close()
 
     report = {
         "metrics": metrics,

@@ -16,7 +16,7 @@ from distil_flax.interop import export as export_lib
 from distil_flax.interop import hf, sources
 from distil_flax.interop import sentence_transformers as st_layout
 from distil_flax.interop.onnx_runtime import session
-from distil_flax.training import atomic
+from distil_flax.training import atomic, progress
 
 OPSET = 17
 TOLERANCE = 1e-4  # Max |ONNX − PyTorch| of either output, fp32.
@@ -258,12 +258,18 @@ def export_onnx(model: str, output: str, *, pooling: str = "auto", quantize: str
     types = "token_type_ids" in names
     batches = parity_batches(folder, config.vocab_size, sentences,
                              int(config.max_position_embeddings), types)
-    with torch.inference_mode():
-        expected = [[t.numpy() for t in module(*(torch.from_numpy(b[n]) for n in names))]
-                    for b in batches]
-
-    # Renamed into place together once the parity check (and quantisation) passed.
+    # Each sentence runs through PyTorch, the ONNX graph and (quantized) the int8 graph.
+    rows = [len(b["input_ids"]) for b in batches]
+    shown = progress.Progress("parity", sum(rows) * (3 if quantize else 2), "sentences")
     with contextlib.ExitStack() as files:
+        files.enter_context(shown)
+        with torch.inference_mode():
+            expected = []
+            for batch, n in zip(batches, rows):
+                expected.append([t.numpy() for t in module(*(torch.from_numpy(batch[k])
+                                                             for k in names))])
+                shown.update(n)
+        # Renamed into place together once the parity check (and quantisation) passed.
         tmp_fp32 = files.enter_context(atomic.replaced(output, suffix=".onnx"))
         tmp_int8 = (files.enter_context(atomic.replaced(int8_output, suffix=".onnx"))
                     if int8_output else None)
@@ -288,6 +294,7 @@ def export_onnx(model: str, output: str, *, pooling: str = "auto", quantize: str
             diff_hidden = max(diff_hidden, float(np.abs(hidden[keep] - hidden_pt[keep]).max()))
             diff_embedding = max(diff_embedding, float(np.abs(embedding - embedding_pt).max()))
             embeddings.append(embedding)
+            shown.update(len(embedding))
         if not max(diff_hidden, diff_embedding) <= tolerance:
             raise ValueError(f"the ONNX graph differs from PyTorch by {diff_hidden:.3g} "
                              f"(last_hidden_state) / {diff_embedding:.3g} (sentence_embedding), "
@@ -297,8 +304,11 @@ def export_onnx(model: str, output: str, *, pooling: str = "auto", quantize: str
         if quantize:
             quantize_int8(tmp_fp32, tmp_int8)
             int8 = session(tmp_int8)
-            quantized = np.concatenate(
-                [int8.run(["sentence_embedding"], b)[0] for b in batches])
+            quantized = []
+            for batch in batches:
+                quantized.append(int8.run(["sentence_embedding"], batch)[0])
+                shown.update(len(quantized[-1]))
+            quantized = np.concatenate(quantized)
             embedding = np.concatenate(embeddings)
             cosines = _cosines(quantized, embedding)
             result.int8_output = int8_output

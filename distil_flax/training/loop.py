@@ -32,9 +32,10 @@ from absl import logging
 from clu import parameter_overview
 from etils import epath
 
-from distil_flax.training import atomic, partitioning
+from distil_flax.training import atomic, partitioning, trackers
 from distil_flax.training.checkpoint import Checkpointer, trained_shapes
 from distil_flax.training.metric_writers import MetricWriter
+from distil_flax.training.progress import Progress
 from distil_flax.training.stop_signals import StopSignals
 from distil_flax.training.train_state import TrainState
 from distil_flax.training.workdir_lock import WorkdirLock, WorkdirLockedError
@@ -97,6 +98,8 @@ class Trainer:
     # Why a workdir's checkpoints have other parameter shapes, in the config's words.
     explain_shapes: Callable[[], list[str]] = lambda: []
     keep_best: bool = False  # Keep the best evaluation's parameters (by `Evaluation.score`).
+    # The writers and trackers of `train.writers` (`trackers.Settings.of(config)`).
+    tracking: trackers.Settings = dataclasses.field(default_factory=trackers.Settings)
 
 
 @dataclasses.dataclass
@@ -320,11 +323,23 @@ def run(trainer: Trainer, workdir: str, session: Session, *,
             logging.info("Parameters:\n%s", parameter_overview.get_parameter_overview(
                 state.params, include_stats=False))
         writer = MetricWriter(workdir, enabled=is_main, total_steps=trainer.num_steps,
-                              resume_step=step)
-        closers.append(writer.close)
-        return _loop(trainer, session, checkpointer, best, writer, state, step, stop_at_step)
+                              resume_step=step, settings=trainer.tracking)
+        finished = False
+        closers.append(lambda: writer.close(finished))
+        outcome = _loop(trainer, session, checkpointer, best, writer, state, step, stop_at_step)
+        if outcome.finished:
+            writer.write_results({"step": outcome.step, "eval": outcome.evaluation.scalars,
+                                  **({"best": outcome.best} if outcome.best else {})})
+        finished = outcome.finished
+        return outcome
     finally:
         _close_all(*closers)  # The checkpointer first: its error matters most.
+
+
+def _pace(progress: Progress) -> dict[str, float]:
+    """steps/s and the seconds left, from the progress window (none until it has measured)."""
+    rate, eta = progress.rate.per_second(), progress.eta()
+    return {} if rate is None else {"steps_per_s": rate, "eta_s": eta}
 
 
 def _loop(trainer: Trainer, session: Session, checkpointer: Checkpointer, best: BestParams | None,
@@ -334,6 +349,11 @@ def _loop(trainer: Trainer, session: Session, checkpointer: Checkpointer, best: 
     monitor = _NonFiniteMonitor(cadence.max_consecutive_nonfinite)
     history: list[dict] = []
     last_time, last_step = time.time(), step
+    first_step = step + 1  # This process's first step compiles the program.
+    # steps/s and the ETA come from a window of logged intervals that leaves compilation and
+    # evaluations out; the console line is the plain output, the bar only shows on a terminal.
+    progress = Progress("train", trainer.num_steps, "steps", initial=step, lines=False,
+                        enabled=writer.enabled)
 
     def evaluate() -> Evaluation:
         nonlocal last_time
@@ -342,10 +362,11 @@ def _loop(trainer: Trainer, session: Session, checkpointer: Checkpointer, best: 
         if best is not None and best.offer(step, evaluation, state.params):
             logging.info("New best score %.4f at step %d.", evaluation.score, step)
         last_time = time.time()  # Evaluation time is not training throughput.
+        progress.set(step, measure=False)
         return evaluation
 
     stopped = ""
-    with partitioning.mesh_context(trainer.mesh, trainer.rules):
+    with partitioning.mesh_context(trainer.mesh, trainer.rules), progress:
         while step < trainer.num_steps:
             if session.lock.lost.is_set():
                 raise WorkdirLockedError(
@@ -362,11 +383,20 @@ def _loop(trainer: Trainer, session: Session, checkpointer: Checkpointer, best: 
                 # but a preemption notice or a checkpoint never waits on a long queue.
                 history[-1]["loss"].block_until_ready()
             history.append(metrics)
-            if step % cadence.log_every == 0 or step == trainer.num_steps:
+            logged = step % cadence.log_every == 0 or step == trainer.num_steps
+            if step == first_step and not logged:
+                # Measure from the end of the compiling step (it waits for the program).
+                metrics["loss"].block_until_ready()
+                last_time, last_step = time.time(), step
+                progress.set(step, measure=False)
+            progress.tick(step)
+            if logged:
                 scalars = monitor.scalars(history, step)  # Fetches the interval's metrics.
                 history = []
                 elapsed = time.time() - last_time
                 scalars.update(trainer.throughput(step, step - last_step, elapsed))
+                progress.set(step, measure=step > first_step)
+                scalars.update(_pace(progress))
                 writer.write_scalars(step, scalars, prefix="train/")
                 last_time, last_step = time.time(), step
             if cadence.eval_every and step % cadence.eval_every == 0 and step < trainer.num_steps:
