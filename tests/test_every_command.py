@@ -15,7 +15,8 @@ import pytest
 pytestmark = pytest.mark.fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MRPC = os.path.join(ROOT, "tests", "fixtures", "glue", "MRPC")
+GLUE = os.path.join(ROOT, "tests", "fixtures", "glue")
+MRPC = os.path.join(GLUE, "MRPC")
 TEACHER = "configs/quickstart_teacher.py:tiny"
 
 
@@ -57,6 +58,12 @@ def _commands(tmp_path, vocab_path, teacher_workdir):
                                 f"--config.init.checkpoint={f}"],
                      ["distil_flax.finetune", "--config=configs/glue.py:task=mrpc,preset=tiny",
                       f"--workdir={out}", "--config.train.learning_rat=0.1"]),
+        "glue": ("folder",
+                 lambda f: ["distil_flax.glue", "--config=configs/glue.py:preset=tiny",
+                            f"--init={f}", f"--data_dir={GLUE}", f"--workdir={f}.out"],
+                 ["distil_flax.glue", "--config=configs/glue.py:preset=tiny",
+                  f"--init={teacher_workdir}", f"--data_dir={GLUE}", f"--workdir={out}",
+                  "--config.train.learning_rat=0.1"]),
         "data.prepare": ("file",
                          lambda f: ["distil_flax.data.prepare", f"--config={TEACHER}",
                                     "--config.data.source=text", f"--config.data.paths={f}",
@@ -88,8 +95,8 @@ def _commands(tmp_path, vocab_path, teacher_workdir):
     }
 
 
-COMMANDS = ("main", "finetune", "data.prepare", "data.train_vocab", "export_hf", "export_onnx",
-            "evaluate_embeddings")
+COMMANDS = ("main", "finetune", "glue", "data.prepare", "data.train_vocab", "export_hf",
+            "export_onnx", "evaluate_embeddings")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
