@@ -1,7 +1,8 @@
-"""Evaluates a student's sentence embeddings beside its teacher's, on files a user brings.
+r"""Evaluates a student's sentence embeddings beside its teacher's, on files a user brings.
 
-    python -m distil_flax.evaluate_embeddings --student=RUN_OR_HF --teacher=HF_OR_RUN \
-        [--sts=pairs.tsv] [--labelled=labelled.tsv] [--text=sentences.txt] [--output=report.json]
+    python -m distil_flax.evaluate_embeddings --student=runs/embed \
+        --teacher=hf://sentence-transformers/all-MiniLM-L6-v2 --sts=pairs.tsv \
+        --labelled=labelled.tsv --text=sentences.txt --output=report.json
 
 Models: a distil_flax workdir (config.json + checkpoints; its latest params), a fine-tuning
 workdir (its best encoder), or a Hugging Face BERT/DistilBERT folder. Sentences are packed

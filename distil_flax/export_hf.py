@@ -1,6 +1,7 @@
-"""Exports a run's model for `transformers`.
+"""Exports a distil_flax run's model as a folder that `transformers` (or sentence-transformers)
+loads offline, with a model card that states the run's recipe, metrics and commands.
 
-    python -m distil_flax.export_hf --workdir=RUN --output=DIR
+    python -m distil_flax.export_hf --workdir=runs/quickstart/student --output=runs/quickstart/hf
 
 Reads RUN/config.json (the model section and the run's tokenizer), restores the checkpoint's
 parameters on the CPU (latest step, or --step), and writes a folder that
@@ -14,7 +15,12 @@ A fine-tuning run (`distil_flax.finetune`) exports its task model from the best 
 id2label and the head's dropout in config.json, loadable by `AutoModelFor<Task>`.
 
 Every export carries a model card, README.md (`distil_flax.interop.hf.card`): the recipe, held-out
-metrics and the commands that reproduce the run, read from the workdir.
+metrics and the commands that reproduce the run, read from the workdir. Its metadata's
+`model-index` states the results as the Hub reads them (`distil_flax.interop.hf.model_index`): the
+run's own (a fine-tuning run's best.json, a distillation's held-out masked-LM metrics when the MLM
+head is exported), and those of --results=FILE[,FILE]: a GLUE suite table (glue.json of
+`distil_flax.glue`, or its workdir) or an embedding evaluation report (`evaluate_embeddings
+--output`), each known by its content; a file that is missing or of neither kind stops the export.
 
 --format=sentence-transformers writes the bare encoder in the layout `SentenceTransformer(DIR)`
 loads (`distil_flax.interop.sentence_transformers`): modules.json (Transformer → Pooling [→
@@ -23,10 +29,7 @@ Normalize]), 1_Pooling/config.json and sentence_bert_config.json beside the HF f
 sentence-transformers pooling, else mean; Normalize is added when the teacher folder has it;
 max_seq_length is the run's data.seq_len. Its `.encode(sentences)` equals `embeddings.embed` with
 that pooling.
-
-    python -m distil_flax.export_hf --workdir=runs/quickstart/student --output=runs/quickstart/hf
 """
-
 import functools
 import os
 
@@ -65,8 +68,11 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
             "--format=sentence-transformers: the sentence pooling. Default: the run's "
             "loss.embeddings.pooling; auto: the teacher folder's sentence-transformers pooling, "
             "else mean."),
+        "results": flags.DEFINE_list(
+            "results", [], "Results files for the model card's model-index: a GLUE suite table "
+            "(glue.json, or its folder) or an embedding evaluation report (evaluate_embeddings "
+            "--output)."),
     }
-
 
 
 def main(argv, flag_values: dict[str, flags.FlagHolder]):
@@ -77,7 +83,8 @@ def main(argv, flag_values: dict[str, flags.FlagHolder]):
     written = cli.run(
         lambda: export_run(v["workdir"], v["output"], step=v["step"], head=v["head"],
                            tokenizer=v["tokenizer"], overwrite=v["overwrite"],
-                           output_format=v["format"], pooling=v["pooling"]),
+                           output_format=v["format"], pooling=v["pooling"],
+                           results=v["results"]),
         sigterm_aborts=True, interrupted="interrupted: --output was left as it was (an export is "
                                          "renamed into place whole); rerun the same command")
     output = os.path.abspath(v["output"])

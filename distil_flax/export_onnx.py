@@ -1,6 +1,6 @@
 """Exports an encoder to ONNX, checks it against PyTorch, and optionally quantises it to int8.
 
-    python -m distil_flax.export_onnx --model=DIR --output=model.onnx [--quantize=int8]
+    python -m distil_flax.export_onnx --model=st --output=st.onnx --quantize=int8
 
 --model: a Hugging Face BERT / DistilBERT folder (`export_hf`, `--format=sentence-transformers`,
 or any such checkpoint), or a distil_flax distillation workdir (exported first as

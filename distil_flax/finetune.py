@@ -1,4 +1,6 @@
-"""Fine-tunes a model: `python -m distil_flax.finetune --config=configs/glue.py --workdir=DIR`.
+r"""Fine-tunes a pretrained encoder (a distil_flax run, a Hugging Face folder or hf://ORG/NAME)
+on a GLUE task, SQuAD or IMDb, optionally distilled from a fine-tuned task teacher, and keeps
+its best checkpoint by the task's official score (the one `export_hf` exports).
 
     python -m distil_flax.finetune --config=configs/glue.py:task=mrpc --workdir=runs/glue/mrpc \
         --config.init.checkpoint=runs/distil6 --config.data.dir=glue_data/MRPC

@@ -1,4 +1,8 @@
-"""Runs a training job: `python -m distil_flax.main --config=configs/distil6.py --workdir=DIR`.
+"""Trains a model as its config file says — a student distilled from a teacher (the DistilBERT,
+TinyBERT, MiniLM and sentence-embedding recipes of `configs/`), or a teacher pretrained with
+masked-LM — in a workdir that a rerun of the same command resumes.
+
+    python -m distil_flax.main --config=configs/distil6.py --workdir=runs/distil6
 
 Flags `--config.a.b=value` override config fields; `configs/x.py:arg` passes `arg` to the
 config's `get_config`.

@@ -1,7 +1,9 @@
 """The model card (README.md) every export carries: parsed back with huggingface_hub's
-`ModelCard.load`, its metadata (library, pipeline tag, base model, license placeholder, tags) and
-its body (loss weights, layer map, tokens seen, held-out metrics, commands that reproduce the run,
-the training command checked to give config.json exactly)."""
+`ModelCard.load`, its metadata (library, pipeline tag, base model, license placeholder, tags, the
+model-index of results as the Hub reads it) and its body (loss weights, layer map, tokens seen,
+held-out metrics, commands that reproduce the run, the training command checked to give
+config.json exactly). Results files given to an export (a GLUE suite table, an embedding
+evaluation report) land in the model-index; a bad one stops the export in one `error:` line."""
 
 import json
 import os
@@ -11,18 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Every load below is from a local
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
-from helpers import save_params_checkpoint  # noqa: E402
+from helpers import error_line, save_params_checkpoint  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
+from huggingface_hub.repocard_data import model_index_to_eval_results  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from distil_flax import model as model_lib  # noqa: E402
 from distil_flax.interop import export as export_hf  # noqa: E402
-from distil_flax.interop import hf
-from distil_flax.training import (
-    config_files,  # noqa: E402
-)
+from distil_flax.interop import hf  # noqa: E402
+from distil_flax.training import config_files  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", ".")
@@ -89,6 +92,23 @@ def _assert_reproduces(card_text: str, module: str, config_file: str, workdir: s
     assert any(c[2] == "distil_flax.export_hf" for c in commands)
 
 
+def _model_index(readme) -> set[tuple]:
+    """(task, dataset, config, split, metric, value) of each result of a card's model-index, as
+    huggingface_hub reads it back: `ModelCard.load`'s `eval_results`, which must equal what
+    `model_index_to_eval_results` makes of the raw `model-index` metadata."""
+    card = ModelCard.load(readme)
+    results = card.data.eval_results or []
+    metadata = yaml.safe_load(open(readme).read().split("---\n")[1])
+    if not results:
+        assert "model-index" not in metadata and card.data.model_name is None
+        return set()
+    name, raw = model_index_to_eval_results(metadata["model-index"])
+    assert name == card.data.model_name == os.path.basename(os.path.dirname(readme))
+    assert raw == results
+    return {(r.task_type, r.dataset_type, r.dataset_config, r.dataset_split, r.metric_type,
+             round(r.metric_value, 6)) for r in results}
+
+
 def test_a_distillation_export_carries_its_recipe_and_metrics(tmp_path, monkeypatch):
     workdir, c = _student_workdir(tmp_path, metrics=True)
     output = tmp_path / "distil-student"
@@ -120,6 +140,9 @@ def test_a_distillation_export_carries_its_recipe_and_metrics(tmp_path, monkeypa
     assert '"alpha_ce": 5.0' in text  # config.json itself.
     _assert_reproduces(text, "distil_flax.main", "configs/quickstart.py:tiny", workdir,
                        monkeypatch)
+    # The student's held-out masked-LM accuracy, on the run's corpus (not the teacher's).
+    assert _model_index(output / "README.md") == {
+        ("fill-mask", "bundled", None, "held-out", "accuracy", 0.25)}
 
 
 def test_an_export_without_metrics_still_has_a_card(tmp_path):
@@ -131,6 +154,7 @@ def test_an_export_without_metrics_still_has_a_card(tmp_path):
     assert "records no held-out evaluation" in card.text
     assert "10,240 token positions seen" in card.text and "real (non-padding)" not in card.text
     assert "--head=none" in card.text
+    assert _model_index(tmp_path / "out" / "README.md") == set()
 
 
 def test_a_torn_metrics_file_still_exports(tmp_path):
@@ -198,6 +222,10 @@ def test_a_fine_tuning_export_carries_the_task_and_best_metrics(teacher_workdir,
     assert f"best.json, step {best['step']}" in text
     assert f"| dev/f1 | {hf.card._number(best['metrics']['dev']['f1'])} |" in text
     assert "- **Loss**: the task's loss (no teacher)" in text
+    dev = best["metrics"]["dev"]
+    assert _model_index(output / "README.md") == {
+        ("text-classification", "nyu-mll/glue", "mrpc", "validation", metric, round(dev[metric], 6))
+        for metric in ("accuracy", "f1")}
     _assert_reproduces(text, "distil_flax.finetune", "configs/glue.py:task=mrpc,preset=tiny",
                        workdir, monkeypatch)
 
@@ -255,3 +283,137 @@ def test_without_the_repositorys_configs_the_card_says_so(tmp_path, monkeypatch)
     text = ModelCard.load(tmp_path / "out" / "README.md").text
     assert "`configs/` is not at hand" in text and "python -m distil_flax.main" not in text
     assert "python -m distil_flax.export_hf" in text and '"alpha_ce": 5.0' in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The model-index: the run's results and those of files given to the export.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task, metrics, expected", [
+    ("mnli", {"dev_matched": {"accuracy": 0.81, "loss": 0.5}, "dev_mismatched": {"accuracy": 0.8}},
+     {("text-classification", "nyu-mll/glue", "mnli", "validation_matched", "accuracy", 0.81),
+      ("text-classification", "nyu-mll/glue", "mnli", "validation_mismatched", "accuracy", 0.8)}),
+    ("cola", {"dev": {"matthews_corr": 0.3}},
+     {("text-classification", "nyu-mll/glue", "cola", "validation", "matthews_correlation",
+       0.3)}),
+    ("stsb", {"dev": {"pearson": 0.85, "spearman": 0.84}},
+     {("text-classification", "nyu-mll/glue", "stsb", "validation", "pearsonr", 0.85),
+      ("text-classification", "nyu-mll/glue", "stsb", "validation", "spearmanr", 0.84)}),
+    ("squad", {"dev": {"exact_match": 70.5, "f1": 80.25, "unanswered": 0}},
+     {("question-answering", "rajpurkar/squad", "plain_text", "validation", "exact_match", 70.5),
+      ("question-answering", "rajpurkar/squad", "plain_text", "validation", "f1", 80.25)}),
+    ("imdb", {"test": {"accuracy": 0.9}},
+     {("text-classification", "stanfordnlp/imdb", "plain_text", "test", "accuracy", 0.9)}),
+])
+def test_a_fine_tuning_card_states_its_best_metrics_in_the_model_index(tmp_path, task, metrics,
+                                                                       expected):
+    """Each task's splits and metrics as the Hub names them (best.json, by `run_card`)."""
+    from distil_flax.downstream import config as finetune_config
+    from distil_flax.model import heads
+
+    c = finetune_config.base_config()
+    c.task.name = task
+    c.init.checkpoint = "runs/student"
+    workdir = tmp_path / task
+    workdir.mkdir()
+    config_files.save_json(c, workdir / "config.json")
+    (workdir / "best.json").write_text(json.dumps({"step": 30, "score": 0.5, "metrics": metrics}))
+    cfg = model_lib.model_config("tiny_student")
+    cfg.vocab_size = len(WORDS)
+    head = (heads.TaskHead("qa", 2) if task == "squad"
+            else heads.TaskHead("seq_cls", 1 if task == "stsb" else 2))
+    card = hf.run_card(str(workdir), hf.hf_task_config(cfg, head), head.head, name=f"{task}-hf",
+                       step=None, export_command=["python", "-m", "distil_flax.export_hf"],
+                       has_tokenizer=False)
+    card.save(tmp_path / f"{task}-hf" / "README.md")
+    assert _model_index(tmp_path / f"{task}-hf" / "README.md") == expected
+
+
+def _glue_table(path, student: str) -> None:
+    """glue.json as `python -m distil_flax.glue` writes it: a row per model, each task's best."""
+    def row(name, model, base):
+        return {"name": name, "model": model, "score": None, "missing": ["qqp"], "tasks": {
+            "mnli": {"score": base, "step": 8, "workdir": f"glue/{name}/mnli",
+                     "metrics": {"dev_matched/accuracy": base, "dev_matched/loss": 0.7,
+                                 "dev_mismatched/accuracy": base - 0.01}},
+            "cola": {"score": base / 2, "step": 8, "workdir": f"glue/{name}/cola",
+                     "metrics": {"dev/matthews_corr": base / 2}},
+            "stsb": {"score": base, "step": 8, "workdir": f"glue/{name}/stsb",
+                     "metrics": {"dev/pearson": base, "dev/spearman": base - 0.02}}}}
+
+    tasks = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    path.write_text(json.dumps({"tasks": tasks, "rows": [
+        row("student", student, 0.75), row("teacher", "hf://org/teacher-bert", 0.85)],
+        "retention": None}))
+
+
+def test_a_glue_suite_table_given_to_the_export(tmp_path):
+    """`--results=glue.json`: the first row's (the exported model's) tasks, beside the run's
+    own held-out metrics; the teacher's row is not this model's."""
+    workdir, _ = _student_workdir(tmp_path, metrics=True)
+    _glue_table(tmp_path / "glue.json", workdir)
+    output = tmp_path / "student-hf"
+    export_hf.export_run(workdir, str(output), results=[str(tmp_path / "glue.json")])
+    glue = {("mnli", "validation_matched", "accuracy", 0.75),
+            ("mnli", "validation_mismatched", "accuracy", 0.74),
+            ("cola", "validation", "matthews_correlation", 0.375),
+            ("stsb", "validation", "pearsonr", 0.75), ("stsb", "validation", "spearmanr", 0.73)}
+    assert _model_index(output / "README.md") == {
+        ("fill-mask", "bundled", None, "held-out", "accuracy", 0.25),
+        *(("text-classification", "nyu-mll/glue", task, split, metric, value)
+          for task, split, metric, value in glue)}
+    text = ModelCard.load(output / "README.md").text
+    assert "## Further results" in text and "From `glue.json` (a GLUE suite table" in text
+    assert ("| text-classification | GLUE MNLI (mnli, validation_matched) | Accuracy | 0.75 |"
+            in text)
+    assert f"--results={tmp_path / 'glue.json'}" in text  # The export command reproduces it.
+
+
+def test_an_embedding_evaluation_given_to_a_sentence_transformers_export(tmp_path):
+    """`--results=report.json` of `evaluate_embeddings`: the student's metric on each file."""
+    from distil_flax.embeddings.evaluate import evaluate
+
+    workdir, _ = _student_workdir(tmp_path, metrics=True)
+    config = json.loads(open(os.path.join(workdir, "config.json")).read())
+    config["teacher"]["checkpoint"] = str(tmp_path / "teacher")  # A folder not at hand.
+    open(os.path.join(workdir, "config.json"), "w").write(json.dumps(config))
+    words = ("cat", "mat", "on", "sat", "the")
+    (tmp_path / "sts.tsv").write_text("".join(f"the cat sat\tthe {w} sat on the mat\t{i}\n"
+                                              for i, w in enumerate(words)))
+    (tmp_path / "text.txt").write_text("".join(f"the {a} sat on the {b} .\n"
+                                               for a in words for b in words[:3]))
+    report = evaluate(workdir, workdir, sts=str(tmp_path / "sts.tsv"),
+                      text=str(tmp_path / "text.txt"), init_only=False, neighbours=2, max_len=16,
+                      output=str(tmp_path / "report.json"))
+    student = report["metrics"]["student"]
+    output = tmp_path / "student-st"
+    export_hf.export_run(workdir, str(output), output_format="sentence-transformers",
+                         pooling="mean", results=[str(tmp_path / "report.json")])
+    # No fill-mask result: the export has no MLM head.
+    assert _model_index(output / "README.md") == {
+        ("sentence-similarity", "sts.tsv", None, None, "spearmanr",
+         round(student["sts_spearman"], 6)),
+        ("feature-extraction", "text.txt", None, None, "spearmanr",
+         round(student["text_cosine_spearman"], 6)),
+        ("feature-extraction", "text.txt", None, None, "recall@2",
+         round(student["text_recall@2"], 6))}
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "sentence-transformers"
+    assert "From `report.json` (an embedding evaluation report" in card.text
+
+
+def test_a_bad_results_file_stops_the_export_in_one_line(tmp_path, capsys):
+    workdir, _ = _student_workdir(tmp_path, metrics=True)
+    (tmp_path / "garbled.json").write_bytes(b"\xff\xfe{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"rows": [], "metrics": {}}))
+    (tmp_path / "folder").mkdir()
+    output = tmp_path / "out"
+    for name, says in (("missing.json", "no such file"), ("garbled.json", "not valid JSON"),
+                       ("other.json", "neither a GLUE suite table"),
+                       ("folder", "a folder without glue.json")):
+        path = str(tmp_path / name)
+        line = error_line(capsys, lambda: export_hf.export_run(workdir, str(output),
+                                                               results=[path]))
+        assert line.startswith(f"error: --results={path}") and says in line, line
+    assert not output.exists()

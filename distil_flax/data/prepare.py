@@ -1,11 +1,9 @@
-r"""Prepares a corpus once per tokenizer: text → token-id pieces in sharded ArrayRecord files.
+r"""Prepares a corpus once per tokenizer: reads the `data` section of a run config (the same file
+training takes, so that both agree on source, tokenizer and output) and writes the text as
+token-id pieces in sharded ArrayRecord files (the format `records.py` describes) into `data.dir`.
 
-    python -m distil_flax.data.prepare --config=configs/quickstart.py
     python -m distil_flax.data.prepare --config=configs/distil6.py \
         --config.data.tokenizer=vocab.txt --config.data.dir=data/wiki_en
-
-reads the `data` section of a run config (the same file training takes, so that both agree on
-source, tokenizer and output) and writes the format `records.py` describes into `data.dir`.
 
 Each unit of the corpus is tokenized in a pool of `data.workers` processes (`units.py` says what
 happens to a document there: read, cut into sentences and tokenized, dropped if too short or

@@ -1,14 +1,14 @@
-r"""Trains a WordPiece, SentencePiece or byte-level BPE vocabulary on a document source.
+r"""Trains a WordPiece, SentencePiece or byte-level BPE vocabulary on a document source (the
+bundled corpus, text / JSONL / Parquet files or a TFDS dataset) and writes it where a run's
+`data.tokenizer` can point.
 
     python -m distil_flax.data.train_vocab --source=bundled --kind=wordpiece \
         --vocab_size=8000 --output=runs/quickstart/vocab.txt
-    python -m distil_flax.data.train_vocab --source=tfds --paths=wikipedia/20230601.en \
-        --sample_documents=200000 --vocab_size=30522 --output=vocab.txt
-    python -m distil_flax.data.train_vocab --source=bundled --kind=bpe \
-        --vocab_size=8000 --output=runs/quickstart/bpe
 
-`--kind=bpe` writes a folder (vocab.json, merges.txt, tokenizer.json) with RoBERTa's special
-tokens and ids, cased as RoBERTa is (--lowercase applies to wordpiece and sentencepiece only).
+A large corpus trains on a sample: `--source=tfds --paths=wikipedia/20230601.en
+--sample_documents=200000 --vocab_size=30522` (BERT's size). `--kind=bpe` writes a folder
+(vocab.json, merges.txt, tokenizer.json) with RoBERTa's special tokens and ids, cased as RoBERTa
+is (--lowercase applies to wordpiece and sentencepiece only).
 An existing output is reused (and says so) unless --overwrite, so scripts can call this
 unconditionally before training. Point `--config.data.tokenizer` at the written file (or, for
 bpe, its folder). An existing vocabulary (bert-base-uncased's `vocab.txt`, a `tokenizer.json`,

@@ -2,12 +2,14 @@
 (the library side of `python -m distil_flax.export_hf`, which documents the formats)."""
 
 import os
+from typing import Sequence
 
 import jax
 from absl import logging
 
 from distil_flax.interop import hf, sources
 from distil_flax.interop import sentence_transformers as st_layout
+from distil_flax.interop.hf import model_index
 from distil_flax.model.pooling import POOLINGS
 from distil_flax.training import partitioning
 
@@ -21,7 +23,8 @@ def _cpu_mesh():
 
 def export_run(workdir: str, output: str, *, step: int | None = None, head: str | None = None,
                tokenizer: str | None = None, overwrite: bool = False,
-               output_format: str = "hf", pooling: str | None = None) -> list[str]:
+               output_format: str = "hf", pooling: str | None = None,
+               results: Sequence[str] = ()) -> list[str]:
     """Exports the parameters of a run's checkpoint; returns the names of the files written.
 
     Args:
@@ -32,10 +35,13 @@ def export_run(workdir: str, output: str, *, step: int | None = None, head: str 
         layout `SentenceTransformer` loads; see the module docstring).
       pooling: the sentence-transformers export's pooling: "mean", "cls", or "auto" (the teacher
         folder's); None: the run's loss.embeddings.pooling (auto when it has none).
+      results: results files for the card's model-index (`model_index.read_results`): a GLUE
+        suite table, an embedding evaluation report.
 
     Raises:
-      ValueError: missing workdir, config.json, checkpoint step or tokenizer, a bad head, or a
-        sentence-transformers export of a fine-tuning run or with an MLM head.
+      ValueError: missing workdir, config.json, checkpoint step or tokenizer, a bad head, a
+        sentence-transformers export of a fine-tuning run or with an MLM head, or a results
+        file that is missing or of no known kind.
     """
     if output_format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
@@ -49,12 +55,13 @@ def export_run(workdir: str, output: str, *, step: int | None = None, head: str 
     if source.kind == "hf":
         raise ValueError(f"{source.named()} is a Hugging Face model folder already; --workdir "
                          "takes a distil_flax distillation or fine-tuning workdir")
+    found = model_index.read_results(results, workdir=workdir)  # Before the restore, too.
     if source.kind == "finetuned":
         if sentence:
             raise ValueError(f"{workdir!r} is a fine-tuning run, which exports its task model; "
                              "--format=sentence-transformers exports a distillation run's encoder")
         return _export_finetuned(source, output, step=step, head=head or "task",
-                                 tokenizer=tokenizer, overwrite=overwrite)
+                                 tokenizer=tokenizer, overwrite=overwrite, results=found)
     c = source.run_config
     loss = c.get("loss", {})
     head = head or ("mlm" if loss.get("alpha_mlm", 1) or loss.get("alpha_ce", 1) else "none")
@@ -64,7 +71,8 @@ def export_run(workdir: str, output: str, *, step: int | None = None, head: str 
         raise ValueError(f"--head=task: {workdir!r} is not a fine-tuning run (no "
                          f"{sources.TASK_MODEL_FILE}); use --head=mlm or --head=none")
     command = _command(workdir=workdir, output=output, step=step, head=head, tokenizer=tokenizer,
-                       overwrite=overwrite, output_format=output_format, pooling=pooling)
+                       overwrite=overwrite, output_format=output_format, pooling=pooling,
+                       results=[r.path for r in found])
     # Before the restore: a bad pooling or a teacher folder that cannot be read fails fast.
     sentence_setup = _sentence_setup(c, pooling) if sentence else {}
     tokenizer = tokenizer or c.data.get("tokenizer") or None
@@ -78,7 +86,7 @@ def export_run(workdir: str, output: str, *, step: int | None = None, head: str 
         logging.warning("The run names no tokenizer: exporting the model only.")
     card = hf.run_card(workdir, hf.hf_config(c.model, head=head), head,
                        name=os.path.basename(os.path.abspath(output)), step=restored_step,
-                       export_command=command, has_tokenizer=bool(tokenizer))
+                       export_command=command, has_tokenizer=bool(tokenizer), results=found)
     if sentence:
         return st_layout.export_sentence_transformers(
             params, c.model, output, tokenizer_path=tokenizer,
@@ -128,7 +136,7 @@ def _sentence_setup(c, pooling: str | None) -> dict:
 
 def _command(*, workdir: str, output: str, step: int | None, head: str | None,
              tokenizer: str | None, overwrite: bool, output_format: str = "hf",
-             pooling: str | None = None) -> list[str]:
+             pooling: str | None = None, results: Sequence[str] = ()) -> list[str]:
     """The export's own command line, for its model card."""
     argv = ["python", "-m", "distil_flax.export_hf", f"--workdir={workdir}", f"--output={output}"]
     if step is not None:
@@ -141,18 +149,21 @@ def _command(*, workdir: str, output: str, step: int | None, head: str | None,
         argv.append(f"--format={output_format}")
     if pooling:
         argv.append(f"--pooling={pooling}")
+    if results:
+        argv.append(f"--results={','.join(results)}")
     return argv + (["--overwrite"] if overwrite else [])
 
 
 def _export_finetuned(source: sources.Source, output: str, *, step: int | None, head: str,
-                      tokenizer: str | None, overwrite: bool) -> list[str]:
+                      tokenizer: str | None, overwrite: bool,
+                      results: Sequence[model_index.ResultsFile] = ()) -> list[str]:
     """A fine-tuning run's task model (best checkpoint, or `step`) as its transformers class."""
     workdir = source.spec
     if head != "task":
         raise ValueError(f"--head={head}: {workdir!r} is a fine-tuning run, which exports its "
                          "task model (--head=task)")
     command = _command(workdir=workdir, output=output, step=step, head=None, tokenizer=tokenizer,
-                       overwrite=overwrite)
+                       overwrite=overwrite, results=[r.path for r in results])
     params, _ = sources.task_params(source, _cpu_mesh(), partitioning.DEFAULT_RULES, step=step)
     tokenizer = tokenizer or source.tokenizer or None
     if tokenizer and not os.path.exists(tokenizer):
@@ -160,7 +171,7 @@ def _export_finetuned(source: sources.Source, output: str, *, step: int | None, 
     card = hf.run_card(
         workdir, hf.hf_task_config(source.model_cfg, source.head), source.head.head,
         name=os.path.basename(os.path.abspath(output)), step=step, export_command=command,
-        has_tokenizer=bool(tokenizer))
+        has_tokenizer=bool(tokenizer), results=results)
     return hf.export_task_hf(params, source.model_cfg, source.head, output,
                              tokenizer_path=tokenizer, lowercase=source.lowercase,
                              overwrite=overwrite, card=card)

@@ -17,7 +17,9 @@ The one place where Hugging Face names and layouts meet ours, in these modules:
           reachable); a path is returned unchanged;
   card    the model card (README.md) of an export, through huggingface_hub's `ModelCard`:
           `run_card` (recipe, metrics, commands from a workdir) or `plain_card`; `reproduce`
-          rebuilds a run's training command from its config.json.
+          rebuilds a run's training command from its config.json; `model_index` states the
+          run's results and those of results files (GLUE suite, embedding evaluation) in the
+          card's metadata as the Hub reads them.
 
 Every conversion asserts the key set and each shape against the model the config describes, so a
 checkpoint either converts completely or fails with a ValueError naming the offending keys.

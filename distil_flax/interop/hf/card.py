@@ -14,6 +14,10 @@ settle, and tags. The body of a run's card (`run_card`) is read from its workdir
   reproduce   the training command (`reproduce.training_command`), the export command, and
               config.json itself.
 
+The metadata's `model-index` states the same metrics, and those of results files given to the
+export (a GLUE suite table, an embedding evaluation report), as the Hub reads them
+(`model_index.eval_results`); the files' results also get a section.
+
 A workdir without metrics (or with unreadable ones) still exports: the card says what it lacks.
 An export of parameters given in Python (`plain_card`) says only what the model is.
 """
@@ -24,9 +28,9 @@ import os
 from typing import Any, Mapping, Sequence
 
 from absl import logging
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from distil_flax.interop.hf import hub, reproduce
+from distil_flax.interop.hf import hub, model_index, reproduce
 from distil_flax.losses import TERMS
 from distil_flax.model import student_init
 from distil_flax.training import metric_writers
@@ -41,10 +45,6 @@ _AUTO_CLASSES = {"mlm": "AutoModelForMaskedLM", "none": "AutoModel",
                  "token_cls": "AutoModelForTokenClassification",
                  "qa": "AutoModelForQuestionAnswering",
                  "multiple_choice": "AutoModelForMultipleChoice"}
-# Hub datasets of the fine-tuning tasks (`downstream/tasks`).
-_TASK_DATASETS = {**dict.fromkeys(("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte",
-                                   "wnli"), "nyu-mll/glue"),
-                  "squad": "rajpurkar/squad", "imdb": "stanfordnlp/imdb"}
 # What the weights of `config.loss` weigh, the feature terms' as they declare it; other sections
 # (a newer run's terms) go by their name.
 _LOSS_TERMS = {
@@ -62,11 +62,13 @@ def _card(data: ModelCardData, sections: Sequence[str]) -> ModelCard:
 
 
 def _card_data(head: str, hf_config: Mapping[str, Any], *, base_model: str | None = None,
-               tags: Sequence[str] = (), datasets: Sequence[str] = ()) -> ModelCardData:
+               tags: Sequence[str] = (), datasets: Sequence[str] = (), name: str = "",
+               eval_results: Sequence[EvalResult] = ()) -> ModelCardData:
     return ModelCardData(
         library_name="transformers", pipeline_tag=PIPELINE_TAGS[head], base_model=base_model,
         license="other", license_name="todo", datasets=list(datasets) or None,
-        tags=["distil_flax", *tags, hf_config["model_type"]])
+        tags=["distil_flax", *tags, hf_config["model_type"]],
+        model_name=name if eval_results else None, eval_results=list(eval_results) or None)
 
 
 def plain_card(hf_config: Mapping[str, Any], head: str, *, name: str,
@@ -81,7 +83,8 @@ def plain_card(hf_config: Mapping[str, Any], head: str, *, name: str,
 
 
 def run_card(workdir: str, hf_config: Mapping[str, Any], head: str, *, name: str,
-             step: int | None, export_command: Sequence[str], has_tokenizer: bool) -> ModelCard:
+             step: int | None, export_command: Sequence[str], has_tokenizer: bool,
+             results: Sequence[model_index.ResultsFile] = ()) -> ModelCard:
     """The card of a run's export, read from its workdir (config.json is required; metrics,
     best.json and task_model.json are used when they are there).
 
@@ -93,6 +96,7 @@ def run_card(workdir: str, hf_config: Mapping[str, Any], head: str, *, name: str
       step: the exported checkpoint step; None: the best one (fine-tuning).
       export_command: the export's command line, as argv.
       has_tokenizer: whether the export ships tokenizer files.
+      results: results files given to the export (`model_index.read_results`).
 
     Raises:
       ValueError, OSError: config.json is unreadable.
@@ -108,13 +112,15 @@ def run_card(workdir: str, hf_config: Mapping[str, Any], head: str, *, name: str
     else:
         run = _distillation(config, records, step,
                             _read_json(os.path.join(workdir, student_init.PRUNING_FILE)))
+    found = model_index.eval_results(config, run.record, head=head, files=results)
     data = _card_data(head, hf_config, base_model=run.base_model, tags=run.tags,
-                      datasets=run.datasets)
+                      datasets=run.datasets, name=name, eval_results=found)
     return _card(data, [
         f"# {name}", run.summary, _model_section(hf_config, head),
         _usage(name, head, has_tokenizer, hf_config["model_type"]),
-        "## Training\n\n" + "\n".join(run.training),
-        run.loss, run.evaluation, _reproduce(config, workdir, export_command), _LICENSE])
+        "## Training\n\n" + "\n".join(run.training), run.loss, run.evaluation,
+        model_index.results_section(results), _reproduce(config, workdir, export_command),
+        _LICENSE])
 
 
 @dataclasses.dataclass
@@ -128,6 +134,7 @@ class _Run:
     tags: list[str]
     datasets: tuple[str, ...] = ()
     loss: str = ""  # The loss terms' table, after the list.
+    record: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # What evaluation shows.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,12 +194,13 @@ def _distillation(config: dict, records: list[dict], step: int | None,
     lines.append(f"- **Corpus**: {_corpus(data)}")
     summary = (f"A student distilled from {_source(teacher)} with distil_flax."
                if distilled else "An encoder pretrained with masked-LM by distil_flax.")
+    record = _eval_record(records, step)
     evaluation = _evaluation_section(
-        _eval_record(records, step),
-        f"Held-out masked-LM metrics on the documents the run held out (1 in "
+        record, f"Held-out masked-LM metrics on the documents the run held out (1 in "
         f"{data.get('eval_every')}; {train.get('eval_batches') or 'all'} batches)")
     return _Run(summary, lines, evaluation, _base_model(teacher) if distilled else None,
-                ["distillation"] if distilled else ["masked-lm"], loss="\n\n".join(loss_text))
+                ["distillation"] if distilled else ["masked-lm"], loss="\n\n".join(loss_text),
+                record=record)
 
 
 def _finetuning(config: dict, records: list[dict], best: dict | None, step: int | None,
@@ -232,11 +240,11 @@ def _finetuning(config: dict, records: list[dict], best: dict | None, step: int 
         record, source = _eval_record(records, step), "Evaluation"
     summary = (f"Fine-tuned on {task} from {_source(init)} with distil_flax"
                + (f", distilled from the task teacher {_source(teacher)}." if distilled else "."))
-    dataset = _TASK_DATASETS.get(task)
+    dataset = model_index.TASK_DATASETS.get(task)
     return _Run(summary, lines,
                 _evaluation_section(record, f"{source} on the task's evaluation split(s)"),
                 _base_model(init), [task, *(["distillation"] if distilled else [])],
-                (dataset,) if dataset else ())
+                (dataset,) if dataset else (), record=record)
 
 
 def loss_terms(loss: Mapping[str, Any]) -> list[tuple[str, float, str]]:
