@@ -178,6 +178,15 @@ def test_a_signal_between_tasks_stops_the_suite(suite, glue_dir, teacher_workdir
     assert signal.getsignal(signal.SIGTERM) == before  # The suite's handler is gone.
 
 
+def test_a_task_that_cannot_run_is_named_in_the_error(teacher_workdir, tmp_path):
+    """QQP's fixture has 4 training rows, fewer than the tiny preset's batch of 8."""
+    workdir = tmp_path / "suite"
+    with pytest.raises(ValueError, match=r"^student qqp \(.*student/qqp\): 4 training rows are "
+                                         r"fewer than one batch of 8"):
+        glue_suite.run_suite(_config(), init=teacher_workdir, data_dir=FIXTURES,
+                             workdir=str(workdir), tasks=["qqp"])
+
+
 def test_a_teacher_read_from_its_glue_json(suite, glue_dir, teacher_workdir, tmp_path):
     earlier, earlier_report = suite
     workdir = tmp_path / "student_suite"

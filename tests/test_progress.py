@@ -134,3 +134,10 @@ def test_training_logs_steps_per_second_and_an_eta_without_compilation(tmp_path,
         assert rate >= 0.99 / max(r["train/step_time_s"] for r in logged)
     lines = [m for m in _lines(caplog) if m.startswith("[train/] step 9/12")]
     assert len(lines) == 1 and " | steps/s " in lines[0] and " | ETA " in lines[0]
+
+
+def test_fast_rates_are_whole_numbers(clock):
+    shown = progress.Progress("read", None, "documents", enabled=False)
+    clock.now += 0.01
+    shown.update(12)
+    assert shown.line() == "read: 12 documents | 1,200 documents/s"

@@ -349,7 +349,10 @@ def run_suite(config: ml_collections.ConfigDict, *, init: str, data_dir: str, wo
                 logging.info("GLUE %s: %s (%d of %d) in %s.", model.name, task, n,
                              len(runnable), where)
                 c = task_config(config, task, data_dir, model.spec, model.name)
-                results = finetune_task(c, where, stop_at_step=stop_at_step)
+                try:
+                    results = finetune_task(c, where, stop_at_step=stop_at_step)
+                except ValueError as error:  # The one error line names the task's run.
+                    raise ValueError(f"{model.name} {task} ({where}): {error}") from None
                 if results is None:
                     return _stopped(f"in {where}")
                 entries[task] = task_entry(results, where)

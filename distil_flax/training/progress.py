@@ -157,7 +157,8 @@ class Progress:
                  + (f" ({100 * self.count / self.total:.0f}%)" if self.total else "")]
         rate = self.rate.per_second()
         if rate is not None:
-            parts.append(f"{rate:.3g} {self.unit}/s".replace(" /s", "/s"))
+            shown = f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+            parts.append(f"{shown} {self.unit}/s".replace(" /s", "/s"))
         eta = self.eta()
         if eta is not None and self.count < (self.total or 0):
             parts.append(f"ETA {duration(eta)}")
