@@ -22,7 +22,7 @@ import pytest
 from distil_flax.distill import train
 from distil_flax.downstream import train as finetune
 from distil_flax.interop import sources
-from distil_flax.training import loop, train_state
+from distil_flax.training import best_params, loop, train_state
 from distil_flax.training.checkpoint import checkpoint_dir, restore_params
 from distil_flax.training.checksums import CorruptCheckpointError, verify_step
 from distil_flax.training.config_files import load_config
@@ -290,27 +290,28 @@ def _params():
 
 def test_best_params_commit_with_their_record(tmp_path):
     workdir = str(tmp_path)
-    best = loop.BestParams(workdir)
-    assert best.offer(3, loop.Evaluation({}, 0.5, {"metrics": {"dev": {"acc": 0.5}}}), _params())
-    assert not best.offer(4, loop.Evaluation({}, 0.5), _params())  # Not better.
+    best = best_params.BestParams(workdir)
+    assert best.offer(3, 0.5, {"metrics": {"dev": {"acc": 0.5}}}, _params())
+    assert not best.offer(4, 0.5, {}, _params())  # Not better.
     best.close()
-    record = json.loads((tmp_path / loop.BEST_RECORD).read_text())
+    record = json.loads((tmp_path / best_params.BEST_RECORD).read_text())
     assert record == {"step": 3, "score": 0.5, "metrics": {"dev": {"acc": 0.5}}}
-    assert verify_step(checkpoint_dir(tmp_path / loop.BEST_DIR), 3)
+    assert verify_step(checkpoint_dir(tmp_path / best_params.BEST_DIR), 3)
     # A kill between the commit and best.json: the record is rebuilt from the checkpoint, and a
     # later equal score is still not "better".
-    (tmp_path / loop.BEST_RECORD).unlink()
-    again = loop.BestParams(workdir)
-    assert again.record == record and json.loads((tmp_path / loop.BEST_RECORD).read_text())
-    assert not again.offer(5, loop.Evaluation({}, 0.5), _params())
+    (tmp_path / best_params.BEST_RECORD).unlink()
+    again = best_params.BestParams(workdir)
+    assert again.record == record
+    assert json.loads((tmp_path / best_params.BEST_RECORD).read_text())
+    assert not again.offer(5, 0.5, {}, _params())
     again.close()
 
 
 def test_a_garbled_best_checkpoint_is_refused(tmp_path):
-    best = loop.BestParams(str(tmp_path))
-    best.offer(3, loop.Evaluation({}, 1.0), _params())
+    best = best_params.BestParams(str(tmp_path))
+    best.offer(3, 1.0, {}, _params())
     best.close()
-    step_dir = checkpoint_dir(tmp_path / loop.BEST_DIR) / "3" / "params"
+    step_dir = checkpoint_dir(tmp_path / best_params.BEST_DIR) / "3" / "params"
     files = [os.path.join(r, n) for r, _, ns in os.walk(step_dir) for n in ns]
     largest = max(files, key=os.path.getsize)
     with open(largest, "r+b") as f:

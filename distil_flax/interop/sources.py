@@ -32,13 +32,13 @@ from distil_flax import model as model_lib
 from distil_flax.interop import hf
 from distil_flax.interop import sentence_transformers as st_layout
 from distil_flax.model import heads, student_init
-from distil_flax.training import atomic, config_files, loop, partitioning
+from distil_flax.training import atomic, best_params, config_files, partitioning
 from distil_flax.training.checkpoint import checkpoint_dir, restore_params
 
 KINDS = ("run", "finetuned", "hf")
 # Written into every fine-tuning workdir: what the trained model is, for readers of its checkpoints.
 TASK_MODEL_FILE = "task_model.json"
-BEST_DIR = loop.BEST_DIR  # A fine-tuning run's best evaluation's parameters, under its workdir.
+BEST_DIR = best_params.BEST_DIR  # A fine-tuning run's best evaluation's parameters, in its workdir.
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "spiece.model")
 
 

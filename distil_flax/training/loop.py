@@ -19,9 +19,6 @@ every `log_every` steps, at evaluations and checkpoints.
 
 import contextlib
 import dataclasses
-import json
-import math
-import os
 import sys
 import time
 from typing import Any, Callable, Iterator, Protocol
@@ -30,18 +27,15 @@ import jax
 import numpy as np
 from absl import logging
 from clu import parameter_overview
-from etils import epath
 
-from distil_flax.training import atomic, partitioning, trackers
+from distil_flax.training import partitioning, trackers
+from distil_flax.training.best_params import BestParams
 from distil_flax.training.checkpoint import Checkpointer, trained_shapes
 from distil_flax.training.metric_writers import MetricWriter
 from distil_flax.training.progress import Progress
 from distil_flax.training.stop_signals import StopSignals
 from distil_flax.training.train_state import TrainState
 from distil_flax.training.workdir_lock import WorkdirLock, WorkdirLockedError
-
-BEST_DIR = "best"  # workdir/best/checkpoints/<step>: the best evaluation's parameters.
-BEST_RECORD = "best.json"  # Its record, readable without Orbax (a copy of what it committed).
 
 
 class NonFiniteError(FloatingPointError):
@@ -191,51 +185,6 @@ class _NonFiniteMonitor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The best evaluation's parameters
-# ---------------------------------------------------------------------------------------------
-
-
-class BestParams:
-    """The parameters of the best evaluation so far, under `workdir/best`, with their record.
-
-    The record (step, score, what the evaluation found) is the checkpoint's data item, so it
-    commits with the parameters; `best.json` is written after the commit, as a copy. A kill at
-    any moment leaves either the old best or the new one, whole and checksummed.
-    """
-
-    def __init__(self, workdir: str):
-        self.checkpointer = Checkpointer(os.path.join(workdir, BEST_DIR), save_every=1, keep=1,
-                                         async_save=False)
-        self.record_path = epath.Path(workdir) / BEST_RECORD
-        step = self.checkpointer.latest_step()
-        self.record = None if step is None else self.checkpointer.read_record(step)
-        self._write_record()  # A kill between the commit and best.json left it stale.
-
-    @property
-    def score(self) -> float:
-        return -math.inf if self.record is None else self.record["score"]
-
-    def offer(self, step: int, evaluation: Evaluation, params) -> bool:
-        """Saves `params` if the evaluation's score beats the best so far; returns whether."""
-        if not evaluation.score > self.score:
-            return False
-        record = {"step": step, "score": evaluation.score, **evaluation.record}
-        self.checkpointer.save_params(step, params, record)  # Returns once committed.
-        self.record = record
-        self._write_record()
-        return True
-
-    def _write_record(self) -> None:
-        if self.record is not None and jax.process_index() == 0:
-            text = json.dumps(self.record, indent=2, sort_keys=True) + "\n"
-            if not self.record_path.exists() or self.record_path.read_text() != text:
-                atomic.write_text(self.record_path, text)
-
-    def close(self) -> None:
-        self.checkpointer.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
 
@@ -359,7 +308,7 @@ def _loop(trainer: Trainer, session: Session, checkpointer: Checkpointer, best: 
         nonlocal last_time
         evaluation = trainer.evaluate(state, step)
         writer.write_scalars(step, evaluation.scalars, prefix="eval/")
-        if best is not None and best.offer(step, evaluation, state.params):
+        if best is not None and best.offer(step, evaluation.score, evaluation.record, state.params):
             logging.info("New best score %.4f at step %d.", evaluation.score, step)
         last_time = time.time()  # Evaluation time is not training throughput.
         progress.set(step, measure=False)
