@@ -1,17 +1,21 @@
 """Our sentence-embedding distillation beside sentence-transformers' own recipe: the same teacher,
-student layers, corpus and minutes, scored the same way, in one table.
+student layers, corpus, training texts and minutes, scored the same way, in one table.
 
-    python bench/offline_text.py --out=runs/embed_text     # more held-out text (optional)
-    python bench/embedding_peer.py --minutes=8 --workdir=runs/embedding_peer \
-        --more_text=runs/embed_text/fortunes.txt,runs/embed_text/definitions.txt \
+    python bench/offline_text.py --out=runs/embed_text     # held-out text of other domains
+    T=runs/embed_text
+    taskset -c 1 python bench/embedding_peer.py --minutes=10 --cores=1 --threads=1 \
+        --workdir=runs/embedding_peer --labelled=$T/topics.tsv \
+        --more_text=$T/fortunes.txt,$T/definitions.txt,$T/stories.txt,$T/manual.txt \
         --output=bench/results/embedding_peer.json
     python bench/embedding_peer.py --minutes=8 --ours=none          # the peer alone
 
 One run, on the first --cores cores this process may use (both trainings inherit them):
   1. The peer: `bench/peer_sentence_transformers.py` for --minutes on --threads torch threads —
      all-MiniLM-L6-v2 with all but the layers of our config's `init.layer_map` removed,
-     MSELoss against the teacher's sentence embeddings, on the bundled corpus's sentences.
-     It also saves its student as it started (the init-only student).
+     MSELoss against the teacher's sentence embeddings, on the bundled corpus cut into the
+     texts our preparation cuts it into (`--max_len` = our config's `data.max_len`: whole
+     sentences grouped while they fit, from sentences to ~250-token passages), so that both
+     train on the same texts. It also saves its student as it started (the init-only student).
   2. Ours: `python -m distil_flax.main --config=OURS --workdir=WORKDIR/ours
      --config.train.num_steps=N`, with its held-out evaluation and checkpoint only at the end
      (the peer does neither along the way). Our run is bounded by steps, so N is chosen for our
@@ -23,20 +27,25 @@ One run, on the first --cores cores this process may use (both trainings inherit
   3. Each student against the teacher: `python -m distil_flax.evaluate_embeddings
      --text=WORKDIR/held_out.txt`, --sentences prose sentences of CPython's help topics
      (`recipes.held_out_sentences`), another domain than the training corpus, and on each
-     file of --more_text (one sentence a line; `bench/offline_text.py` writes quotations and
-     dictionary definitions, two more domains).
+     file of --more_text (one sentence or passage a line; `bench/offline_text.py` writes
+     quotations, dictionary definitions, and passages of 100–250 words: stories and the GNU
+     Texinfo manual). Each text is read up to the teacher's max_seq_length (256), whatever the
+     rows either student trained on. With --labelled (`label <TAB> text`, e.g. offline_text's
+     topics.tsv), the first evaluation of each system also fits the linear probe
+     (`probe_accuracy`: 5-fold logistic regression on frozen embeddings), the teacher's too.
 
 Printed: a markdown table (and, with --output, JSON) of system, minutes (the whole command), load
 (the machine's 1-minute load average, sampled every 10 s while it ran, mean: the cores are often
-shared), steps, texts and tokens seen in training, text_cosine_spearman (Spearman of all pairwise
-cosine similarities against the teacher's) and text_recall@10 (of the teacher's nearest neighbours)
-on each held-out text, with the init-only student — the teacher with layers removed, before training
-— through sentence-transformers' layer removal and, when ours ran, through our `init_from_teacher`
-(the two should agree). Texts seen: the peer's are sentences; ours are packed segments, each a piece
-of whole sentences of up to `data.max_len` tokens, estimated as our real tokens seen (the metrics'
-`train/real_tokens`) over the mean segment length of the prepared training split.
-Tokens: real tokens, [CLS] and [SEP] included, padding not. Every run below --workdir is
-started afresh.
+shared), steps, texts and tokens seen in training, the probe's accuracy (with --labelled), and
+text_cosine_spearman (Spearman of all pairwise cosine similarities against the teacher's) and
+text_recall@10 (of the teacher's nearest neighbours) on each held-out text, with the teacher's
+row (its probe) and the init-only student — the teacher with layers removed, before training —
+through sentence-transformers' layer removal and, when ours ran, through our
+`init_from_teacher` (the two should agree). Texts seen: the peer's are its texts; ours are packed
+segments, each a piece of whole sentences of up to `data.max_len` tokens, estimated as our real
+tokens seen (the metrics' `train/real_tokens`) over the mean segment length of the prepared
+training split. Tokens: real tokens, [CLS] and [SEP] included, padding not. Every run below
+--workdir is started afresh.
 """
 
 import argparse
@@ -91,9 +100,18 @@ def use_cores(count: int) -> list[int]:
 
 def config_layers(config: str) -> tuple[int, ...]:
     """`init.layer_map` of a config file (with its `:preset`)."""
+    return tuple(int(i) for i in _load_config(config).init.layer_map)
+
+
+def config_max_len(config: str) -> int:
+    """`data.max_len` of a config file (with its `:preset`): the peer's training texts."""
+    return int(_load_config(config).data.max_len)
+
+
+def _load_config(config: str):
     from distil_flax.training.config_files import load_config
 
-    return tuple(int(i) for i in load_config(os.path.join(ROOT, config)).init.layer_map)
+    return load_config(os.path.join(ROOT, config))
 
 
 def step_seconds(workdir: str) -> float:
@@ -131,10 +149,12 @@ def seen_by_run(workdir: str) -> dict[str, float]:
             mean_segment), "mean_segment_tokens": round(mean_segment, 2)}
 
 
-def evaluate(student: str, teacher: str, text: str, report: str) -> dict:
-    """evaluate_embeddings' report of a student against the teacher on the held-out text."""
+def evaluate(student: str, teacher: str, text: str, report: str, labelled: str = "") -> dict:
+    """evaluate_embeddings' report of a student against the teacher on the held-out text (and
+    the probe on `labelled`)."""
     _run([sys.executable, "-m", "distil_flax.evaluate_embeddings", f"--student={student}",
-          f"--teacher={teacher}", f"--text={text}", f"--output={report}"],
+          f"--teacher={teacher}", f"--text={text}", f"--output={report}",
+          *([f"--labelled={labelled}"] if labelled else [])],
          report.removesuffix(".json") + ".log")
     with open(report) as f:
         return json.load(f)
@@ -148,23 +168,33 @@ def _scores(reports: dict[str, dict], model: str) -> dict:
             for text, report in reports.items()}
 
 
+def _probe(reports: dict[str, dict], model: str) -> float | None:
+    """The probe accuracy of one model in a system's reports (the first text's), if fitted."""
+    first = next(iter(reports.values()))
+    return first["metrics"].get(model, {}).get("probe_accuracy")
+
+
 def format_table(rows: list[dict]) -> str:
-    """The rows as a markdown table (— where a row has no value), a column per held-out text:
-    pairwise-cosine Spearman / recall@10."""
+    """The rows as a markdown table (— where a row has no value): a probe column when any row
+    has one, then a column per held-out text: pairwise-cosine Spearman / recall@10."""
     def cell(value, spec):
         return "—" if value is None else format(value, spec)
 
-    texts = list(rows[0]["scores"])
+    texts = list(next(r["scores"] for r in rows if r.get("scores")))
+    probe = any(r.get("probe") is not None for r in rows)
     lines = ["| system | minutes | load | steps | texts seen | tokens seen | "
+             + ("probe | " if probe else "")
              + " | ".join(f"{t}: Spearman / recall@10" for t in texts) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(texts)]
+             "|---|---|---|---|---|---|" + "---|" * (len(texts) + probe)]
     for r in rows:
         scores = " | ".join(f"{r['scores'][t]['text_cosine_spearman']:.3f} / "
-                            f"{r['scores'][t]['text_recall@10']:.3f}" for t in texts)
+                            f"{r['scores'][t]['text_recall@10']:.3f}" if r.get("scores")
+                            else "1 / 1" for t in texts)
         lines.append(f"| {r['system']} | {cell(r.get('minutes'), '.1f')} | "
                      f"{cell(r.get('load'), '.1f')} | "
                      f"{cell(r.get('steps'), 'd')} | {r.get('texts_seen') or '—'} | "
-                     f"{cell(r.get('tokens_seen'), ',d')} | {scores} |")
+                     f"{cell(r.get('tokens_seen'), ',d')} | "
+                     + (f"{cell(r.get('probe'), '.3f')} | " if probe else "") + f"{scores} |")
     return "\n".join(lines)
 
 
@@ -182,8 +212,11 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="the peer's torch threads")
     p.add_argument("--sentences", type=int, default=1000, help="held-out sentences")
     p.add_argument("--more_text", default="", help="comma-separated files of held-out "
-                   "sentences (one a line) to score on too, e.g. bench/offline_text.py's "
-                   "fortunes.txt and definitions.txt")
+                   "sentences or passages (one a line) to score on too, e.g. "
+                   "bench/offline_text.py's fortunes.txt, definitions.txt, stories.txt and "
+                   "manual.txt")
+    p.add_argument("--labelled", default="", help="`label <TAB> text` file for the linear "
+                   "probe, e.g. bench/offline_text.py's topics.tsv")
     p.add_argument("--peer_max_steps", type=int, default=0, help="also stop the peer here")
     p.add_argument("--output", default="", help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -196,6 +229,8 @@ def main(argv=None) -> dict:
     for f in more:  # Checked now, not after sixteen minutes of training.
         if not os.path.isfile(f):
             sys.exit(f"error: --more_text: {f} is not a file")
+    if args.labelled and not os.path.isfile(args.labelled):
+        sys.exit(f"error: --labelled: {args.labelled} is not a file")
     if len(set(names)) < len(names):
         sys.exit(f"error: --more_text: the held-out texts need distinct names, got {names}")
     cores = use_cores(args.cores)
@@ -214,7 +249,8 @@ def main(argv=None) -> dict:
         [sys.executable, os.path.join(BENCH, "peer_sentence_transformers.py"),
          f"--teacher={teacher}", f"--output={peer_dir}", f"--init_output={init_dir}",
          f"--layers={layers}", f"--minutes={args.minutes}", f"--threads={args.threads}",
-         f"--max_steps={args.peer_max_steps}", "--overwrite"], f"{peer_dir}.log")
+         f"--max_steps={args.peer_max_steps}", "--overwrite",
+         *([f"--max_len={config_max_len(ours)}"] if ours else [])], f"{peer_dir}.log")
     with open(f"{peer_dir}.json") as f:
         peer_run = json.load(f)
     print(f"peer: {peer_minutes:.2f} min, {peer_run['steps']} steps", flush=True)
@@ -249,30 +285,38 @@ def main(argv=None) -> dict:
 
     # ---------------------------------------------------------------------- evaluation
     def evaluate_all(student: str, name: str) -> dict[str, dict]:
-        return {t: evaluate(student, teacher, path, f"{name}.{t}.embeddings.json")
-                for t, path in texts.items()}
+        return {t: evaluate(student, teacher, path, f"{name}.{t}.embeddings.json",
+                            args.labelled if i == 0 else "")
+                for i, (t, path) in enumerate(texts.items())}
 
     reports = {"peer": evaluate_all(peer_dir, peer_dir),
                "peer_init": evaluate_all(init_dir, init_dir)}
     if ours:
         reports["ours"] = evaluate_all(workdir, workdir)
     rows = [{"system": "sentence-transformers (torch, MSELoss)", "minutes": peer_minutes,
-             "steps": peer_run["steps"], "texts_seen": f"{peer_run['sentences_seen']:,} sentences",
+             "steps": peer_run["steps"], "texts_seen": f"{peer_run['texts_seen']:,} texts",
              "tokens_seen": peer_run["tokens_seen"], "load": peer_load,
+             "probe": _probe(reports["peer"], "student"),
              "scores": _scores(reports["peer"], "student")}]
     if ours:
         rows.append({"system": f"distil_flax ({ours})", "minutes": ours_minutes,
                      "steps": ours_run["steps"],
                      "texts_seen": f"≈ {ours_run['segments_seen']:,} segments",
                      "tokens_seen": ours_run["tokens_seen"], "load": ours_load,
+                     "probe": _probe(reports["ours"], "student"),
                      "scores": _scores(reports["ours"], "student")})
     rows.append({"system": f"init-only: teacher layers {peer_run['layers']} "
                            "(sentence-transformers)",
+                 "probe": _probe(reports["peer_init"], "student"),
                  "scores": _scores(reports["peer_init"], "student")})
     first = reports["ours"]["pydoc"] if ours else {}
     if "init_only" in first.get("metrics", {}):
         rows.append({"system": f"init-only: teacher layers {first['init_only']['layer_map']} "
-                               "(distil_flax)", "scores": _scores(reports["ours"], "init_only")})
+                               "(distil_flax)", "probe": _probe(reports["ours"], "init_only"),
+                     "scores": _scores(reports["ours"], "init_only")})
+    if args.labelled:
+        rows.append({"system": "teacher (all-MiniLM-L6-v2)",
+                     "probe": _probe(reports["peer"], "teacher")})
     end_load = os.getloadavg()
     print(f"\nload average {end_load[0]:.1f} at the end\n")
     print(format_table(rows))
@@ -281,6 +325,8 @@ def main(argv=None) -> dict:
               "load_average": {"start": load, "end": end_load},
               "held_out": {"pydoc": f"{args.sentences} sentences of pydoc_data.topics",
                            **{t: path for t, path in texts.items() if t != "pydoc"}},
+              "labelled": args.labelled or None,
+              "truncated": {t: r["data"]["text"]["truncated"] for t, r in reports["peer"].items()},
               "peer": peer_run, "ours": ours_run, "ours_config": ours,
               "calibration": calibration, "rows": rows}
     if args.output:

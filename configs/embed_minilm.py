@@ -29,7 +29,13 @@ evaluation files below:
     against 0.894 at 300 steps).
   - data.max_len 32: a piece is a verse or part of one, as a sentence a user embeds is, and a
     row holds ~5 of them, so each step compares more sentences. 400 steps, training text of
-    CPython's docs and the Bible: 0.904 against 0.898 for pieces of 64.
+    CPython's docs and the Bible: 0.904 against 0.898 for pieces of 64. Passage-length pieces
+    (max_len 254, rows of 256, batch 8, 300 steps, 12.5 min on one core) against these (340
+    steps, the same minutes), on the Bible's held-out chapters at fixed lengths
+    (bench/offline_text.py's heldout_sentences.txt / heldout_passages.txt, `evaluate_embeddings
+    --text`, init-only 0.773 / 0.818): sentences 0.811 against 0.924, passages 0.939 against
+    0.912. Pieces cut greedily to 254 tokens are 87 % passages of over 128 tokens, so the step
+    sees ~9 texts instead of ~80: a mix of lengths needs the data layer to cut one.
   - learning_rate 5e-4 (5 % warm-up, then linear decay): 0.917 at 400 steps against 0.904 for
     2e-4; 1e-3 trailed 5e-4 at 100 and 200 steps (0.872, 0.894 against 0.880, 0.899).
   - Batch 16 rows of 128 tokens runs as many tokens a second as 32 here and gives twice the
@@ -60,6 +66,11 @@ largest activations), by MSE and cosine on the teacher's channels it kept (`loss
 700 steps reach 0.635, 0.682 and 0.531 on the three held-out texts above (init-only 0.355, 0.439,
 0.385), where random init with a learned projection and the similarity term reached 0.166, 0.218
 and 0.141 (`bench/pruning.py`, BENCHMARKS.md §8).
+
+`:cached` trains from the teacher's embeddings computed once (`teacher.cache`; build it first with
+`python -m distil_flax.cache_teacher --config=configs/embed_minilm.py:cached
+--output=runs/embed_minilm_cache`): the same losses to float tolerance, without the teacher's
+forward pass in every step (BENCHMARKS.md §9).
 
 `:tiny` runs in seconds (one layer, the teacher's last, 32-token rows, 12 steps; 0.2-0.4 s a step
 on one device) with all three terms on; `:narrow,tiny` is its narrow twin, 1 × 32.
@@ -126,9 +137,16 @@ def get_config(preset: str = ""):
     c.train.eval_batches = 0  # The whole held-out split: ~100 rows.
     c.train.checkpoint_every = 350
     presets = [p for p in preset.split(",") if p]
-    unknown = set(presets) - {"narrow", "tiny"}
+    unknown = set(presets) - {"narrow", "tiny", "cached"}
     if unknown:
-        raise ValueError(f"unknown preset {sorted(unknown)}; known: narrow, tiny, narrow,tiny")
+        raise ValueError(f"unknown preset {sorted(unknown)}; known: narrow, tiny, cached and "
+                         "their combinations")
+    if "cached" in presets:
+        # The teacher's embeddings from `python -m distil_flax.cache_teacher --config=
+        # configs/embed_minilm.py:cached --output=runs/embed_minilm_cache` (built once per data
+        # and seq_len: `:cached,tiny` needs its own cache); the teacher is loaded only to
+        # initialise the student from its layers, and never run.
+        c.teacher.cache = "runs/embed_minilm_cache" + ("_tiny" if "tiny" in presets else "")
     if "narrow" in presets:
         _narrow(c)
     if "tiny" in presets:

@@ -22,9 +22,9 @@ Metrics, each on the files given:
                         regression on frozen, standardised embeddings, stratified --folds-fold
                         cross-validation (scikit-learn's LogisticRegression: its objective, L2
                         with C = 1, and its L-BFGS-B stopping rule).
-  text_cosine_spearman  --text: one sentence a line. Agreement with the teacher: Spearman between
-                        student and teacher cosine similarities of every pair of sentences (a
-                        seeded sample of MAX_PAIRS pairs when there are more).
+  text_cosine_spearman  --text: one sentence or passage a line. Agreement with the teacher:
+                        Spearman between student and teacher cosine similarities of every pair
+                        of lines (a seeded sample of MAX_PAIRS pairs when there are more).
   text_recall@10        the fraction of each sentence's 10 nearest teacher neighbours (itself
                         excluded) that are among its 10 nearest student neighbours.
 
@@ -36,6 +36,10 @@ student (`export_onnx`, fp32 or int8), run by ONNX Runtime on the same sentences
 that what quantisation costs is measured the same way. The table goes to stdout and, with
 --output, the same numbers to JSON with what was evaluated (files, sizes, pooling, tokenizer). A
 bad file or model ends in one `error:` line.
+
+Each text is read up to --max_len tokens: by default as far as the teacher reads it (its
+max_seq_length), not a student's training row length, so that a passage is compared whole; the
+report's `data.<file>.truncated` counts the texts cut there.
 """
 
 import functools
@@ -72,8 +76,9 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
         "folds": flags.DEFINE_integer("folds", 5, "Cross-validation folds of the probe."),
         "neighbours": flags.DEFINE_integer("neighbours", 10, "k of text_recall@k."),
         "max_len": flags.DEFINE_integer(
-            "max_len", 128, "Tokens per sentence, [CLS] and [SEP] included (longer ones are "
-            "cut), and the packed row length."),
+            "max_len", 0, "Tokens per text, [CLS] and [SEP] included (longer ones are cut, and "
+            "counted), and the packed row length; 0: the teacher's sentence-transformers "
+            "max_seq_length (256 for all-MiniLM-L6-v2), else its positions (at most 512)."),
         "batch_size": flags.DEFINE_integer("batch_size", 64, "Packed rows per forward pass."),
         "dtype": flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                                    "Compute dtype of the encoders."),

@@ -17,7 +17,7 @@ from absl import app
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every command, as `python -m distil_flax.<name>` runs it.
 COMMANDS = ("main", "finetune", "glue", "export_hf", "export_onnx", "evaluate_embeddings",
-            "data.prepare", "data.train_vocab")
+            "data.prepare", "data.train_vocab", "cache_teacher")
 EXAMPLE = "python -m distil_flax."
 SHORT = 4  # Lines of the first paragraph, at most.
 

@@ -72,10 +72,10 @@ def test_peer_trains_and_saves_a_sentence_transformers_student(tmp_path):
     output, init = tmp_path / "student", tmp_path / "init"
     report = peer.main([f"--teacher={teacher_dir}", f"--output={output}", f"--init_output={init}",
                         "--layers=1", "--minutes=5", "--max_steps=3", "--batch=4",
-                        "--threads=0"])
+                        "--threads=0", "--max_len=0"])
 
-    assert report["steps"] == 3 and report["sentences_seen"] == 12
-    assert report["layers"] == [1] and report["corpus_sentences"] > 30_000
+    assert report["steps"] == 3 and report["texts_seen"] == 12 and report["max_len"] == 0
+    assert report["layers"] == [1] and report["corpus_texts"] > 30_000
     assert 0 < report["tokens_seen"] <= report["padded_tokens"]
     assert math.isfinite(report["first_loss"]) and math.isfinite(report["last_loss_mean50"])
     with open(tmp_path / "student.json") as f:
@@ -126,6 +126,40 @@ def test_training_sentences_skip_held_out_chapters():
     assert every[0] == "In the beginning God created the heavens and the earth."
 
 
+def test_training_texts_are_the_pieces_our_preparation_cuts():
+    """Whole sentences grouped while they fit --max_len tokens (`units.document_pieces`), a
+    longer one alone; held-out documents skipped; --max_len 0: the sentences."""
+    from distil_flax.data.units import is_held_out
+
+    def words(sentences):
+        return [len(s.split()) for s in sentences]
+
+    doc = "One two three. Four five. Six seven eight nine ten eleven twelve. Last one."
+    assert peer.training_texts(words, 5, 0, [doc]) == [
+        "One two three. Four five.", "Six seven eight nine ten eleven twelve.", "Last one."]
+    assert peer.training_texts(words, 100, 0, [doc]) == [doc]
+    docs = [f"Document {i} here. It has two sentences." for i in range(100)]
+    kept = peer.training_texts(words, 100, 50, docs)
+    assert kept == [d for d in docs if not is_held_out(d, 50)] and len(kept) < len(docs)
+    from distil_flax.training.config_files import load_config
+
+    recipe = load_config(os.path.join(ROOT, "configs", "embed_minilm.py"))
+    assert peer.default_max_len() == recipe.data.max_len > 0
+
+
+def test_side_by_side_table_has_the_probe_and_the_teacher_row():
+    side_by_side = _load_bench("embedding_peer")
+    scores = {"quotes": {"text_cosine_spearman": 0.81234, "text_recall@10": 0.5}}
+    table = side_by_side.format_table([
+        {"system": "ours", "minutes": 9.96, "load": 1.04, "steps": 250, "texts_seen": "≈ 9",
+         "tokens_seen": 1234, "probe": 0.5123, "scores": scores},
+        {"system": "teacher", "probe": 0.53}]).splitlines()
+    assert table[0] == ("| system | minutes | load | steps | texts seen | tokens seen | probe | "
+                        "quotes: Spearman / recall@10 |")
+    assert table[2] == "| ours | 10.0 | 1.0 | 250 | ≈ 9 | 1,234 | 0.512 | 0.812 / 0.500 |"
+    assert table[3] == "| teacher | — | — | — | — | — | 0.530 | 1 / 1 |"
+
+
 def test_side_by_side_checks_its_held_out_files_before_training(tmp_path):
     side_by_side = _load_bench("embedding_peer")
     a, b = tmp_path / "a", tmp_path / "b"
@@ -139,6 +173,9 @@ def test_side_by_side_checks_its_held_out_files_before_training(tmp_path):
     with pytest.raises(SystemExit, match="distinct names"):
         side_by_side.main([f"--workdir={workdir}", "--ours=none", "--layers=0",
                            f"--more_text={a / 'quotes.txt'},{b / 'quotes.txt'}"])
+    with pytest.raises(SystemExit, match="--labelled: .*topics.tsv is not a file"):
+        side_by_side.main([f"--workdir={workdir}", "--ours=none", "--layers=0",
+                           f"--labelled={tmp_path / 'topics.tsv'}"])
     assert not workdir.exists()  # Nothing ran.
 
 

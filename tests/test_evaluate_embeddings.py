@@ -358,6 +358,35 @@ def test_no_init_only_for_an_hf_student(tiny_pair):
     assert "init-only" not in ev.format_table(report)
 
 
+def test_texts_are_read_as_far_as_the_teacher_reads_them(tiny_pair, tmp_path):
+    """--max_len 0 (the default): the teacher's sentence-transformers max_seq_length, else its
+    positions, never beyond the student's; what is cut is counted."""
+    teacher, student, _ = tiny_pair
+    text = tmp_path / "passages.txt"
+    text.write_text("\n".join(["the " * 40 + "."] + _sentences(20, seed=9)) + "\n")
+    report = ev.evaluate(str(student), str(teacher), text=str(text), init_only=False)
+    assert report["max_len"] == 32 and report["max_len_source"] == "the teacher's positions"
+    assert report["data"]["text"]["truncated"] == 1  # The 41-token line, at 32.
+    (teacher / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+         {"idx": 1, "name": "1", "path": "1_Pooling",
+          "type": "sentence_transformers.models.Pooling"}]))
+    (teacher / "1_Pooling").mkdir()
+    (teacher / "1_Pooling" / "config.json").write_text(
+        json.dumps(st_layout.pooling_config("mean", 8)))
+    (teacher / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
+    report = ev.evaluate(str(student), str(teacher), text=str(text), init_only=False)
+    assert report["max_len"] == 16 and "max_seq_length" in report["max_len_source"]
+    assert report["data"]["text"]["truncated"] >= 1
+    assert ev.evaluate(str(student), str(teacher), text=str(text), init_only=False,
+                       max_len=24)["max_len_source"] == "--max_len"
+    # A teacher reading further than the student has positions: the student's 32.
+    (teacher / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
+    report = ev.evaluate(str(student), str(teacher), text=str(text), init_only=False)
+    assert report["max_len"] == 32 and "cut to the student's 32 positions" in (
+        report["max_len_source"])
+
+
 def test_model_faults_are_one_line(tiny_pair, tmp_path, capsys):
     teacher, student, files = tiny_pair
     line = error_line(capsys, lambda: ev.evaluate(str(tmp_path / "nothing"), str(teacher),

@@ -86,6 +86,11 @@ def _commands(tmp_path, vocab_path, teacher_workdir):
                                    f"--output={f}.out.onnx"],
                         ["distil_flax.export_onnx", f"--modle={teacher_workdir}",
                          f"--output={out}.onnx"]),
+        "cache_teacher": ("config",
+                          lambda f: ["distil_flax.cache_teacher", f"--config={f}",
+                                     f"--output={f}.out"],
+                          ["distil_flax.cache_teacher", f"--config={TEACHER}",
+                           f"--output={out}", "--precisoin=float32"]),
         "evaluate_embeddings": ("file",
                                 lambda f: ["distil_flax.evaluate_embeddings",
                                            f"--student={teacher_workdir}",
@@ -96,7 +101,7 @@ def _commands(tmp_path, vocab_path, teacher_workdir):
 
 
 COMMANDS = ("main", "finetune", "glue", "data.prepare", "data.train_vocab", "export_hf",
-            "export_onnx", "evaluate_embeddings")
+            "export_onnx", "evaluate_embeddings", "cache_teacher")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -107,7 +112,7 @@ def test_bad_inputs_and_misspelt_flags_end_in_one_error_line(command, tmp_path, 
              for name, path in _bad_inputs(tmp_path, kind).items()}
     flag = next(a for a in misspelt if a.startswith("--") and a.split("=")[0].split(".")[-1]
                 in ("num_stepz", "learning_rat", "sourec", "--vocab_szie", "--wrokdir",
-                    "--modle", "--studnet"))
+                    "--modle", "--studnet", "--precisoin"))
     cases["misspelt flag"] = (misspelt, flag.split("=")[0].split(".")[-1].lstrip("-"))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     running = {name: subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=env,

@@ -1,4 +1,5 @@
-"""bench/offline_text.py: reading .deb files; reST, fortunes and dictd text turned into prose."""
+"""bench/offline_text.py: reading .deb files; reST, fortunes, dictd and Texinfo HTML text turned
+into prose sentences and passages."""
 
 import importlib.util
 import io
@@ -116,7 +117,7 @@ def test_missing_packages_stop_with_one_error_line(tmp_path, capsys):
 
 
 def test_a_garbled_package_stops_with_one_error_line_and_writes_nothing(tmp_path):
-    for package in ("fortunes", "fortunes-min", "dict-gcide"):
+    for package in ("fortunes", "fortunes-min", "dict-gcide", "texinfo"):
         _deb(tmp_path / f"{package}_1_all.deb", {"./usr/share/doc/x": b"x"})
     (tmp_path / "python3.11-doc_1_all.deb").write_bytes(b"!<arch>\ngarbage")
     with pytest.raises(SystemExit) as stop:
@@ -124,3 +125,58 @@ def test_a_garbled_package_stops_with_one_error_line_and_writes_nothing(tmp_path
     assert str(stop.value) == (f"error: {tmp_path / 'python3.11-doc_1_all.deb'}: a garbled ar "
                                "header at byte 8")
     assert not (tmp_path / "out").exists()
+
+
+def _sentences(count: int, word: str = "word") -> list[str]:
+    return [f"This {word} sentence number {i} has seven words." for i in range(count)]
+
+
+def test_paragraphs_group_into_passages_of_100_to_250_words():
+    ten = " ".join(_sentences(10))  # 80 words.
+    assert [len(p.split()) for p in offline_text.group_paragraphs(
+        [ten, ten, ten, ten, "Too short.", " ".join(["long"] * 300)])] == [240, 300]
+    # Whatever is left under 100 words at the end is dropped, not joined to the next page.
+    assert list(offline_text.group_paragraphs([ten])) == []
+
+
+def test_passages_keep_multi_sentence_prose_only():
+    prose = " ".join(_sentences(15))  # 120 words, 15 sentences.
+    one_sentence = " ".join(["word"] * 120) + "."
+    code = prose + " " + "x = {y}; " * 10
+    assert offline_text.prose_paragraph_passages(
+        [prose, prose, one_sentence, code, " ".join(_sentences(40))]) == [prose]
+    # A manual naming a command or two stays prose: under 1 % code-like characters.
+    named = prose.replace("number 3", "@node 3")
+    assert offline_text.prose_paragraph_passages([named]) == [named]
+
+
+def test_texinfo_pages_lose_navigation_code_and_tables():
+    page = ("<div class=\"header\">\n<p>Next: <a href=\"x.html\">X</a></p>\n</div>\n"
+            "<p>The <code>@node</code> line names a node &mdash; see\n<em>Nodes</em>.</p>\n"
+            "<pre class=\"example\"><p>not prose</p></pre>\n"
+            "<table><tr><td><p>a cell</p></td></tr></table>\n<p>Last.</p>")
+    assert list(offline_text.html_paragraphs(page)) == [
+        "The @node line names a node \u2014 see Nodes.", "Last."]
+    paragraph = "<p>" + " ".join(_sentences(8)) + "</p>"  # 64 words a paragraph.
+    files = {"./usr/share/doc/texinfo/html/b.html": (paragraph * 2).encode(),
+             "./usr/share/doc/texinfo/html/a.html": (paragraph * 3).encode()}
+    assert [len(p.split()) for p in offline_text.manual_passages(files)] == [192, 128]
+
+
+def test_topic_fortunes_are_labelled_by_their_file():
+    fortune = b"Art is a lie that makes us realize the truth.\n%\nShort.\n"
+    files = {"./usr/share/games/fortunes/art": fortune,
+             "./usr/share/games/fortunes/art.dat": b"\x00",
+             "./usr/share/games/fortunes/zippy": b"Yow! Are we having fun yet, today?\n"}
+    assert offline_text.topic_fortunes(files, ("art", "food")) == {
+        "art": ["Art is a lie that makes us realize the truth."], "food": []}
+
+
+def test_held_out_chapters_are_the_ones_preparation_holds_out():
+    from distil_flax.data.units import is_held_out
+
+    chapters = [" ".join(_sentences(30, word=f"w{i}")) for i in range(200)]
+    sentences, passages = offline_text.held_out_chapters(chapters, eval_every=50)
+    held = [c for c in chapters if is_held_out(c, 50)]
+    assert held and len(sentences) == 30 * len(held)
+    assert len(passages) == len(held) and all(p in held for p in passages)  # 240 words each.

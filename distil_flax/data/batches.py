@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from distil_flax.data import packing
+from distil_flax.data import packing, teacher_targets
 from distil_flax.data.loader import PackedSplit, Rows
 
 _STATE_VERSION = 1
@@ -188,7 +188,7 @@ class _Batches:
                                           [np.zeros([0], np.int64)]))
         pieces = dict(zip(wanted.tolist(), rows.split.read(self._source, wanted.tolist()))
                       ) if len(wanted) else {}
-        tokens, lengths, local_rows, starts = [], [], [], []
+        tokens, lengths, local_rows, starts, keys, slots = [], [], [], [], [], []
         for plan, sl, local in segments:
             for record, offset, length in zip(plan.record[sl].tolist(), plan.offset[sl].tolist(),
                                               plan.length[sl].tolist()):
@@ -196,14 +196,21 @@ class _Batches:
             lengths.append(plan.length[sl])
             local_rows.append(local)
             starts.append(plan.start[sl])
-        if not tokens:
-            return packing.write_rows(np.zeros([0], np.int32), np.zeros([0], np.int64),
-                                      np.zeros([0], np.int64), np.zeros([0], np.int64), n_rows,
-                                      rows.seq_len, rows.cls_id, rows.sep_id, rows.pad_id)
-        return packing.write_rows(
-            np.concatenate(tokens).astype(np.int32), np.concatenate(lengths),
-            np.concatenate(local_rows), np.concatenate(starts), n_rows, rows.seq_len,
-            rows.cls_id, rows.sep_id, rows.pad_id)
+            keys.append((plan.record[sl], plan.offset[sl]))
+            # Segments are sorted by (row, start): a segment's slot is its rank in its row.
+            index = np.arange(sl.start, sl.stop)
+            slots.append(index - plan.row_bounds[plan.row[index]])
+        empty = np.zeros([0], np.int64)
+        concatenated = lambda parts: np.concatenate(parts) if parts else empty  # noqa: E731
+        out = packing.write_rows(
+            concatenated(tokens).astype(np.int32), concatenated(lengths),
+            concatenated(local_rows), concatenated(starts), n_rows, rows.seq_len, rows.cls_id,
+            rows.sep_id, rows.pad_id)
+        if rows.targets is not None:
+            out[teacher_targets.FIELD] = rows.targets.rows(
+                concatenated([k[0] for k in keys]), concatenated([k[1] for k in keys]),
+                concatenated(local_rows), concatenated(slots), n_rows)
+        return out
 
 
 def epoch_packing(rows: PackedSplit, seed: int = 0) -> dict[str, float]:

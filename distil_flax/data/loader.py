@@ -11,11 +11,12 @@ import os
 import numpy as np
 from absl import logging
 
-from distil_flax.data import packing, records
+from distil_flax.data import packing, records, teacher_targets
 from distil_flax.data import prepare as prepare_lib
 from distil_flax.data import tokenizer as tokenizer_lib
 
-Rows = dict[str, np.ndarray]  # packing.FIELDS → int32 [rows, seq_len].
+# packing.FIELDS → int32 [rows, seq_len]; with cached targets also teacher_targets.FIELD.
+Rows = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,8 @@ class PackedSplit:
       window: pieces packed together; more means less padding.
       threads: threads reading and writing batches ahead of the training loop.
       prefetch: batches made ahead.
+      targets: cached teacher targets read with each row's segments (`teacher_targets`), or
+        None: batches then hold token ids only.
     """
 
     split: records.Split
@@ -39,6 +42,7 @@ class PackedSplit:
     window: int = 4096
     threads: int = 2
     prefetch: int = 4
+    targets: "teacher_targets.SplitTargets | None" = None
 
     def __post_init__(self):
         if self.seq_len < 3:

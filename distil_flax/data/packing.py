@@ -65,6 +65,11 @@ def pack_documents(
                       pad_id)
 
 
+def max_segments(seq_len: int) -> int:
+    """The most segments a row of `seq_len` can hold ([CLS] token [SEP] each)."""
+    return max(1, seq_len // _MIN_SEGMENT)
+
+
 def padding_fraction(rows: dict[str, np.ndarray]) -> float:
     """Fraction of positions that are padding (segment id 0); 0.0 for no rows."""
     segment_ids = rows["segment_ids"]

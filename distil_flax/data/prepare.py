@@ -285,7 +285,7 @@ def main(argv: Sequence[str]) -> None:
                         "kept)")
 
 
-def _units(value: str) -> tuple[int, int] | None:
+def parse_units(value: str) -> tuple[int, int] | None:
     """The --units flag: "K/N" → (K, N); "" → None."""
     if not value:
         return None
@@ -296,7 +296,7 @@ def _units(value: str) -> tuple[int, int] | None:
 
 
 def _prepare_and_report(flags_) -> None:
-    units = _units(flags_.units)
+    units = parse_units(flags_.units)
     fields.check(flags_.config, fields.DATA)
     directory = prepare(flags_.config.data, workers=flags_.workers or None,
                         overwrite=flags_.overwrite, units=units)

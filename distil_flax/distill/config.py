@@ -32,6 +32,14 @@ def base_config() -> ml_collections.ConfigDict:
     # (from the Hugging Face cache, or downloaded). Never re-saved.
     c.teacher.checkpoint = ""
     c.teacher.param_dtype = "bfloat16"  # The teacher only runs forward: halve its memory and reads.
+    # Cached targets (`python -m distil_flax.cache_teacher`): comma-separated cache directories.
+    # With a cache no teacher runs: the sentence-embedding terms read its pooled embeddings, and
+    # teacher.checkpoint ("" for the first cache's teacher) is loaded only for init.from_teacher,
+    # and refused if its parameters are not the cache's. Several caches: several teachers.
+    c.teacher.cache = ""
+    # One weight per cache, comma-separated ("": all 1). Several teachers' embeddings are each
+    # L2-normalised, scaled by the square root of their weight and concatenated (Jasper).
+    c.teacher.weights = ""
 
     c.init = ml_collections.ConfigDict()
     # Order on start: a checkpoint in the workdir wins; else teacher layers (if from_teacher and a
@@ -192,6 +200,50 @@ def teacher_terms(c: ml_collections.ConfigDict) -> list[str]:
     return [name for name, weight in loss_weights(c).items() if weight and name != "loss.alpha_mlm"]
 
 
+def cache_directories(c: ml_collections.ConfigDict) -> list[str]:
+    """teacher.cache's directories, in order ([] without a cache)."""
+    return [d.strip() for d in c.teacher.cache.split(",") if d.strip()]
+
+
+def cache_weights(c: ml_collections.ConfigDict) -> list[float]:
+    """teacher.weights, one per cache (all 1 when empty).
+
+    Raises:
+      ValueError: naming teacher.weights: not numbers, negative, all 0, or not one per cache.
+    """
+    caches = cache_directories(c)
+    if not c.teacher.weights.strip():
+        return [1.0] * len(caches)
+    try:
+        weights = [float(w) for w in c.teacher.weights.split(",")]
+    except ValueError:
+        raise ValueError(f"teacher.weights={c.teacher.weights!r}: expected comma-separated "
+                         "numbers, one per teacher.cache directory") from None
+    if len(weights) != len(caches):
+        raise ValueError(f"teacher.weights has {len(weights)} entries for the {len(caches)} "
+                         "directories of teacher.cache: give one weight per cache")
+    if any(not w >= 0 or w == float("inf") for w in weights) or not any(weights):
+        raise ValueError(f"teacher.weights={c.teacher.weights!r}: each must be finite and ≥ 0, "
+                         "and one positive")
+    return weights
+
+
+def check_cached_terms(c: ml_collections.ConfigDict) -> None:
+    """A cache holds pooled sentence embeddings: every other teacher term needs a live teacher.
+
+    Raises:
+      ValueError: naming the first weighted term a cache cannot serve.
+    """
+    cached = {f"loss.embeddings.{name}" for name in ("mse_weight", "cosine_weight",
+                                                     "similarity_weight")}
+    live = [name for name in teacher_terms(c) if name not in cached]
+    if live:
+        raise ValueError(
+            f"teacher.cache holds the teacher's pooled sentence embeddings, which {live[0]} does "
+            "not read: it needs the teacher itself (set teacher.cache='' to run it live, or set "
+            f"{', '.join(live)} to 0)")
+
+
 def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
     """Raises ValueError naming the field when a config cannot run; returns the tokenizer.
 
@@ -207,13 +259,18 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
     if not any(weights.values()):
         raise ValueError(f"every loss weight is 0: set one of {', '.join(weights)}")
     needs_teacher = bool(teacher_terms(c))
-    if needs_teacher and not c.teacher.checkpoint:
+    caches = cache_directories(c)
+    if caches:
+        check_cached_terms(c)
+        cache_weights(c)
+    if needs_teacher and not c.teacher.checkpoint and not caches:
         raise ValueError(
             f"{', '.join(teacher_terms(c))} need a teacher but teacher.checkpoint is empty: set "
             "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set those weights to 0)")
     for term in TERMS:  # Layers against the teacher are checked once it is loaded (loss_spec).
         term.check(loss[term.name], c)
-    if c.teacher.checkpoint:
+    # A cached run loads its teacher only to initialise the student from it.
+    if c.teacher.checkpoint and (c.init.from_teacher or not caches):
         try:  # hf://ORG/NAME[@REV]: its snapshot in the Hugging Face cache (downloaded if needed).
             teacher = hf.resolve_checkpoint(c.teacher.checkpoint)
         except ValueError as error:

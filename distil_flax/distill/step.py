@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from distil_flax import losses
+from distil_flax.data import teacher_targets
 from distil_flax.distill.masking import MaskingSpec, mask_tokens
 from distil_flax.model import Encoder
 from distil_flax.training import partitioning
@@ -59,7 +60,11 @@ def _loss_and_grads(
 
     # The teacher's head output where L_ce reads: its inputs (fused) or its logits (plain).
     teacher_head = teacher_out = None
-    if teacher is not None and loss.needs_teacher:
+    if teacher_targets.FIELD in micro:
+        # Cached targets (`data/teacher_targets.py`): no teacher runs; the sentence terms read
+        # the teacher's pooled embeddings, slot by slot as `pool_segments` lays them out.
+        teacher_out = {teacher_targets.FIELD: micro[teacher_targets.FIELD]}
+    elif teacher is not None and loss.needs_teacher:
         _, teacher_out = teacher.apply(teacher_vars, *inputs, hidden_at=teacher_captures.hidden,
                                        qkv_at=teacher_captures.qkv)
         if loss.alpha_ce:
@@ -117,7 +122,8 @@ def distil_step(
     Args:
       state: the student's train state (donated).
       teacher_params: the teacher's parameters (ignored without a teacher).
-      batch: `input_ids`, `segment_ids`, `positions`, each [accum_steps, micro_batch, length].
+      batch: `input_ids`, `segment_ids`, `positions`, each [accum_steps, micro_batch, length],
+        and with cached targets `teacher_embeddings` [accum_steps, micro_batch, slots, width].
       token_weights: [vocab] masking selection weights (frequency smoothing), or None.
 
     Returns:
@@ -171,7 +177,8 @@ def eval_step(
     inputs = (masked["input_ids"], batch["segment_ids"], batch["positions"])
     weights = masked["mlm_weights"]
     teacher_mlm = teacher is not None and teacher_mlm
-    features = loss.features and teacher is not None
+    cached = teacher_targets.FIELD in batch
+    features = loss.features and (teacher is not None or cached)
     student_captures, teacher_captures = losses.captures(loss) if features else (
         losses.Captures(), losses.Captures())
 
@@ -189,9 +196,13 @@ def eval_step(
 
     sums = {}
     student_out, student_mlm_sums = forward(student, params, student_captures, student_mlm)
-    teacher_out, teacher_mlm_sums = (None, {}) if teacher is None or not (
-        teacher_mlm or features) else forward(teacher, teacher_params, teacher_captures,
-                                              teacher_mlm)
+    if cached:
+        teacher_out, teacher_mlm_sums = {teacher_targets.FIELD: batch[teacher_targets.FIELD]}, {}
+    elif teacher is None or not (teacher_mlm or features):
+        teacher_out, teacher_mlm_sums = None, {}
+    else:
+        teacher_out, teacher_mlm_sums = forward(teacher, teacher_params, teacher_captures,
+                                                teacher_mlm)
     for name, mlm_sums in (("student", student_mlm_sums), ("teacher", teacher_mlm_sums)):
         if mlm_sums:
             sums["predictions"] = jnp.sum(weights)

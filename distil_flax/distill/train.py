@@ -21,6 +21,7 @@ from etils import epath
 
 from distil_flax import data
 from distil_flax import model as model_lib
+from distil_flax.data import teacher_targets
 from distil_flax.distill import config as config_lib
 from distil_flax.distill import pruning as pruning_lib
 from distil_flax.distill.masking import MaskingSpec, smoothing_weights
@@ -28,6 +29,7 @@ from distil_flax.distill.step import jit_steps
 from distil_flax.interop import sources
 from distil_flax.losses import TERMS, LossSpec, projection_init
 from distil_flax.model import Encoder, make_encoder, student_init
+from distil_flax.model.encoder import encoder_only
 from distil_flax.training import (
     atomic,
     config_files,
@@ -58,6 +60,16 @@ class Setup:
     loss: LossSpec  # The config's loss, its layers resolved against both models.
     teacher_mlm: bool = True  # Whether the teacher has a trained MLM head (for its metrics).
     pruning: student_init.Pruning | None = None  # What a pruned student keeps of the teacher.
+    # Cached teacher targets (teacher.cache): the batches carry them, and no teacher runs.
+    targets: teacher_targets.Targets | None = None
+
+    @property
+    def teacher_width(self) -> int:
+        """The width of what the student is compared with: the teacher's hidden size, or the
+        cached targets' (several teachers': their concatenation)."""
+        if self.targets is not None:
+            return self.targets.width
+        return (self.teacher or self.student).hidden_size
 
 
 def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
@@ -118,13 +130,20 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
     if student.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({student.vocab_size}) differs from data.tokenizer's "
                          f"({tokenizer.vocab_size})")
-    teacher = teacher_params = teacher_init = teacher_pooling = pruning = None
+    teacher = teacher_params = teacher_init = teacher_pooling = pruning = targets = None
     teacher_mlm = False
-    if config_lib.teacher_terms(c):
+    caches = config_lib.cache_directories(c)
+    if caches:
+        targets, teacher, teacher_params = open_targets(c, caches, train_rows, mesh, rules)
+        teacher_pooling = targets.pooling
+        train_rows, eval_rows = (dataclasses.replace(rows, targets=targets.split(name))
+                                 for rows, name in ((train_rows, "train"), (eval_rows, "eval")))
+    elif config_lib.teacher_terms(c):
         teacher, teacher_params, teacher_mlm, teacher_pooling = load_teacher(
             c, tokenizer.vocab_size, mesh, rules)
         if not teacher_mlm:
             logging.info("The teacher has no MLM head: no MLM metrics for it.")
+    if teacher_params is not None:
         if c.init.from_teacher:
             pruning = pruning_lib.student_pruning(c, teacher, teacher_params, student,
                                                   train_rows, mesh, rules, workdir)
@@ -135,14 +154,48 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
                 position_offset=(teacher.position_offset, student.position_offset),
                 pruning=pruning)
         teacher_params = partitioning.cast(teacher_params, jnp.dtype(c.teacher.param_dtype))
+    loss = loss_spec(c, student, teacher, teacher_pooling, pruning, cached=targets is not None)
+    if targets is not None:
+        teacher = teacher_params = None  # Never run: the batches carry its outputs.
     return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
-                 teacher_params, teacher_init,
-                 loss_spec(c, student, teacher, teacher_pooling, pruning), teacher_mlm, pruning)
+                 teacher_params, teacher_init, loss, teacher_mlm, pruning, targets)
+
+
+def open_targets(c: ml_collections.ConfigDict, caches: list[str], train_rows, mesh, rules):
+    """Opens teacher.cache, checked against the run, and the teacher's parameters when the
+    student is initialised from it (checked to be the first cache's teacher).
+
+    Returns:
+      (targets, the teacher model and its float32 params, or None and None when the student
+       does not start from it).
+
+    Raises:
+      ValueError: naming teacher.cache or teacher.checkpoint (`teacher_targets.Targets`).
+    """
+    dataset = data.PreparedDataset(train_rows.split.directory)
+    pooling = c.loss.embeddings.pooling
+    expected = teacher_targets.Expected(dataset, c.data.seq_len,
+                                        "" if pooling == "auto" else pooling)
+    first = teacher_targets.read_manifest(caches[0])
+    teacher = params = None
+    if c.init.from_teacher:
+        spec = c.teacher.checkpoint or first["teacher"]["spec"]
+        source = sources.open_source(spec, field="teacher.checkpoint", seed=c.seed)
+        teacher = make_encoder(source.model_cfg)
+        params, _ = sources.encoder_params(source, mesh, rules)
+        expected = dataclasses.replace(expected, teacher_digest=teacher_targets.parameter_digest(
+            jax.device_get(encoder_only(params))))
+        if source.kind == "hf":
+            params = jax.device_put(params, train_state.shardings_of(partitioning.abstract_params(
+                model_lib.init_fn(teacher), mesh, rules)))
+    targets = teacher_targets.Targets(caches, config_lib.cache_weights(c), expected)
+    logging.info("Teacher targets from the cache, no teacher runs: %s.", targets.describe())
+    return targets, teacher, params
 
 
 def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder | None,
               teacher_pooling: str | None = None,
-              pruning: student_init.Pruning | None = None) -> LossSpec:
+              pruning: student_init.Pruning | None = None, cached: bool = False) -> LossSpec:
     """The config's loss with each weighted feature term resolved against the two models
     (`Term.resolve`: layer maps, negative layers, pooling).
 
@@ -150,6 +203,7 @@ def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder |
       teacher_pooling: the teacher folder's own sentence-embedding pooling (`loss.embeddings.
         pooling=auto` takes it), None when it has none.
       pruning: what a pruned student kept (`loss.kept_channels` compares on its channels).
+      cached: the teacher's outputs come from teacher.cache (the sentence terms only).
 
     Raises:
       ValueError: naming the field, when a layer map or layer is outside a model, or the models'
@@ -163,8 +217,8 @@ def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder |
                              "pruned student kept, but this student is not pruned (init.prune "
                              "applies to a student narrower than its teacher)")
         channels = pruning.channels
-    # Without a teacher, validation leaves no feature term a weight.
-    terms = {} if teacher is None else {
+    # Without a teacher or a cache, validation leaves no feature term a weight.
+    terms = {} if teacher is None and not cached else {
         term.name: term.resolve(loss[term.name], c, student, teacher, teacher_pooling, pruning)
         for term in TERMS if term.weighted(loss[term.name])}
     if loss.alpha_cos and teacher is not None and not channels and (
@@ -195,8 +249,7 @@ def total_steps(c: ml_collections.ConfigDict, num_rows: int) -> int:
 
 
 def _projection_init(setup: Setup):
-    teacher_width = setup.teacher.hidden_size if setup.teacher else setup.student.hidden_size
-    return projection_init(setup.loss, setup.student.hidden_size, teacher_width)
+    return projection_init(setup.loss, setup.student.hidden_size, setup.teacher_width)
 
 
 def abstract_state(setup: Setup, optimizer) -> TrainState:
@@ -320,7 +373,7 @@ def make_trainer(setup: Setup, workdir: str) -> loop.Trainer:
     def step(state, local):
         # Micro-batch i is rows i, i + accum, … of the global batch: the same rows (and masks)
         # whatever the number of hosts, each holding a contiguous slice.
-        local = {k: v.reshape(-1, accum, v.shape[-1]).swapaxes(0, 1) for k, v in local.items()}
+        local = {k: v.reshape(-1, accum, *v.shape[1:]).swapaxes(0, 1) for k, v in local.items()}
         batch = partitioning.host_to_global(local, batch_sharding)
         return step_fn(state, setup.teacher_params, batch, token_weights)
 

@@ -22,13 +22,11 @@ import numpy as np
 from distil_flax.data import packing
 from distil_flax.data.tokenizer import Tokenizer
 from distil_flax.model import Encoder, make_encoder
+from distil_flax.model.encoder import encoder_only  # noqa: F401 (embedding_encoder's params)
 from distil_flax.model.pooling import check_pooling, pool_segments
 from distil_flax.training.progress import Progress
 
 Array = jax.Array
-
-# Parameters an encoder carries that sentence embeddings never read (the MLM head, BERT's pooler).
-_HEAD_PARAMS = ("mlm_transform", "mlm_norm", "mlm_bias", "pooler")
 
 # ----------------------------------------------------------------------------------------------
 # Packing sentences, and encoding them.
@@ -104,11 +102,6 @@ def embedding_encoder(model_cfg: ml_collections.ConfigDict, dtype: str | None = 
     if dtype:
         c.dtype = dtype
     return make_encoder(c).clone(use_mlm_head=False, use_pooler=False)
-
-
-def encoder_only(params: dict[str, Any]) -> dict[str, Any]:
-    """An encoder's parameters without the MLM head and the pooler (for `embedding_encoder`)."""
-    return {name: value for name, value in params.items() if name not in _HEAD_PARAMS}
 
 
 # Static: a Linen module hashes by its fields, so equal encoders (a student and its init-only

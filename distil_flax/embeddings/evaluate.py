@@ -144,6 +144,31 @@ def _check_model_fits(model: Model, vocab_size: int, tokenizer: str, max_len: in
                          f"max_position_embeddings ({c.max_position_embeddings})")
 
 
+DEFAULT_MAX_LEN = 512  # Without a max_seq_length to follow: BERT's positions.
+
+
+def resolve_max_len(max_len: int, teacher: Model, student: Model) -> tuple[int, str]:
+    """(tokens per text, [CLS] and [SEP] included, where that came from). 0 follows the teacher:
+    its sentence-transformers max_seq_length (sentence_bert_config.json: 256 for
+    all-MiniLM-L6-v2), else its positions up to DEFAULT_MAX_LEN; either way no more than the
+    student's positions. Never a training run's data.seq_len: a passage is read as far as the
+    teacher reads it, whatever rows the student trained on."""
+    if max_len:
+        if max_len < 3:
+            raise ValueError(f"--max_len must be 0 (the teacher's) or at least 3, got {max_len}")
+        return max_len, "--max_len"
+    found = st_layout.read_sentence_config(teacher.path) if os.path.isdir(teacher.path) else None
+    if found is not None and found.max_seq_length:
+        length, source = found.max_seq_length, f"the max_seq_length of {teacher.path}"
+    else:
+        length = min(int(teacher.model_cfg.max_position_embeddings), DEFAULT_MAX_LEN)
+        source = "the teacher's positions"
+    positions = int(student.model_cfg.max_position_embeddings)
+    if positions < length:
+        return positions, f"{source} ({length}), cut to the student's {positions} positions"
+    return length, source
+
+
 def resolve_pooling(pooling: str, teacher: Model) -> tuple[str, str]:
     """(pooling, where it came from); "auto" reads the teacher folder's sentence-transformers
     config, else mean."""
@@ -176,7 +201,7 @@ def _finite(value: Any) -> Any:
 def evaluate(student: str, teacher: str, *, sts: str | None = None,
              labelled: str | None = None, text: str | None = None,
              tokenizer: str | None = None, lowercase: bool | None = None,
-             pooling: str = "auto", folds: int = 5, neighbours: int = 10, max_len: int = 128,
+             pooling: str = "auto", folds: int = 5, neighbours: int = 10, max_len: int = 0,
              batch_size: int = 64, dtype: str = "float32", init_only: bool = True,
              seed: int = 0, max_pairs: int = MAX_PAIRS, onnx: str | None = None,
              output: str | None = None) -> dict[str, Any]:
@@ -226,6 +251,7 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
             logging.warning("No init-only student: %s.", init_note)
     models["student"] = student_model
     pooling, pooling_source = resolve_pooling(pooling, models["teacher"])
+    max_len, max_len_source = resolve_max_len(max_len, models["teacher"], student_model)
 
     tokenizer_path = tokenizer or models["teacher"].tokenizer
     if not tokenizer_path:
@@ -332,6 +358,7 @@ def evaluate(student: str, teacher: str, *, sts: str | None = None,
             "skipped": init_note},
         "pooling": pooling, "pooling_source": pooling_source,
         "tokenizer": tokenizer_path, "lowercase": lowercase, "max_len": max_len,
+        "max_len_source": max_len_source,
         "batch_size": batch_size, "dtype": dtype, "seed": seed,
         "data": data, "details": details,
     }

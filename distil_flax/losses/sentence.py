@@ -19,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from distil_flax.data import packing, teacher_targets
 from distil_flax.losses.term import Field, Term, TermInputs, kept_channels, project
 from distil_flax.losses.triple import weighted_mean, wide
 from distil_flax.model.pooling import POOLINGS, pool_segments
@@ -101,19 +102,25 @@ def similarity_structure(student: Array, teacher: Array, present: Array, *, kind
     return weighted_mean(kl, rows.astype(kl.dtype))
 
 
-def embedding_terms(spec: SentenceEmbeddings, student_hidden: Array, teacher_hidden: Array,
+def embedding_terms(spec: SentenceEmbeddings, student_hidden: Array, teacher_hidden: Array | None,
                     segment_ids: Array, projection: dict[str, Array] | None,
-                    teacher_channels: tuple[int, ...] = ()) -> tuple[Array, dict[str, Array]]:
+                    teacher_channels: tuple[int, ...] = (), teacher_pooled: Array | None = None
+                    ) -> tuple[Array, dict[str, Array]]:
     """The weighted terms on both models' final hidden states [batch, length, width], pooled per
     segment, and their metrics. MSE and cosine compare with the teacher's `teacher_channels`
     when given (`LossSpec.teacher_channels`); the similarity structure, the teacher's whole
-    embeddings."""
+    embeddings. `teacher_pooled` [batch, max_segments, width]: the teacher's embeddings already
+    pooled (cached targets), used instead of `teacher_hidden`."""
 
     def pooled(hidden):  # [batch, max_segments, d] → [batch · max_segments, d]
         vectors, present = pool_segments(hidden, segment_ids, spec.max_segments, spec.pooling)
         return vectors.reshape(-1, vectors.shape[-1]), present.reshape(-1)
 
-    (student, present), (teacher, _) = pooled(student_hidden), pooled(teacher_hidden)
+    student, present = pooled(student_hidden)
+    if teacher_pooled is None:
+        teacher, _ = pooled(teacher_hidden)
+    else:
+        teacher = teacher_pooled.reshape(-1, teacher_pooled.shape[-1])
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
     compared = kept_channels(teacher, teacher_channels)
@@ -160,17 +167,17 @@ class SentenceEmbeddingsTerm(Term):
             mse=section.mse_weight, cosine=section.cosine_weight,
             similarity=section.similarity_weight, similarity_kind=section.similarity,
             temperature=section.temperature, pooling=pooling,
-            # Every packed segment is at least [CLS] token [SEP].
-            max_segments=max(1, config.data.seq_len // 3))
+            max_segments=packing.max_segments(config.data.seq_len))
 
     def projections(self, spec):
         # The similarity structure compares each model in its own space: no projection.
         return ("embeddings",) if spec.mse or spec.cosine else ()
 
     def compute(self, spec, inputs: TermInputs):
-        return embedding_terms(spec, inputs.student["hidden"], inputs.teacher["hidden"],
+        return embedding_terms(spec, inputs.student["hidden"], inputs.teacher.get("hidden"),
                                inputs.segment_ids, inputs.projections.get("embeddings"),
-                               inputs.teacher_channels)
+                               inputs.teacher_channels,
+                               inputs.teacher.get(teacher_targets.FIELD))
 
 
 TERM = SentenceEmbeddingsTerm()

@@ -373,3 +373,13 @@ def attention_kernel(model: Encoder, length: int, *, train: bool = False) -> str
         model.attention_impl, platform=attention.platform(), dtype=model.dtype,
         head_dim=model.head_size, length=length, mask=model.attention_mask,
         dropout=train and model.attention_dropout_rate > 0)
+
+
+# Parameters an encoder carries that sentence embeddings never read (the MLM head, BERT's pooler).
+HEAD_PARAMS = ("mlm_transform", "mlm_norm", "mlm_bias", "pooler")
+
+
+def encoder_only(params: dict[str, Any]) -> dict[str, Any]:
+    """An encoder's parameters without the MLM head and the pooler: what its hidden states, and
+    so its sentence embeddings, depend on."""
+    return {name: value for name, value in params.items() if name not in HEAD_PARAMS}

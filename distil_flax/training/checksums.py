@@ -26,7 +26,7 @@ def is_local(path: epath.Path) -> bool:
     return "://" not in os.fspath(path)
 
 
-def _crc32(path: str) -> tuple[int, int]:
+def file_crc32(path: str) -> tuple[int, int]:
     """(size in bytes, CRC-32) of a file, read in chunks; zlib releases the GIL while hashing."""
     crc, size = 0, 0
     with open(path, "rb") as f:
@@ -49,7 +49,7 @@ def write_checksums(step_dir: str | os.PathLike, items: Sequence[str]) -> int:
         for root, _, names in os.walk(os.path.join(step_dir, item)):
             for name in names:
                 path = os.path.join(root, name)
-                size, crc = _crc32(path)
+                size, crc = file_crc32(path)
                 files[os.path.relpath(path, step_dir)] = {"bytes": size, "crc32": crc}
     atomic.write_json(os.path.join(step_dir, CHECKSUMS), {"version": 1, "files": files},
                       indent=1, fsync=True)
@@ -96,7 +96,7 @@ def verify_step(directory: str | os.PathLike, step: int,
         where = f"checkpoint step {step}: {path}"
         if not os.path.isfile(path):
             raise CorruptCheckpointError(f"{where} is missing")
-        size, crc = _crc32(path)
+        size, crc = file_crc32(path)
         if size != expected["bytes"]:
             raise CorruptCheckpointError(
                 f"{where} has {size} bytes, {expected['bytes']} were written (truncated?)")
