@@ -182,6 +182,8 @@ def test_training_refuses_a_cache_made_for_anything_else(setup, tmp_path, capsys
     # A term the cache cannot serve; weights that do not fit.
     assert "loss.alpha_cos" in refused(loss__alpha_cos=1.0)
     assert "teacher.weights" in refused(teacher__weights="1,2")
+    assert "loss.kept_channels" in refused(teacher__cache=f"{cache},{cache}",
+                                           loss__kept_channels=True)
     # An unfinished cache, and a garbled shard.
     unfinished = str(tmp_path / "unfinished")
     os.makedirs(unfinished)

@@ -234,8 +234,8 @@ class Targets:
             check(directory, manifest, dataclasses.replace(expected, teacher_digest=digest))
             verify(directory, manifest)
             self.manifests.append(manifest)
-        poolings = {m["pooling"] for m in self.manifests}
-        self.pooling = poolings.pop() if len(poolings) == 1 else "mixed"
+        # The student pools as the first teacher does (each teacher's targets are its own).
+        self.pooling = self.manifests[0]["pooling"]
         self.seq_len = expected.seq_len
         self.data = expected.data
         self.width = sum(m["width"] for m in self.manifests)

@@ -242,6 +242,10 @@ def check_cached_terms(c: ml_collections.ConfigDict) -> None:
             f"teacher.cache holds the teacher's pooled sentence embeddings, which {live[0]} does "
             "not read: it needs the teacher itself (set teacher.cache='' to run it live, or set "
             f"{', '.join(live)} to 0)")
+    if c.loss.kept_channels and len(cache_directories(c)) > 1:
+        raise ValueError("loss.kept_channels compares with the channels a pruned student kept "
+                         "of its one teacher; several teachers in teacher.cache compare through "
+                         "a projection: set loss.kept_channels=False")
 
 
 def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
