@@ -167,7 +167,8 @@ class _Batches:
         return self._locate(self._anchor_row + k * self._global_batch)
 
     def __getitem__(self, k: int) -> Rows:
-        """This host's rows of batch k: int32 [global_batch / process_count, seq_len] per field."""
+        """This host's rows of batch k: int32 [global_batch / process_count, seq_len] per field,
+        and with cached teacher targets their rows (`teacher_targets.SplitTargets.rows`)."""
         rows = self._stream.rows
         first = self._anchor_row + k * self._global_batch + self._host.start
         n_rows = self._host.stop - self._host.start
