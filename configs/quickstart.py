@@ -5,6 +5,15 @@
 
 DistilBERT's recipe at toy size: half the teacher's layers (every other one), triple loss with
 T=2 and 5/2/1 weights, L_ce on every real token. `:tiny` is a seconds-long version for tests.
+
+`:masked_ce` is the recipe a logits cache serves: L_ce at the masked positions only, and no L_cos
+(the cache holds the teacher's logits there, not its hidden states). `:cached` is the same run
+reading the teacher's top-64 logits at 4 static maskings instead of running it:
+
+    python -m distil_flax.cache_teacher --config=configs/quickstart.py:masked_ce \
+        --targets=logits --output=runs/quickstart/teacher_logits
+    python -m distil_flax.main --config=configs/quickstart.py:cached \
+        --workdir=runs/quickstart/student_cached
 """
 
 from distil_flax.config import base_config, shrink_for_tests
@@ -36,6 +45,11 @@ def get_config(preset: str = ""):
         c.init.layer_map = (1,)
         c.train.batch_size = 16
         c.train.micro_batch_size = 8  # Exercises gradient accumulation.
+    elif preset in ("masked_ce", "cached"):
+        c.loss.restrict_ce_to_mask = True
+        c.loss.alpha_cos = 0.0
+        if preset == "cached":
+            c.teacher.cache = "runs/quickstart/teacher_logits"
     elif preset:
-        raise ValueError(f"unknown preset {preset!r}; known: tiny")
+        raise ValueError(f"unknown preset {preset!r}; known: tiny, masked_ce, cached")
     return c

@@ -30,6 +30,16 @@ def save_params_checkpoint(workdir, step: int, params) -> None:
     checksums.write_checksums(directory / str(step), checkpoint.ITEMS)
 
 
+def set_fields(c, settings: dict) -> None:
+    """Sets dotted config fields (`"loss.alpha_ce": 5.0`) on a ConfigDict."""
+    for name, value in settings.items():
+        section, _, field = name.rpartition(".")
+        node = c
+        for part in section.split("."):
+            node = node[part]
+        node[field] = value
+
+
 def error_line(capsys, job) -> str:
     """What `cli.run` prints for a failing job: exactly one `error:` line, status 1."""
     with pytest.raises(SystemExit) as exit_info:

@@ -19,10 +19,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import error_line, save_params_checkpoint
+from helpers import error_line, save_params_checkpoint, set_fields
 
 from distil_flax import data
-from distil_flax.data import records, teacher_targets
+from distil_flax.data import records, run_targets, teacher_targets
 from distil_flax.distill import train
 from distil_flax.distill.config import base_config, shrink_for_tests
 from distil_flax.embeddings import embed as embed_lib
@@ -62,13 +62,7 @@ def _settings(corpus, vocab_path, teacher_workdir, root) -> dict:
 def _config(settings: dict, **changes):
     c = base_config()
     shrink_for_tests(c, "tiny_student")
-    for name, value in {**settings, **{k.replace("__", "."): v for k, v in changes.items()}
-                        }.items():
-        section, _, field = name.rpartition(".")
-        node = c
-        for part in section.split("."):
-            node = node[part]
-        node[field] = value
+    set_fields(c, {**settings, **{k.replace("__", "."): v for k, v in changes.items()}})
     return c
 
 
@@ -135,7 +129,7 @@ def test_a_cache_covers_every_segment_and_a_cached_run_equals_the_live_run(setup
     # The cached targets are the live teacher's pooled embeddings of each segment: checked on
     # the first training segments against embedding them one by one.
     split = dataset.split("train")
-    targets = teacher_targets.Targets([cache], [1.0], teacher_targets.Expected(
+    targets = run_targets.Targets([cache], [1.0], teacher_targets.Expected(
         dataset, c.data.seq_len, "mean")).split("train")
     pieces = split.read(split.data_source(), [0, 1, 2])
     teacher = load_model("teacher", settings["teacher.checkpoint"])
@@ -305,7 +299,7 @@ def test_two_teachers_with_two_tokenizers_and_widths(setup, tmp_path):
     expected = embed_lib.embed(embed_lib.embedding_encoder(teacher.model_cfg),
                                embed_lib.encoder_only(teacher.params),
                                data.load_tokenizer(teacher.tokenizer), texts, max_len=256)
-    both = teacher_targets.Targets([cache, second], [1.0, 0.5], teacher_targets.Expected(
+    both = run_targets.Targets([cache, second], [1.0, 0.5], teacher_targets.Expected(
         dataset, c.data.seq_len, "mean")).split("train")
     got = both.gather(np.array([0, 1]), np.array([0, 0]))
     assert got.shape == (2, 32 + 384)

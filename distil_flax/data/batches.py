@@ -168,7 +168,7 @@ class _Batches:
 
     def __getitem__(self, k: int) -> Rows:
         """This host's rows of batch k: int32 [global_batch / process_count, seq_len] per field,
-        and with cached teacher targets their rows (`teacher_targets.SplitTargets.rows`)."""
+        and with cached teacher targets theirs (`run_targets.SplitTargets.fill`)."""
         rows = self._stream.rows
         first = self._anchor_row + k * self._global_batch + self._host.start
         n_rows = self._host.stop - self._host.start
@@ -181,16 +181,17 @@ class _Batches:
             index, row = located
             plan = self._stream.window(index)
             take = min(n_rows - done, plan.n_rows - row)
-            parts.append((plan, row, row + take, done))
+            parts.append((plan, row, row + take, done, index // self._stream.per_epoch))
             done += take
         segments = [(plan, slice(plan.row_bounds[r0], plan.row_bounds[r1]), plan.row[
-            plan.row_bounds[r0]:plan.row_bounds[r1]] - r0 + base) for plan, r0, r1, base in parts]
-        wanted = np.unique(np.concatenate([p.record[s] for p, s, _ in segments] or
+            plan.row_bounds[r0]:plan.row_bounds[r1]] - r0 + base, epoch)
+            for plan, r0, r1, base, epoch in parts]
+        wanted = np.unique(np.concatenate([p.record[s] for p, s, _, _ in segments] or
                                           [np.zeros([0], np.int64)]))
         pieces = dict(zip(wanted.tolist(), rows.split.read(self._source, wanted.tolist()))
                       ) if len(wanted) else {}
-        tokens, lengths, local_rows, starts, keys, slots = [], [], [], [], [], []
-        for plan, sl, local in segments:
+        tokens, lengths, local_rows, starts, keys, slots, epochs = [], [], [], [], [], [], []
+        for plan, sl, local, epoch in segments:
             for record, offset, length in zip(plan.record[sl].tolist(), plan.offset[sl].tolist(),
                                               plan.length[sl].tolist()):
                 tokens.append(pieces[record][offset:offset + length])
@@ -201,6 +202,7 @@ class _Batches:
             # Segments are sorted by (row, start): a segment's slot is its rank in its row.
             index = np.arange(sl.start, sl.stop)
             slots.append(index - plan.row_bounds[plan.row[index]])
+            epochs.append(np.full([len(index)], epoch, np.int64))
         empty = np.zeros([0], np.int64)
         concatenated = lambda parts: np.concatenate(parts) if parts else empty  # noqa: E731
         out = packing.write_rows(
@@ -208,9 +210,11 @@ class _Batches:
             concatenated(local_rows), concatenated(starts), n_rows, rows.seq_len, rows.cls_id,
             rows.sep_id, rows.pad_id)
         if rows.targets is not None:
-            out[teacher_targets.FIELD] = rows.targets.rows(
-                concatenated([k[0] for k in keys]), concatenated([k[1] for k in keys]),
-                concatenated(local_rows), concatenated(slots), n_rows)
+            rows.targets.fill(out, teacher_targets.PackedSegments(
+                record=concatenated([k[0] for k in keys]),
+                offset=concatenated([k[1] for k in keys]), row=concatenated(local_rows),
+                slot=concatenated(slots), start=concatenated(starts),
+                epoch=concatenated(epochs)))
         return out
 
 

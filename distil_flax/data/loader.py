@@ -11,11 +11,11 @@ import os
 import numpy as np
 from absl import logging
 
-from distil_flax.data import packing, records, teacher_targets
+from distil_flax.data import packing, records, run_targets
 from distil_flax.data import prepare as prepare_lib
 from distil_flax.data import tokenizer as tokenizer_lib
 
-# packing.FIELDS → int32 [rows, seq_len]; with cached targets also teacher_targets.FIELD.
+# packing.FIELDS → int32 [rows, seq_len]; with cached targets also theirs (`run_targets`).
 Rows = dict[str, np.ndarray]
 
 
@@ -30,7 +30,7 @@ class PackedSplit:
       window: pieces packed together; more means less padding.
       threads: threads reading and writing batches ahead of the training loop.
       prefetch: batches made ahead.
-      targets: cached teacher targets read with each row's segments (`teacher_targets`), or
+      targets: cached teacher targets read with each row's segments (`run_targets`), or
         None: batches then hold token ids only.
     """
 
@@ -42,7 +42,7 @@ class PackedSplit:
     window: int = 4096
     threads: int = 2
     prefetch: int = 4
-    targets: "teacher_targets.SplitTargets | None" = None
+    targets: "run_targets.SplitTargets | None" = None
 
     def __post_init__(self):
         if self.seq_len < 3:

@@ -1,14 +1,17 @@
 """Teacher outputs as data: the cache format, its checks, and each packed segment's targets.
 
-A teacher cache (`python -m distil_flax.cache_teacher`) holds the teacher's pooled sentence
-embedding of every segment the loader can pack from a prepared directory:
+A teacher cache (`python -m distil_flax.cache_teacher`) holds, for every segment the loader can
+pack from a prepared directory, one kind of target:
 
-    {split}-{unit:05d}.embeddings.npy   float32 or bfloat16 (stored as its uint16 bits)
-                                        [segments of the unit's pieces, width], in record order
-    manifest.json                       written last: the teacher (its spec and a digest of its
-                                        parameters), the data it was built over (directory,
-                                        digest, tokenizer), seq_len, pooling, precision, width,
-                                        and each shard with its segment count, size and CRC-32
+    {split}-{unit:05d}.embeddings.npy   the teacher's pooled sentence embedding: float32 or
+                                        bfloat16 (stored as its uint16 bits) [segments of the
+                                        unit's pieces, width], in record order
+    {split}-{unit:05d}.logits.npy       top-k MLM logits under static masks (`teacher_logits`)
+    manifest.json                       written last (`cache_build`): the kind, the teacher (its
+                                        spec and a digest of its parameters), the data it was
+                                        built over (directory, digest, tokenizer), seq_len, the
+                                        kind's options, and each shard with its segment count,
+                                        size and CRC-32
 
 A piece of n tokens is packed as ceil(n / (seq_len − 2)) segments, segment j holding its tokens
 [j·(seq_len − 2), (j + 1)·(seq_len − 2)) (`batches.py`): the segments, and with them the keys
@@ -19,10 +22,9 @@ Why .npy and not ArrayRecord: every target is one fixed-size row, so a memory-ma
 any segment's row by index with no decoding and no per-record framing; each shard is still one
 file per prepared unit, written whole (`training/atomic.py`) and checked by its CRC-32.
 
-`Targets` opens one cache or several (several teachers: each one's embeddings L2-normalised,
-scaled by the square root of its weight and concatenated, as Jasper and Stella concatenate their
-teachers' vectors) and checks them against the run before a step is taken: another teacher,
-tokenizer, data, seq_len or pooling is a ValueError naming `teacher.cache`.
+`check` and `verify` hold a cache against the run before a step is taken (`run_targets` opens a
+run's caches with them): another teacher, tokenizer, data, seq_len, pooling, masking or
+temperature, or a damaged shard, is a ValueError naming `teacher.cache`.
 """
 
 import dataclasses
@@ -34,18 +36,19 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from distil_flax.data import packing, records
+from distil_flax.data import records
 from distil_flax.training.checksums import file_crc32
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 KIND = "embeddings"
+LOGITS = "logits"  # The other kind (`teacher_logits`).
 PRECISIONS = ("float32", "bfloat16")
 FIELD = "teacher_embeddings"  # The batch field: float32 [rows, packing.max_segments, width].
 
 
-def shard_name(split: str, unit: int) -> str:
-    return f"{split}-{unit:05d}.{KIND}.npy"
+def shard_name(split: str, unit: int, kind: str = KIND) -> str:
+    return f"{split}-{unit:05d}.{kind}.npy"
 
 
 def segment_counts(lengths: np.ndarray, seq_len: int) -> np.ndarray:
@@ -62,6 +65,12 @@ def data_digest(dataset: records.PreparedDataset) -> str:
     text = json.dumps({"tokenizer": dataset.manifest["tokenizer"]["fingerprint"],
                        "splits": splits}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_data(dataset: records.PreparedDataset) -> dict:
+    """The data a cache is built over, as its manifest names it."""
+    return {"directory": dataset.directory, "digest": data_digest(dataset),
+            "tokenizer": dataset.fingerprint}
 
 
 def parameter_digest(params: Any) -> str:
@@ -90,7 +99,7 @@ def encode(embeddings: np.ndarray, precision: str) -> np.ndarray:
     return embeddings
 
 
-def _decode(stored: np.ndarray, precision: str) -> np.ndarray:
+def decode(stored: np.ndarray, precision: str) -> np.ndarray:
     if precision == "bfloat16":
         return stored.view(ml_dtypes.bfloat16).astype(np.float32)
     return np.asarray(stored, np.float32)
@@ -104,23 +113,42 @@ class Expected:
     seq_len: int
     pooling: str  # "" takes the cache's (loss.embeddings.pooling=auto).
     teacher_digest: str = ""  # Of the teacher the run loaded, "" when it loads none.
+    # What a logits cache must have been built with: the run's masking section's fields
+    # (`teacher_logits.MASKING_FIELDS`) and loss.temperature.
+    masking: dict | None = None
+    temperature: float | None = None
+
+
+class SegmentIndex:
+    """Where a split's packed segments are in a cache: their shard and their index in it."""
+
+    def __init__(self, split: records.Split, seq_len: int):
+        counts = segment_counts(split.lengths(), seq_len)
+        self.seq_len = seq_len
+        # The segment index of each record's first segment.
+        self.record_base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.shard_segments = np.add.reduceat(
+            counts, np.r_[0, np.cumsum(split.shard_records)[:-1]]).astype(np.int64) if len(
+                counts) else np.zeros([len(split.shard_records)], np.int64)
+        self.bounds = np.r_[0, np.cumsum(self.shard_segments)].astype(np.int64)
+
+    def locate(self, record: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, index within the shard) of segments (record, first token `offset`)."""
+        keys = self.record_base[record] + np.asarray(offset, np.int64) // (self.seq_len - 2)
+        shard = np.searchsorted(self.bounds, keys, side="right") - 1
+        return shard, keys - self.bounds[shard]
 
 
 class CacheSplit:
-    """One split of one cache: every segment's stored row, read by (record, segment) key."""
+    """One split of one embeddings cache: every segment's stored row, by (record, segment)."""
 
     def __init__(self, directory: str, manifest: dict, split: records.Split, seq_len: int):
         entry = manifest["splits"][split.name]
         self.precision = manifest["precision"]
         self.width = manifest["width"]
-        lengths = split.lengths()
-        counts = segment_counts(lengths, seq_len)
-        # The segment index of each record's first segment.
-        self.record_base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self.arrays, bounds = [], [0]
-        shard_segments = np.add.reduceat(counts, np.r_[0, np.cumsum(split.shard_records)[:-1]]
-                                         ) if len(counts) else np.zeros([0], np.int64)
-        for shard, expected in zip(entry["shards"], shard_segments.tolist()):
+        self.index = SegmentIndex(split, seq_len)
+        self.arrays = []
+        for shard, expected in zip(entry["shards"], self.index.shard_segments.tolist()):
             path = os.path.join(directory, shard["path"])
             array = np.load(path, mmap_mode="r")
             if array.shape != (shard["segments"], self.width) or shard["segments"] != expected:
@@ -128,17 +156,14 @@ class CacheSplit:
                     f"teacher.cache: {path} holds {array.shape[0]} targets, but the data has "
                     f"{expected} segments in that unit: it belongs to other data")
             self.arrays.append(array)
-            bounds.append(bounds[-1] + array.shape[0])
-        self.bounds = np.asarray(bounds, np.int64)
 
-    def gather(self, record: np.ndarray, offset: np.ndarray, seq_len: int) -> np.ndarray:
+    def gather(self, record: np.ndarray, offset: np.ndarray) -> np.ndarray:
         """float32 [n, width]: the targets of segments (record, first token `offset`)."""
-        keys = self.record_base[record] + np.asarray(offset, np.int64) // (seq_len - 2)
-        shard = np.searchsorted(self.bounds, keys, side="right") - 1
-        out = np.empty([len(keys), self.width], np.float32)
+        shard, local = self.index.locate(record, offset)
+        out = np.empty([len(shard), self.width], np.float32)
         for s in np.unique(shard).tolist():
             where = shard == s
-            out[where] = _decode(self.arrays[s][keys[where] - self.bounds[s]], self.precision)
+            out[where] = decode(self.arrays[s][local[where]], self.precision)
         return out
 
 
@@ -160,9 +185,9 @@ def read_manifest(directory: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"teacher.cache: {path} is unreadable ({error}); build the cache "
                          "again") from None
-    if version != FORMAT_VERSION or kind != KIND:
+    if version != FORMAT_VERSION or kind not in (KIND, LOGITS):
         raise ValueError(f"teacher.cache: {path} is a {kind!r} cache of format {version}; this "
-                         f"code reads {KIND!r} caches of format {FORMAT_VERSION}")
+                         f"code reads {KIND!r} and {LOGITS!r} caches of format {FORMAT_VERSION}")
     return manifest
 
 
@@ -187,7 +212,8 @@ def verify(directory: str, manifest: dict) -> None:
 
 def check(directory: str, manifest: dict, expected: Expected) -> None:
     """Raises ValueError naming `teacher.cache` when the cache was made for another teacher,
-    tokenizer, data, seq_len or pooling than the run's."""
+    tokenizer, data, seq_len, pooling (embeddings), masking or temperature (logits) than the
+    run's."""
     named = f"teacher.cache={directory!r}"
     data = manifest["data"]
     if data["tokenizer"] != expected.data.fingerprint:
@@ -201,7 +227,9 @@ def check(directory: str, manifest: dict, expected: Expected) -> None:
     if manifest["seq_len"] != expected.seq_len:
         raise ValueError(f"{named} was built at data.seq_len={manifest['seq_len']}, which cuts "
                          f"pieces into other segments than the run's {expected.seq_len}")
-    if expected.pooling and manifest["pooling"] != expected.pooling:
+    if manifest["kind"] == LOGITS:
+        _check_masking(named, manifest, expected)
+    elif expected.pooling and manifest["pooling"] != expected.pooling:
         raise ValueError(f"{named} holds {manifest['pooling']}-pooled embeddings, but "
                          f"loss.embeddings.pooling is {expected.pooling}")
     teacher = manifest["teacher"]
@@ -211,73 +239,25 @@ def check(directory: str, manifest: dict, expected: Expected) -> None:
             f"{teacher['digest']}) than teacher.checkpoint's (digest {expected.teacher_digest})")
 
 
-class Targets:
-    """The cached targets of a run, one cache or several, read per packed segment."""
-
-    def __init__(self, directories: list[str], weights: list[float], expected: Expected):
-        """Opens, verifies and checks each cache against the run.
-
-        Raises:
-          ValueError: naming `teacher.cache`: no finished cache, a damaged shard, or a cache
-            made for another teacher, tokenizer, data, seq_len or pooling.
-        """
-        if len(weights) != len(directories):
-            raise ValueError(f"teacher.weights has {len(weights)} entries for "
-                             f"{len(directories)} caches in teacher.cache")
-        self.directories, self.weights = list(directories), list(weights)
-        self.manifests = []
-        for directory in directories:
-            manifest = read_manifest(directory)
-            # Several teachers: each is checked for the data; the parameter digest only names
-            # the teacher the run loaded, which is the first cache's.
-            digest = expected.teacher_digest if not self.manifests else ""
-            check(directory, manifest, dataclasses.replace(expected, teacher_digest=digest))
-            verify(directory, manifest)
-            self.manifests.append(manifest)
-        # The student pools as the first teacher does (each teacher's targets are its own).
-        self.pooling = self.manifests[0]["pooling"]
-        self.seq_len = expected.seq_len
-        self.data = expected.data
-        self.width = sum(m["width"] for m in self.manifests)
-
-    def describe(self) -> str:
-        return "; ".join(f"{m['teacher']['spec']} ({m['width']} wide, {m['pooling']} pooling, "
-                         f"{m['precision']}, weight {w:g}) from {d}"
-                         for d, m, w in zip(self.directories, self.manifests, self.weights))
-
-    def split(self, name: str) -> "SplitTargets":
-        split = self.data.split(name)
-        return SplitTargets([CacheSplit(d, m, split, self.seq_len)
-                             for d, m in zip(self.directories, self.manifests)],
-                            self.weights, self.seq_len)
+def _check_masking(named: str, manifest: dict, expected: Expected) -> None:
+    for field, built in manifest["masking"].items():
+        if expected.masking is not None and expected.masking[field] != built:
+            raise ValueError(f"{named} holds the teacher's logits under static masks drawn with "
+                             f"masking.{field}={built}, but the run has {expected.masking[field]}")
+    if expected.temperature is not None and manifest["temperature"] != expected.temperature:
+        raise ValueError(f"{named} holds the teacher's log-partition at loss.temperature="
+                         f"{manifest['temperature']}, but the run has {expected.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitTargets:
-    """A split's targets from every cache of a run, combined (see the module docstring)."""
+class PackedSegments:
+    """The segments of some packed rows, as the loader placed them: each one's piece (global
+    record index) and first token there, row, slot (its rank in the row), start column, and the
+    epoch it is read in [segments]."""
 
-    caches: list[CacheSplit]
-    weights: list[float]
-    seq_len: int
-
-    @property
-    def width(self) -> int:
-        return sum(c.width for c in self.caches)
-
-    def gather(self, record: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        """float32 [n, width] of segments (record, first token `offset`)."""
-        parts = [c.gather(record, offset, self.seq_len) for c in self.caches]
-        if len(parts) == 1:
-            return parts[0]  # One teacher: its exact embeddings, as a live teacher gives them.
-        return np.concatenate([
-            p * (np.sqrt(w) / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12))
-            for p, w in zip(parts, self.weights)], axis=-1)
-
-    def rows(self, record: np.ndarray, offset: np.ndarray, row: np.ndarray, slot: np.ndarray,
-             n_rows: int) -> np.ndarray:
-        """float32 [n_rows, packing.max_segments(seq_len), width]: slot s of a row holds its
-        segment s + 1's targets, zeros where it has none (as `pooling.pool_segments` lays out)."""
-        out = np.zeros([n_rows, packing.max_segments(self.seq_len), self.width], np.float32)
-        if len(record):
-            out[row, slot] = self.gather(record, offset)
-        return out
+    record: np.ndarray
+    offset: np.ndarray
+    row: np.ndarray
+    slot: np.ndarray
+    start: np.ndarray
+    epoch: np.ndarray

@@ -9,7 +9,7 @@ import os
 import ml_collections
 from etils import epath
 
-from distil_flax.data import SOURCES
+from distil_flax.data import SOURCES, teacher_targets
 from distil_flax.data import tokenizer as tokenizer_lib
 from distil_flax.interop import hf
 from distil_flax.losses import TERMS
@@ -228,20 +228,32 @@ def cache_weights(c: ml_collections.ConfigDict) -> list[float]:
     return weights
 
 
-def check_cached_terms(c: ml_collections.ConfigDict) -> None:
-    """A cache holds pooled sentence embeddings: every other teacher term needs a live teacher.
+EMBEDDING_TERMS = tuple(f"loss.embeddings.{name}" for name in (
+    "mse_weight", "cosine_weight", "similarity_weight"))
+
+
+def check_cached_terms(c: ml_collections.ConfigDict, kinds: list[str]) -> None:
+    """What the caches of `kinds` can serve: the sentence terms (an embeddings cache) and L_ce
+    at the masked positions (a logits cache); every other teacher term needs a live teacher.
 
     Raises:
-      ValueError: naming the first weighted term a cache cannot serve.
+      ValueError: naming the first weighted term the caches cannot serve.
     """
-    cached = {f"loss.embeddings.{name}" for name in ("mse_weight", "cosine_weight",
-                                                     "similarity_weight")}
-    live = [name for name in teacher_terms(c) if name not in cached]
+    served = set(EMBEDDING_TERMS) if teacher_targets.KIND in kinds else set()
+    if teacher_targets.LOGITS in kinds:
+        served.add("loss.alpha_ce")
+        if c.loss.alpha_ce and not c.loss.restrict_ce_to_mask:
+            raise ValueError("teacher.cache holds the teacher's logits at the masked positions "
+                             "only, but loss.restrict_ce_to_mask=False reads L_ce at every "
+                             "token: set loss.restrict_ce_to_mask=True")
+    live = [name for name in teacher_terms(c) if name not in served]
     if live:
+        held = " and ".join({teacher_targets.KIND: "the teacher's pooled sentence embeddings",
+                             teacher_targets.LOGITS: "its top-k logits at static masks"}[k]
+                            for k in sorted(set(kinds)))
         raise ValueError(
-            f"teacher.cache holds the teacher's pooled sentence embeddings, which {live[0]} does "
-            "not read: it needs the teacher itself (set teacher.cache='' to run it live, or set "
-            f"{', '.join(live)} to 0)")
+            f"teacher.cache holds {held}, which {live[0]} does not read: it needs the teacher "
+            f"itself (set teacher.cache='' to run it live, or set {', '.join(live)} to 0)")
     if c.loss.kept_channels and len(cache_directories(c)) > 1:
         raise ValueError("loss.kept_channels compares with the channels a pruned student kept "
                          "of its one teacher; several teachers in teacher.cache compare through "
@@ -265,7 +277,7 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
     needs_teacher = bool(teacher_terms(c))
     caches = cache_directories(c)
     if caches:
-        check_cached_terms(c)
+        check_cached_terms(c, [teacher_targets.read_manifest(d)["kind"] for d in caches])
         cache_weights(c)
     if needs_teacher and not c.teacher.checkpoint and not caches:
         raise ValueError(

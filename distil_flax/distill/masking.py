@@ -105,3 +105,37 @@ def mask_tokens(
         "mlm_labels": labels,
         "mlm_weights": chosen.astype(jnp.float32),
     }
+
+
+def static_mask(ids: np.ndarray, rng: np.random.Generator, spec: MaskingSpec,
+                token_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One segment's static mask, drawn once on the host (a teacher cache's, `cache_teacher`).
+
+    As `mask_tokens` draws per row, but per segment and in numpy: the count is the segment's
+    share p·n stochastically rounded (floor(p·n + u), so p·n on average, where a row's ceil
+    would over-mask short segments), the positions a weighted sample without replacement
+    (Gumbel-top-k), the 80/10/10 corruption the same.
+
+    Args:
+      ids: [n] the segment's token ids (without [CLS]/[SEP]).
+      rng: the generator for this segment's masking, advanced in place.
+      token_weights: [vocab] selection weights (frequency smoothing), or None (uniform).
+
+    Returns:
+      (positions int64 [m] ascending, the ids read there int32 [m]).
+    """
+    ids = np.asarray(ids, np.int64)
+    candidate = ~np.isin(ids, spec.special_ids)
+    count = int(np.floor(spec.mask_prob * candidate.sum() + rng.random()))
+    log_w = np.zeros(len(ids)) if token_weights is None else np.log(token_weights[ids])
+    scores = np.where(candidate, log_w + rng.gumbel(size=len(ids)), -np.inf)
+    positions = np.sort(np.argsort(-scores, kind="stable")[:count])
+    specials = sorted(set(spec.special_ids))
+    ordinary = rng.integers(0, spec.vocab_size - len(specials), size=count)
+    for s in specials:  # The same bijection onto the ordinary ids as `_random_ordinary_tokens`.
+        ordinary = ordinary + (ordinary >= s)
+    u = rng.random(count)
+    labels = ids[positions]
+    inputs = np.where(u < spec.replace_with_mask, spec.mask_id, np.where(
+        u < spec.replace_with_mask + spec.replace_with_random, ordinary, labels))
+    return positions, inputs.astype(np.int32)

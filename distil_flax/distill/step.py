@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from distil_flax import losses
-from distil_flax.data import teacher_targets
+from distil_flax.data import teacher_logits, teacher_targets
 from distil_flax.distill.masking import MaskingSpec, mask_tokens
 from distil_flax.model import Encoder
 from distil_flax.training import partitioning
@@ -26,6 +26,21 @@ Array = jax.Array
 def _gather(x: Array, positions: Array) -> Array:
     """x [batch, length, ...] at positions [batch, k] → [batch, k, ...]."""
     return jnp.take_along_axis(x, positions[:, :, None], axis=1)
+
+
+def _masks(batch: dict[str, Array], rng: Array, masking: MaskingSpec,
+           token_weights: Array | None) -> tuple[dict[str, Array], "losses.TopK | None"]:
+    """The batch's MLM inputs (`mask_tokens`' fields), and the teacher's cached top k there.
+
+    With a logits cache (`data/teacher_logits.py`) the batch carries its static masks and the
+    teacher's distribution at them; otherwise the mask is drawn here, fresh for every batch.
+    """
+    if teacher_logits.FIELDS[0] in batch:
+        masked = {name: batch[name] for name in ("input_ids", "mlm_positions", "mlm_labels",
+                                                 "mlm_weights")}
+        return masked, (batch["teacher_top_ids"], batch["teacher_top_logits"],
+                        batch["teacher_log_z"])
+    return mask_tokens(rng, batch["input_ids"], batch["segment_ids"], masking, token_weights), None
 
 
 def _loss_and_grads(
@@ -43,7 +58,7 @@ def _loss_and_grads(
     head term (TinyBERT's and MiniLM's general distillation) no head runs at all.
     """
     mask_rng, dropout_rng = jax.random.split(rng)
-    masked = mask_tokens(mask_rng, micro["input_ids"], micro["segment_ids"], masking, token_weights)
+    masked, top_k = _masks(micro, mask_rng, masking, token_weights)
     real_tokens = (micro["segment_ids"] > 0).astype(jnp.float32)
     positions = masked["mlm_positions"]
     ce_on_all = loss.alpha_ce > 0 and not loss.restrict_ce_to_mask
@@ -54,7 +69,9 @@ def _loss_and_grads(
 
     ce_weights = real_tokens if ce_on_all else masked["mlm_weights"]
     inputs = (masked["input_ids"], micro["segment_ids"], micro["positions"])
-    fused = loss.head_chunk > 0
+    # The fused heads bound the memory of logits at every position; cached targets are read at
+    # the prediction slots only, whose logits the plain path holds.
+    fused = loss.head_chunk > 0 and top_k is None
     teacher_vars = {"params": teacher_params}
     student_captures, teacher_captures = losses.captures(loss)
 
@@ -76,8 +93,8 @@ def _loss_and_grads(
     def head_terms(p, student_hidden):
         common = dict(mlm_labels=masked["mlm_labels"], mlm_weights=masked["mlm_weights"],
                       student_hidden=student_hidden,
-                      teacher_hidden=None if teacher_out is None else losses.kept_channels(
-                          teacher_out["hidden"], loss.teacher_channels),
+                      teacher_hidden=None if teacher_out is None or "hidden" not in teacher_out
+                      else losses.kept_channels(teacher_out["hidden"], loss.teacher_channels),
                       token_weights=real_tokens, ce_weights=ce_weights)
         if fused:
             return losses.fused_distillation_loss(
@@ -91,7 +108,8 @@ def _loss_and_grads(
         return losses.distillation_loss(
             loss, student_logits=student_logits, teacher_logits=teacher_head,
             student_mlm_logits=slots(student_logits),
-            teacher_mlm_logits=None if teacher_head is None else slots(teacher_head), **common)
+            teacher_mlm_logits=None if teacher_head is None else slots(teacher_head),
+            teacher_top_k=top_k, **common)
 
     def loss_fn(trainable):
         p, projections = trainable
@@ -171,9 +189,11 @@ def eval_step(
     `teacher_nll`, `teacher_correct`, and `agreement` when both. With intermediate-layer terms,
     `tokens` and each `losses.feature_terms` metric times the batch's real tokens, as
     `feature/NAME`. The mask is uniform (no smoothing) and depends only on `rng`, so every
-    evaluation of a run scores the same positions.
+    evaluation of a run scores the same positions. With a logits cache the masks are its
+    static ones, the teacher's metrics come from its cached top 1 (no `teacher_nll`), and
+    `kl_top_k` and `tail_mass` are the student's L_ce against its top k, times predictions.
     """
-    masked = mask_tokens(rng, batch["input_ids"], batch["segment_ids"], masking)
+    masked, top_k = _masks(batch, rng, masking, None)
     inputs = (masked["input_ids"], batch["segment_ids"], batch["positions"])
     weights = masked["mlm_weights"]
     teacher_mlm = teacher is not None and teacher_mlm
@@ -192,11 +212,24 @@ def eval_step(
         nll = -jnp.take_along_axis(log_p, masked["mlm_labels"][..., None], axis=-1)[..., 0]
         top1 = jnp.argmax(logits, axis=-1)
         return out, {"nll": jnp.sum(nll * weights),
-                     "correct": jnp.sum((top1 == masked["mlm_labels"]) * weights), "top1": top1}
+                     "correct": jnp.sum((top1 == masked["mlm_labels"]) * weights), "top1": top1,
+                     "logits": logits}
 
     sums = {}
     student_out, student_mlm_sums = forward(student, params, student_captures, student_mlm)
-    if cached:
+    if top_k is not None:
+        # The teacher's top 1 at the cached masks and, for a student with an MLM head, its
+        # held-out L_ce against the top k (`losses.top_k_kl`) with the tail's mass.
+        top1 = top_k[0][..., 0]
+        teacher_out = {teacher_targets.FIELD: batch[teacher_targets.FIELD]} if cached else None
+        teacher_mlm_sums = {"correct": jnp.sum((top1 == masked["mlm_labels"]) * weights),
+                            "top1": top1}
+        if student_mlm_sums:
+            predictions = jnp.maximum(jnp.sum(weights), 1.0)
+            kl, tail = losses.top_k_kl(student_mlm_sums["logits"], top_k, weights,
+                                       loss.temperature)
+            sums["kl_top_k"], sums["tail_mass"] = kl * predictions, tail * predictions
+    elif cached:
         teacher_out, teacher_mlm_sums = {teacher_targets.FIELD: batch[teacher_targets.FIELD]}, {}
     elif teacher is None or not (teacher_mlm or features):
         teacher_out, teacher_mlm_sums = None, {}
@@ -206,7 +239,9 @@ def eval_step(
     for name, mlm_sums in (("student", student_mlm_sums), ("teacher", teacher_mlm_sums)):
         if mlm_sums:
             sums["predictions"] = jnp.sum(weights)
-            sums[f"{name}_nll"], sums[f"{name}_correct"] = mlm_sums["nll"], mlm_sums["correct"]
+            sums[f"{name}_correct"] = mlm_sums["correct"]
+            if "nll" in mlm_sums:  # Not the cached teacher's: its top k may miss the label.
+                sums[f"{name}_nll"] = mlm_sums["nll"]
     if student_mlm_sums and teacher_mlm_sums:
         sums["agreement"] = jnp.sum((student_mlm_sums["top1"] == teacher_mlm_sums["top1"])
                                     * weights)

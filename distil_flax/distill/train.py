@@ -21,15 +21,14 @@ from etils import epath
 
 from distil_flax import data
 from distil_flax import model as model_lib
-from distil_flax.data import teacher_targets
+from distil_flax.data import run_targets
 from distil_flax.distill import config as config_lib
 from distil_flax.distill import pruning as pruning_lib
+from distil_flax.distill import teachers
 from distil_flax.distill.masking import MaskingSpec, smoothing_weights
 from distil_flax.distill.step import jit_steps
-from distil_flax.interop import sources
 from distil_flax.losses import TERMS, LossSpec, projection_init
 from distil_flax.model import Encoder, make_encoder, student_init
-from distil_flax.model.encoder import encoder_only
 from distil_flax.training import (
     atomic,
     config_files,
@@ -61,52 +60,15 @@ class Setup:
     teacher_mlm: bool = True  # Whether the teacher has a trained MLM head (for its metrics).
     pruning: student_init.Pruning | None = None  # What a pruned student keeps of the teacher.
     # Cached teacher targets (teacher.cache): the batches carry them, and no teacher runs.
-    targets: teacher_targets.Targets | None = None
+    targets: run_targets.Targets | None = None
 
     @property
     def teacher_width(self) -> int:
         """The width of what the student is compared with: the teacher's hidden size, or the
         cached targets' (several teachers': their concatenation)."""
-        if self.targets is not None:
+        if self.targets is not None and self.targets.width:
             return self.targets.width
         return (self.teacher or self.student).hidden_size
-
-
-def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
-    """Loads the teacher named by `teacher.checkpoint` (`interop.sources`: a distil_flax
-    workdir, a Hugging Face folder or `hf://ORG/NAME[@REV]`), once, into its shardings.
-
-    Returns:
-      (teacher model, float32 params in their shardings, whether it has a trained MLM head,
-       its sentence-transformers pooling or None).
-    """
-    source = sources.open_source(c.teacher.checkpoint, field="teacher.checkpoint", seed=c.seed)
-    if source.head is not None:
-        raise ValueError(
-            f"{source.named()} is a fine-tuning run (it holds {sources.TASK_MODEL_FILE}) or a "
-            "fine-tuned model: distillation needs a pretrained encoder with its MLM head; a "
-            "fine-tuned teacher distils on its task (distil_flax.finetune with "
-            "--config.distill.teacher)")
-    if c.loss.alpha_ce and not source.has_mlm_head:
-        raise ValueError(
-            f"{source.named()} has no MLM head, but loss.alpha_ce distils the teacher's MLM "
-            "distribution: use a *ForMaskedLM checkpoint or set loss.alpha_ce=0")
-    teacher = make_encoder(source.model_cfg)
-    params, step = sources.encoder_params(source, mesh, rules)
-    if source.kind == "hf":
-        params = jax.device_put(params, train_state.shardings_of(
-            partitioning.abstract_params(model_lib.init_fn(teacher), mesh, rules)))
-    if teacher.vocab_size != vocab_size:
-        raise ValueError(
-            f"the teacher's vocab_size {teacher.vocab_size} (teacher.checkpoint="
-            f"{c.teacher.checkpoint!r}) differs from data.tokenizer's {vocab_size}: distil with "
-            "the teacher's tokenizer")
-    logging.info("Teacher: %s (%s), %d layers × %d%s.", source.path,
-                 "Hugging Face checkpoint" if step is None else f"step {step}",
-                 teacher.num_layers, teacher.hidden_size,
-                 "" if source.has_mlm_head else ", no MLM head")
-    found = (source.sentence_config() if c.loss.embeddings.pooling == "auto" else None)
-    return teacher, params, source.has_mlm_head, found and found.pooling
 
 
 def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = None,
@@ -134,12 +96,13 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
     teacher_mlm = False
     caches = config_lib.cache_directories(c)
     if caches:
-        targets, teacher, teacher_params = open_targets(c, caches, train_rows, mesh, rules)
+        targets, teacher, teacher_params = teachers.open_targets(c, caches, train_rows, mesh, rules)
         teacher_pooling = targets.pooling
+        teacher_mlm = targets.logits is not None  # Its top-1 at the cached masks.
         train_rows, eval_rows = (dataclasses.replace(rows, targets=targets.split(name))
                                  for rows, name in ((train_rows, "train"), (eval_rows, "eval")))
     elif config_lib.teacher_terms(c):
-        teacher, teacher_params, teacher_mlm, teacher_pooling = load_teacher(
+        teacher, teacher_params, teacher_mlm, teacher_pooling = teachers.load_teacher(
             c, tokenizer.vocab_size, mesh, rules)
         if not teacher_mlm:
             logging.info("The teacher has no MLM head: no MLM metrics for it.")
@@ -159,38 +122,6 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
         teacher = teacher_params = None  # Never run: the batches carry its outputs.
     return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
                  teacher_params, teacher_init, loss, teacher_mlm, pruning, targets)
-
-
-def open_targets(c: ml_collections.ConfigDict, caches: list[str], train_rows, mesh, rules):
-    """Opens teacher.cache, checked against the run, and the teacher's parameters when the
-    student is initialised from it (checked to be the first cache's teacher).
-
-    Returns:
-      (targets, the teacher model and its float32 params, or None and None when the student
-       does not start from it).
-
-    Raises:
-      ValueError: naming teacher.cache or teacher.checkpoint (`teacher_targets.Targets`).
-    """
-    dataset = data.PreparedDataset(train_rows.split.directory)
-    pooling = c.loss.embeddings.pooling
-    expected = teacher_targets.Expected(dataset, c.data.seq_len,
-                                        "" if pooling == "auto" else pooling)
-    first = teacher_targets.read_manifest(caches[0])
-    teacher = params = None
-    if c.init.from_teacher:
-        spec = c.teacher.checkpoint or first["teacher"]["spec"]
-        source = sources.open_source(spec, field="teacher.checkpoint", seed=c.seed)
-        teacher = make_encoder(source.model_cfg)
-        params, _ = sources.encoder_params(source, mesh, rules)
-        expected = dataclasses.replace(expected, teacher_digest=teacher_targets.parameter_digest(
-            jax.device_get(encoder_only(params))))
-        if source.kind == "hf":
-            params = jax.device_put(params, train_state.shardings_of(partitioning.abstract_params(
-                model_lib.init_fn(teacher), mesh, rules)))
-    targets = teacher_targets.Targets(caches, config_lib.cache_weights(c), expected)
-    logging.info("Teacher targets from the cache, no teacher runs: %s.", targets.describe())
-    return targets, teacher, params
 
 
 def loss_spec(c: ml_collections.ConfigDict, student: Encoder, teacher: Encoder | None,
@@ -318,10 +249,14 @@ def evaluate(setup: Setup, state: TrainState, eval_fn, num_batches: int) -> dict
         metrics["student_mlm_loss"] = totals["student_nll"] / n
         metrics["student_mlm_accuracy"] = totals["student_correct"] / n
         metrics["student_perplexity"] = math.exp(min(metrics["student_mlm_loss"], 50.0))
+    if "teacher_correct" in totals:
+        metrics["teacher_mlm_accuracy"] = totals["teacher_correct"] / n
     if "teacher_nll" in totals:
         metrics["teacher_mlm_loss"] = totals["teacher_nll"] / n
-        metrics["teacher_mlm_accuracy"] = totals["teacher_correct"] / n
         metrics["teacher_perplexity"] = math.exp(min(metrics["teacher_mlm_loss"], 50.0))
+    for name in ("kl_top_k", "tail_mass"):  # Against a logits cache (`step.eval_step`).
+        if name in totals:
+            metrics[name] = totals[name] / n
     if "agreement" in totals:
         metrics["agreement"] = totals["agreement"] / n
     return metrics

@@ -30,14 +30,20 @@ from distil_flax.losses.spec import Captures, CoreSpec, layer_pairs, uniform_lay
 from distil_flax.losses.term import Field, Term, TermInputs, kept_channels, project
 from distil_flax.losses.triple import (
     HeadInputs,
+    TopK,
     cosine_distance,
     distillation_loss,
     fused_distillation_loss,
     masked_lm_loss,
     soft_target_kl,
+    top_k_gap_bound,
+    top_k_kl,
 )
 
 __all__ = [
+    "TopK",
+    "top_k_gap_bound",
+    "top_k_kl",
     "AttentionScores", "Captures", "CoreSpec", "Field", "HeadInputs", "HiddenStates", "LossSpec",
     "RELATION_PAIRS", "Relations", "SIMILARITIES", "SentenceEmbeddings", "TERMS", "Term",
     "TermInputs", "attention_score_mse", "captures", "cosine_distance", "distillation_loss",

@@ -50,6 +50,70 @@ def soft_target_kl(student_logits: Array, teacher_logits: Array, weights: Array,
     return temperature**2 * weighted_mean(kl, weights)
 
 
+# The teacher's distribution where it is cached (`data/teacher_logits.py`): its k largest logits'
+# ids and values, and its log-partition at the temperature, each [..., k] or [...].
+TopK = tuple[Array, Array, Array]
+_LOG_TINY = -69.0  # log 1e-30
+
+
+def _top_k_parts(student_logits: Array, top_k: TopK, temperature: float):
+    """The teacher's and student's log-probabilities on the top k and their tails' mass."""
+    top_ids, top_logits, log_z = top_k
+    log_q = jax.nn.log_softmax(wide(student_logits) / temperature, axis=-1)
+    log_q_top = jnp.take_along_axis(log_q, top_ids, axis=-1)
+    log_p_top = wide(top_logits) / temperature - wide(log_z)[..., None]
+    p_tail = jnp.clip(1.0 - jnp.sum(jnp.exp(log_p_top), axis=-1), 0.0, 1.0)
+    # The student's tail summed over the rest of the vocabulary, not as 1 − Σ top k: that
+    # difference loses every digit when the student puts nearly all its mass on the top k.
+    in_top = jnp.put_along_axis(jnp.zeros(log_q.shape, bool), top_ids, True, axis=-1,
+                                inplace=False)
+    log_q_rest = jnp.where(in_top, -jnp.inf, log_q)
+    # Floored: with k = vocab the tail is empty, and the teacher's is then rounding alone.
+    log_q_tail = jnp.maximum(jax.nn.logsumexp(log_q_rest, axis=-1), _LOG_TINY)
+    return log_p_top, log_q_top, p_tail, log_q_tail, log_q_rest
+
+
+def top_k_kl(student_logits: Array, top_k: TopK, weights: Array, temperature: float
+             ) -> tuple[Array, Array]:
+    """`soft_target_kl` against a teacher known on its top k: the KL over k + 1 outcomes.
+
+    The teacher's probabilities at T are exp(z / T − log_z) on its k largest logits, and the
+    rest of the vocabulary is one outcome holding what they leave (its tail's mass P); the
+    student's distribution is coarsened the same way. By the log-sum inequality that KL never
+    exceeds the full one, and the gap is the tail's mass times the KL within the tails:
+
+        0 ≤ KL − KL_top-k = P · KL(p̃ ‖ q̃) ≤ P · (log(p_k / P) − min_tail log q̃)
+
+    where p̃, q̃ are the distributions within the tails and p_k, the teacher's k-th largest
+    probability, bounds every p in its tail (`top_k_gap_bound`).
+
+    Args:
+      student_logits: [..., vocab] at the cached positions.
+      top_k: the teacher's (ids [..., k], logits [..., k], log_z [...]).
+      weights: [...] 1.0 where the loss reads.
+
+    Returns:
+      (T² · the weighted mean KL_top-k, the weighted mean tail mass P).
+    """
+    log_p_top, log_q_top, p_tail, log_q_tail, _ = _top_k_parts(student_logits, top_k,
+                                                                temperature)
+    p_top = jnp.exp(log_p_top)
+    tail = jnp.where(p_tail > 0, p_tail * (jnp.log(jnp.maximum(p_tail, 1e-30)) - log_q_tail),
+                     0.0)
+    kl = jnp.sum(p_top * (log_p_top - log_q_top), axis=-1) + tail
+    return temperature**2 * weighted_mean(kl, weights), weighted_mean(p_tail, weights)
+
+
+def top_k_gap_bound(student_logits: Array, top_k: TopK, temperature: float) -> Array:
+    """[...]: the bound of `top_k_kl`'s docstring on T² · (KL − KL_top-k), per position."""
+    log_p_top, _, p_tail, log_q_tail, log_q_rest = _top_k_parts(student_logits, top_k,
+                                                                temperature)
+    min_log_q = jnp.min(jnp.where(jnp.isfinite(log_q_rest), log_q_rest, jnp.inf), axis=-1)
+    safe_tail = jnp.maximum(p_tail, 1e-30)
+    bound = p_tail * (jnp.min(log_p_top, axis=-1) - jnp.log(safe_tail) - (min_log_q - log_q_tail))
+    return temperature**2 * jnp.where(p_tail > 0, bound, 0.0)
+
+
 def masked_lm_loss(logits: Array, labels: Array, weights: Array) -> tuple[Array, Array]:
     """Cross-entropy and top-1 accuracy at the prediction slots.
 
@@ -85,6 +149,7 @@ def distillation_loss(
     student_hidden: Array,
     teacher_hidden: Array | None,
     token_weights: Array,
+    teacher_top_k: TopK | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """The weighted sum of the three terms and the metrics of each.
 
@@ -98,6 +163,8 @@ def distillation_loss(
       mlm_labels, mlm_weights: [batch, k].
       student_hidden, teacher_hidden: [batch, length, embed] final hidden states.
       token_weights: [batch, length], 1.0 on real tokens (where L_cos reads).
+      teacher_top_k: the teacher's cached top k at the prediction slots (`top_k_kl`), instead
+        of its logits: L_ce over k + 1 outcomes, and the teacher's metrics from its top 1.
     """
     metrics: dict[str, Array] = {}
     loss = jnp.zeros((), jnp.float32)
@@ -106,7 +173,12 @@ def distillation_loss(
     metrics["loss_mlm"] = mlm
     if spec.alpha_mlm:
         loss += spec.alpha_mlm * mlm
-    if spec.alpha_ce:
+    if spec.alpha_ce and teacher_top_k is not None:
+        ce, metrics["teacher_tail_mass"] = top_k_kl(student_logits, teacher_top_k, ce_weights,
+                                                    spec.temperature)
+        metrics["loss_ce"] = ce
+        loss += spec.alpha_ce * ce
+    elif spec.alpha_ce:
         ce = soft_target_kl(student_logits, teacher_logits, ce_weights, spec.temperature)
         metrics["loss_ce"] = ce
         loss += spec.alpha_ce * ce
@@ -114,9 +186,12 @@ def distillation_loss(
         cos = cosine_distance(student_hidden, teacher_hidden, token_weights)
         metrics["loss_cos"] = cos
         loss += spec.alpha_cos * cos
-    if teacher_mlm_logits is not None:
-        _, teacher_accuracy = masked_lm_loss(teacher_mlm_logits, mlm_labels, mlm_weights)
-        agree = jnp.argmax(teacher_mlm_logits, -1) == jnp.argmax(student_mlm_logits, -1)
+    teacher_top1 = (jnp.argmax(teacher_mlm_logits, -1) if teacher_mlm_logits is not None
+                    else None if teacher_top_k is None else teacher_top_k[0][..., 0])
+    if teacher_top1 is not None:
+        teacher_accuracy = weighted_mean((teacher_top1 == mlm_labels).astype(jnp.float32),
+                                         mlm_weights)
+        agree = teacher_top1 == jnp.argmax(student_mlm_logits, -1)
         metrics["teacher_mlm_accuracy"] = teacher_accuracy
         metrics["agreement"] = weighted_mean(agree.astype(jnp.float32), mlm_weights)
     metrics["loss"] = loss
