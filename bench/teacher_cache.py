@@ -72,10 +72,10 @@ def kl_gap(config: str, cache: str, workdir: str, batches: int = 20) -> dict[str
         w, temperature = batch["mlm_weights"], c.loss.temperature
         top_k = (batch["teacher_top_ids"], batch["teacher_top_logits"], batch["teacher_log_z"])
         n = w.sum()
+        kl_top_k, tail_mass = losses.top_k_kl(s, top_k, w, temperature)
         return {"predictions": n,
                 "full": losses.soft_target_kl(s, t, w, temperature) * n,
-                "top_k": losses.top_k_kl(s, top_k, w, temperature)[0] * n,
-                "tail_mass": losses.top_k_kl(s, top_k, w, temperature)[1] * n,
+                "top_k": kl_top_k * n, "tail_mass": tail_mass * n,
                 "bound": (losses.top_k_gap_bound(s, top_k, temperature) * w).sum(),
                 "cached_logit_error": (abs(jax.numpy.take_along_axis(
                     t, batch["teacher_top_ids"], -1) - batch["teacher_top_logits"]).max(-1)
