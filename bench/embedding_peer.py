@@ -103,9 +103,13 @@ def config_layers(config: str) -> tuple[int, ...]:
     return tuple(int(i) for i in _load_config(config).init.layer_map)
 
 
-def config_max_len(config: str) -> int:
-    """`data.max_len` of a config file (with its `:preset`): the peer's training texts."""
-    return int(_load_config(config).data.max_len)
+def piece_flags(config: str | None) -> list[str]:
+    """The peer's flags for the texts a config (with its `:preset`) trains on: its
+    `data.max_len` and `data.min_len`; none without a config."""
+    if not config:
+        return []
+    data = _load_config(config).data
+    return [f"--max_len={data.max_len}", f"--min_len={data.min_len}"]
 
 
 def _load_config(config: str):
@@ -250,7 +254,7 @@ def main(argv=None) -> dict:
          f"--teacher={teacher}", f"--output={peer_dir}", f"--init_output={init_dir}",
          f"--layers={layers}", f"--minutes={args.minutes}", f"--threads={args.threads}",
          f"--max_steps={args.peer_max_steps}", "--overwrite",
-         *([f"--max_len={config_max_len(ours)}"] if ours else [])], f"{peer_dir}.log")
+         *piece_flags(ours)], f"{peer_dir}.log")
     with open(f"{peer_dir}.json") as f:
         peer_run = json.load(f)
     print(f"peer: {peer_minutes:.2f} min, {peer_run['steps']} steps", flush=True)

@@ -33,11 +33,13 @@ and for a time budget instead of an epoch:
              grouped as our preparation groups them (`units.document_pieces`): whole sentences
              into a text while it holds at most --max_len tokens of the student's tokenizer
              ([CLS] and [SEP] not counted; default configs/embed_minilm.py's `data.max_len`),
-             so that both recipes train on the same texts, from single long sentences and the
-             short ends of chapters to passages of ~250 tokens. A sentence longer than
-             --max_len is a text of its own (the tokenizer cuts it at max_seq_length, where our
-             preparation cuts it into pieces). --max_len=0: every sentence a text (34 991
-             sentences of 21.5 words on average). Texts are stripped; empty ones dropped.
+             or, with --min_len (`data.min_len`), at most a length drawn per text as
+             preparation draws it, so that both recipes train on the same texts, from single
+             long sentences and the short ends of chapters to passages of ~250 tokens. A
+             sentence longer than --max_len is a text of its own (the tokenizer cuts it at
+             max_seq_length, where our preparation cuts it into pieces). --max_len=0: every
+             sentence a text (34 991 sentences of 21.5 words on average). Texts are stripped;
+             empty ones dropped.
   threads    `torch.set_num_threads(--threads)` (0: torch's default).
 
 Saves the trained student with `SentenceTransformer.save` to --output (a sentence-transformers
@@ -63,8 +65,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Every model is a local folder.
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from distil_flax.data import units  # noqa: E402
 from distil_flax.data.readers import read_documents  # noqa: E402
-from distil_flax.data.units import document_pieces, is_held_out, split_sentences  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "embed_minilm.py")
 FALLBACK_LAYERS = (1, 3, 5)  # sentence-transformers' example keeps every other layer.
@@ -97,32 +99,40 @@ def default_max_len() -> int:
     return int(_config().data.max_len) if os.path.exists(CONFIG) else 0
 
 
+def default_min_len() -> int:
+    """configs/embed_minilm.py's `data.min_len` when that config exists, else 0."""
+    return int(_config().data.min_len) if os.path.exists(CONFIG) else 0
+
+
 def training_sentences(held_out_every: int = 50) -> list[str]:
     """The bundled corpus's sentences, as the module docstring says, in corpus order."""
-    return [s.strip() for doc in read_documents("bundled") if not is_held_out(doc, held_out_every)
-            for s in split_sentences(doc) if s.strip()]
+    return [s.strip() for doc in read_documents("bundled")
+            if not units.is_held_out(doc, held_out_every)
+            for s in units.split_sentences(doc) if s.strip()]
 
 
 def training_texts(count_tokens, max_len: int, held_out_every: int = 50,
-                   documents=None) -> list[str]:
+                   documents=None, min_len: int = 0) -> list[str]:
     """The training texts, as the module docstring says, in corpus order.
 
     Args:
       count_tokens: sentences -> their token counts (special tokens not counted).
       max_len: the most tokens of a text (`data.max_len`); 0: each sentence a text.
+      min_len: `data.min_len`: each text's most drawn in [min_len, max_len] as preparation does.
       documents: default the bundled corpus's chapters.
     """
     if not max_len:
         return training_sentences(held_out_every)
     texts = []
     for doc in documents if documents is not None else read_documents("bundled"):
-        if is_held_out(doc, held_out_every):
+        if units.is_held_out(doc, held_out_every):
             continue
-        sentences = split_sentences(doc)  # Whitespace kept with the next, as preparation has it.
+        # Whitespace kept with the next sentence, as preparation has it.
+        sentences = units.split_sentences(doc)
         # Each token stands for its sentence: the pieces then say which sentences each holds.
         marks = [[i] * n for i, n in enumerate(count_tokens(sentences))]
         placed: set[int] = set()
-        for piece in document_pieces(marks, max_len):
+        for piece in units.document_pieces(marks, max_len, min_len, units.text_hash(doc)):
             # A sentence cut over pieces is in the first only (the tokenizer cuts it there).
             kept = [i for i in dict.fromkeys(piece) if i not in placed]
             placed.update(kept)
@@ -183,6 +193,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max_len", type=int, default=-1, help="tokens of a training text, at most "
                    "(sentences grouped); default: configs/embed_minilm.py's data.max_len; 0: "
                    "sentences")
+    p.add_argument("--min_len", type=int, default=-1, help="draw each text's most in [min_len, "
+                   "max_len] (data.min_len); default: configs/embed_minilm.py's; 0: max_len")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=2, help="torch threads; 0: torch's default")
     p.add_argument("--held_out_every", type=int, default=50,
@@ -196,6 +208,7 @@ def main(argv=None) -> dict:
     layers = (tuple(int(i) for i in args.layers.split(",")) if args.layers
               else default_layers())
     max_len = default_max_len() if args.max_len < 0 else args.max_len
+    min_len = default_min_len() if args.min_len < 0 else args.min_len
     teacher_path = args.teacher or default_teacher()
     report_path = args.report or args.output.rstrip("/") + ".json"
     for path in (args.output, args.init_output):
@@ -224,10 +237,12 @@ def main(argv=None) -> dict:
         def count_tokens(texts):
             return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-        texts = training_texts(count_tokens, max_len, args.held_out_every)
+        texts = training_texts(count_tokens, max_len, args.held_out_every, min_len=min_len)
         print(f"teacher {teacher_path} ({teacher_layers} layers) → student of layers "
               f"{list(layers)}; {len(texts)} training texts ("
-              f"{f'at most {max_len} tokens' if max_len else 'sentences'}); {args.minutes} min, "
+              f"{f'at most {max_len} tokens' if max_len else 'sentences'}"
+              f"{f', each a most drawn from {min_len}' if max_len and min_len else ''}); "
+              f"{args.minutes} min, "
               f"batch {args.batch}, lr {args.lr}, {torch.get_num_threads()} threads", flush=True)
 
         loss_fn = MSELoss(student)

@@ -300,6 +300,34 @@ def test_split_sentences_and_document_pieces():
     assert units_lib.document_pieces([], 8) == []
 
 
+def test_pieces_of_drawn_lengths_mix_sentences_and_passages():
+    """data.min_len: each piece's most is drawn log-uniformly in [min_len, max_len], seeded by
+    the document, so a corpus of verses gives sentences and passages alike."""
+    rng = np.random.default_rng(0)
+    # A long document of sentences of 8-40 tokens, each sentence its own token value.
+    sentences = [[i] * int(n) for i, n in enumerate(rng.integers(8, 41, 3000))]
+    pieces = units_lib.document_pieces(sentences, 254, 16, seed=7)
+    assert sum(pieces, []) == sum(sentences, [])
+    lengths = np.array([len(p) for p in pieces])
+    assert lengths.max() <= 254
+    # Log-uniform: about as many pieces of at most 32 tokens (cut to 16-32) as of over 128.
+    short, long = np.mean(lengths <= 32), np.mean(lengths > 128)
+    assert 0.15 < short < 0.45 and 0.15 < long < 0.45, (short, long)
+    # Whole sentences while they fit: a sentence is cut only when longer than its piece's most,
+    # and then its first part is a piece of its own, never the tail of a fuller one.
+    cuts = [(a, b) for a, b in zip(pieces, pieces[1:]) if a[-1] == b[0]]
+    assert 0 < len(cuts) < 0.2 * len(pieces)
+    assert all(set(a) == {a[-1]} and len(a) < len(sentences[a[-1]]) for a, _ in cuts)
+    assert units_lib.document_pieces(sentences, 254, 16, seed=7) == pieces  # The same cuts.
+    assert units_lib.document_pieces(sentences, 254, 16, seed=8) != pieces
+    # min_len 0 is the fixed most; min_len = max_len is too.
+    fixed = units_lib.document_pieces(sentences, 254)
+    assert units_lib.document_pieces(sentences, 254, 254, seed=7) == fixed
+    assert np.mean([len(p) for p in fixed]) > 240
+    with pytest.raises(ValueError, match="data.min_len"):
+        units_lib.Options(max_len=32, min_len=64)
+
+
 # ------------------------------------------------------------------------------ packing
 
 

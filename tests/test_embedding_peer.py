@@ -128,7 +128,9 @@ def test_training_sentences_skip_held_out_chapters():
 
 def test_training_texts_are_the_pieces_our_preparation_cuts():
     """Whole sentences grouped while they fit --max_len tokens (`units.document_pieces`), a
-    longer one alone; held-out documents skipped; --max_len 0: the sentences."""
+    longer one alone, or a drawn length with --min_len; held-out documents skipped; --max_len 0:
+    the sentences."""
+    from distil_flax.data import units
     from distil_flax.data.units import is_held_out
 
     def words(sentences):
@@ -141,10 +143,19 @@ def test_training_texts_are_the_pieces_our_preparation_cuts():
     docs = [f"Document {i} here. It has two sentences." for i in range(100)]
     kept = peer.training_texts(words, 100, 50, docs)
     assert kept == [d for d in docs if not is_held_out(d, 50)] and len(kept) < len(docs)
+    # --min_len (data.min_len): each text's most drawn as preparation draws it for the document.
+    long_doc = " ".join(f"Sentence {i} has five words." for i in range(300))
+    mixed = peer.training_texts(words, 60, 0, [long_doc], min_len=5)
+    assert " ".join(mixed) == long_doc
+    cut = units.document_pieces([[0] * n for n in words(units.split_sentences(long_doc))], 60, 5,
+                                units.text_hash(long_doc))
+    assert [len(t.split()) for t in mixed] == [len(p) for p in cut]
+    assert len({len(t.split()) for t in mixed}) > 5  # Lengths from 5 to 60 words.
     from distil_flax.training.config_files import load_config
 
     recipe = load_config(os.path.join(ROOT, "configs", "embed_minilm.py"))
     assert peer.default_max_len() == recipe.data.max_len > 0
+    assert peer.default_min_len() == recipe.data.min_len
 
 
 def test_side_by_side_table_has_the_probe_and_the_teacher_row():

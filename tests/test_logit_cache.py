@@ -179,7 +179,7 @@ def _losses(workdir):
     return [r for r in read_metrics(workdir) if "train/loss" in r]
 
 
-def test_cached_mlm_distillation_trains_without_a_teacher_and_refuses_a_mismatch(
+def test_cached_mlm_distillation_with_no_teacher_or_one_beside_it_and_its_refusals(
         built, tmp_path, capsys):
     config, cache, _, root = built
     workdir = str(tmp_path / "run")
@@ -200,9 +200,17 @@ def test_cached_mlm_distillation_trains_without_a_teacher_and_refuses_a_mismatch
     assert "teacher.cache" in line and "masking.mask_prob=0.15" in line, line
     assert "loss.temperature=2.0" in refused(loss__temperature=1.0)
     assert "loss.restrict_ce_to_mask" in refused(loss__restrict_ce_to_mask=False)
-    assert "loss.alpha_cos" in refused(loss__alpha_cos=1.0)
+    line = refused(loss__alpha_cos=1.0, teacher__checkpoint="")
+    assert "loss.alpha_cos" in line and "teacher.checkpoint" in line, line
     assert "two logits caches" in refused(teacher__cache=f"{cache},{cache}")
     assert "loss.alpha_ce" in refused(teacher__weights="2")
+    # DistilBERT's triple loss: L_ce from the cache, L_cos from the teacher run live beside it
+    # on the same static masks.
+    mixed = str(tmp_path / "mixed")
+    train.train_and_evaluate(config(teacher__cache=cache, loss__alpha_cos=1.0,
+                                    train__num_steps=2, train__eval_every=0), mixed)
+    assert all(r["train/loss_cos"] > 0 and 0 < r["train/teacher_tail_mass"] < 1
+               for r in _losses(mixed))
 
 
 def test_a_build_done_in_parts_writes_the_same_bytes(built, tmp_path):

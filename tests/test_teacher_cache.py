@@ -1,6 +1,7 @@
-"""Teacher targets computed once (`cache_teacher`, `teacher.cache`): a cached run against the live
-run, refusals of a cache made for anything else, kill -9 while building and while training from
-a cache, and two teachers with two tokenizers and widths.
+"""Teacher targets computed once (`cache_teacher`, `teacher.cache`): a cached run, and one mixing
+the cache with a live teacher, against the live run; refusals of a cache made for anything else;
+kill -9 while building and while training from a cache; two teachers with two tokenizers and
+widths.
 
 The tiny teacher is conftest's (2 × 32, the bundled corpus's WordPiece vocabulary); the second
 teacher is the packaged all-MiniLM-L6-v2 (6 × 384, bert-base-uncased's vocabulary). The data is
@@ -23,7 +24,7 @@ from helpers import error_line, save_params_checkpoint, set_fields
 
 from distil_flax import data
 from distil_flax.data import records, run_targets, teacher_targets
-from distil_flax.distill import train
+from distil_flax.distill import logit_cache, train
 from distil_flax.distill.config import base_config, shrink_for_tests
 from distil_flax.embeddings import embed as embed_lib
 from distil_flax.embeddings import teacher_cache
@@ -146,6 +147,26 @@ def test_a_cache_covers_every_segment_and_a_cached_run_equals_the_live_run(setup
     np.testing.assert_allclose(stored, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_mixing_the_cache_with_a_live_teacher_equals_the_live_run(setup, tmp_path):
+    """The sentence terms read the cache while L_cos, which it does not hold, runs the teacher
+    live (teacher.checkpoint): the same losses, held-out metrics and parameters as all live."""
+    settings, cache, _, _ = setup
+    both = {"loss__alpha_cos": 1.0, "train__num_steps": 3, "train__eval_every": 3}
+    live, mixed = str(tmp_path / "live"), str(tmp_path / "mixed")
+    live_final = train.train_and_evaluate(_config(settings, **both), live)
+    mixed_final = train.train_and_evaluate(_config(settings, teacher__cache=cache, **both), mixed)
+    records_of = lambda w: [r for r in read_metrics(w) if "train/loss" in r]  # noqa: E731
+    for a, b in zip(records_of(live), records_of(mixed), strict=True):
+        assert a["step"] == b["step"] and a["train/loss_cos"] > 0, a  # L_cos computed, live.
+        for name in ("train/loss", "train/loss_cos", "train/embedding_mse"):
+            assert b[name] == pytest.approx(a[name], rel=2e-5, abs=1e-6), (name, a, b)
+    assert set(mixed_final) == set(live_final)
+    for name, value in live_final.items():
+        assert mixed_final[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 _final_params(live), _final_params(mixed))
+
+
 def test_training_refuses_a_cache_made_for_anything_else(setup, tmp_path, capsys,
                                                           teacher_workdir):
     settings, cache, _, root = setup
@@ -173,8 +194,9 @@ def test_training_refuses_a_cache_made_for_anything_else(setup, tmp_path, capsys
     assert "data.seq_len=32" in refused(data__seq_len=24, model__max_position_embeddings=32)
     line = refused(loss__embeddings__pooling="cls")
     assert "mean-pooled" in line and "loss.embeddings.pooling is cls" in line, line
-    # A term the cache cannot serve; weights that do not fit.
-    assert "loss.alpha_cos" in refused(loss__alpha_cos=1.0)
+    # A term the cache cannot serve, with no teacher to run it live; weights that do not fit.
+    line = refused(loss__alpha_cos=1.0, teacher__checkpoint="")
+    assert "loss.alpha_cos" in line and "teacher.checkpoint" in line, line
     assert "teacher.weights" in refused(teacher__weights="1,2")
     assert "loss.kept_channels" in refused(teacher__cache=f"{cache},{cache}",
                                            loss__kept_channels=True)
@@ -248,8 +270,14 @@ def test_a_build_killed_with_kill_9_resumes_to_the_same_bytes(setup, tmp_path):
 
 
 def test_cached_training_killed_with_kill_9_resumes_to_the_uninterrupted_run(setup, tmp_path):
+    """From both kinds of cache at once: the sentence terms from the embeddings cache, L_ce and
+    the static masks from a logits cache, the tiny MLM teacher's."""
     settings, cache, _, _ = setup
-    settings = {**settings, "teacher.cache": cache, "train.checkpoint_every": 1,
+    settings = {**settings, "masking.mask_prob": 0.15, "loss.alpha_ce": 5.0,
+                "loss.alpha_mlm": 2.0, "loss.restrict_ce_to_mask": True}
+    logits = str(tmp_path / "logits")
+    logit_cache.build(_config(settings), logits, top_k=16, maskings=2)
+    settings = {**settings, "teacher.cache": f"{cache},{logits}", "train.checkpoint_every": 1,
                 "train.num_steps": 8, "train.eval_every": 0}
     config = _config_file(tmp_path / "config.py", settings)
     reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
@@ -270,6 +298,8 @@ def test_cached_training_killed_with_kill_9_resumes_to_the_uninterrupted_run(set
     jax.tree.map(np.testing.assert_array_equal, _final_params(reference),
                  _final_params(interrupted))
     assert _losses(reference)[-1] == _losses(interrupted)[-1]
+    last = [r for r in read_metrics(interrupted) if "train/loss" in r][-1]
+    assert last["train/loss_ce"] > 0 and last["train/embedding_mse"] > 0, last  # Both caches.
 
 
 def test_two_teachers_with_two_tokenizers_and_widths(setup, tmp_path):

@@ -57,7 +57,8 @@ def source_spec(data_config) -> corpus.SourceSpec:
 
 
 def options(data_config) -> units_lib.Options:
-    return units_lib.Options(max_len=data_config.max_len, min_tokens=data_config.min_tokens,
+    return units_lib.Options(max_len=data_config.max_len, min_len=data_config.min_len,
+                             min_tokens=data_config.min_tokens,
                              max_unk_fraction=data_config.max_unk_fraction,
                              eval_every=data_config.eval_every, unit_bytes=data_config.unit_bytes)
 
@@ -77,12 +78,15 @@ def request(data_config, tokenizer: tokenizer_lib.Tokenizer) -> dict[str, Any]:
                   for f in corpus.expand_paths(spec.paths)]
     elif spec.source == "tfds":
         inputs = [os.path.abspath(corpus.tfds_directory(spec))]
+    opts = dataclasses.asdict(options(data_config))
+    if not opts["min_len"]:  # Fixed lengths: the request of preparations made before min_len.
+        del opts["min_len"]
     return {
         "format_version": records.FORMAT_VERSION,
         "source": {**dataclasses.asdict(spec), "paths": list(spec.paths)},
         "inputs": inputs,
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
-        "options": dataclasses.asdict(options(data_config)),
+        "options": opts,
     }
 
 

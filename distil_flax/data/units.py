@@ -10,7 +10,9 @@ describes, then a summary that marks the unit done. What happens to a document:
   3. dropped and counted if shorter than `data.min_tokens` or if more than
      `data.max_unk_fraction` of its tokens are [UNK] (DistilBERT's preprocessing drops both);
   4. cut into pieces of at most `data.max_len` tokens: whole sentences while they fit, a
-     sentence longer than a piece at token boundaries (the loader cuts pieces again, at token
+     sentence longer than a piece at token boundaries; with `data.min_len` > 0 each piece's most
+     is drawn between the two instead, log-uniformly and seeded by the document's text, so that
+     pieces mix sentence and passage lengths (the loader cuts pieces again, at token
      boundaries, into segments that fit its rows: a `max_len` several times the row length lets
      it fill rows to within a percent, where pieces cut at sentence ends to fit one row each
      would leave 3-11 % of every row empty);
@@ -48,6 +50,7 @@ class Options:
     """How documents become pieces (the `data` config fields of the same names)."""
 
     max_len: int = 2048
+    min_len: int = 0
     min_tokens: int = 10
     max_unk_fraction: float = 0.5
     eval_every: int = 50
@@ -56,6 +59,9 @@ class Options:
     def __post_init__(self):
         if self.max_len < 1:
             raise ValueError(f"data.max_len must be positive, got {self.max_len}.")
+        if not 0 <= self.min_len <= self.max_len:
+            raise ValueError(f"data.min_len must be in [0, data.max_len={self.max_len}] (0: "
+                             f"every piece up to data.max_len), got {self.min_len}.")
         if self.eval_every < 0:
             raise ValueError(f"data.eval_every must be >= 0 (0: no eval split), got "
                              f"{self.eval_every}.")
@@ -74,44 +80,70 @@ def split_sentences(text: str) -> list[str]:
     return _SENTENCE_END.split(text)
 
 
-def document_pieces(sentences: Sequence[Sequence[int]], max_piece: int) -> list[list[int]]:
+def document_pieces(sentences: Sequence[Sequence[int]], max_piece: int, min_piece: int = 0,
+                    seed: int = 0) -> list[list[int]]:
     """Groups a document's sentence ids into pieces of at most `max_piece` tokens.
 
-    Whole sentences are added to a piece while they fit; a sentence longer than `max_piece` is
-    cut at token boundaries (its first part completes no earlier piece: it starts its own).
+    Whole sentences are added to a piece while they fit; a sentence longer than the piece's most
+    is cut at token boundaries (its first part completes no earlier piece: it starts its own).
     Concatenating the pieces gives back the concatenated sentences.
 
     Args:
       sentences: token ids of each sentence, in order.
       max_piece: the most tokens in a piece (a row's length minus [CLS] and [SEP]).
+      min_piece: when positive, each piece's most is drawn from [min_piece, max_piece],
+        log-uniformly (as many pieces up to 32 tokens as from 128 to 256), so that one corpus
+        gives sentences and passages; 0: every piece's most is max_piece.
+      seed: the draws' seed (`text_hash` of the document): a document is cut the same way by
+        every preparation and every host.
 
     Returns:
       The pieces' token ids, none empty.
     """
+    draw = _piece_lengths(min_piece, max_piece, seed)
     pieces: list[list[int]] = []
     current: list[int] = []
+    most = next(draw)
     for ids in sentences:
-        if len(current) + len(ids) <= max_piece:
+        if len(current) + len(ids) <= most:
             current.extend(ids)
             continue
         if current:
             pieces.append(current)
+            most = next(draw)
         ids = list(ids)
-        while len(ids) > max_piece:
-            pieces.append(ids[:max_piece])
-            ids = ids[max_piece:]
+        while len(ids) > most:
+            pieces.append(ids[:most])
+            ids = ids[most:]
+            most = next(draw)
         current = ids
     if current:
         pieces.append(current)
     return pieces
 
 
+def _piece_lengths(low: int, high: int, seed: int) -> Iterator[int]:
+    """The most tokens of each next piece: `high`, or log-uniform in [low, high] when low > 0."""
+    if not low or low >= high:
+        while True:
+            yield high
+    rng = np.random.default_rng(seed)
+    log_low, log_high = np.log(low), np.log(high + 1)
+    while True:  # floor(e^U) for U uniform in [log low, log(high + 1)): an integer in [low, high].
+        yield min(high, int(np.exp(rng.uniform(log_low, log_high))))
+
+
+def text_hash(text: str) -> int:
+    """A stable 64-bit hash of a document's text (its split, and the seed of its cuts)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def is_held_out(text: str, eval_every: int) -> bool:
     """Whether a document belongs to the eval split: 1 in `eval_every` by a hash of its text."""
     if eval_every <= 0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % eval_every == 0
+    return text_hash(text) % eval_every == 0
 
 
 # ------------------------------------------------------------------------------ one unit
@@ -274,7 +306,7 @@ def _tokenize_unit(job: Job, tokenizer: tokenizer_lib.Tokenizer,
             if n_unk > opts.max_unk_fraction * n_tokens:
                 tally.add("mostly_unk", f"{job.unit.describe()}: {text[:40]!r}")
                 continue
-            pieces = document_pieces(ids, opts.max_len)
+            pieces = document_pieces(ids, opts.max_len, opts.min_len, text_hash(text))
             split = "eval" if is_held_out(text, opts.eval_every) else "train"
             writers[split].write(pieces)
             if split == "train":

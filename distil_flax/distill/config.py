@@ -33,9 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.checkpoint = ""
     c.teacher.param_dtype = "bfloat16"  # The teacher only runs forward: halve its memory and reads.
     # Cached targets (`python -m distil_flax.cache_teacher`): comma-separated cache directories.
-    # With a cache no teacher runs: the sentence-embedding terms read its pooled embeddings, and
-    # teacher.checkpoint ("" for the first cache's teacher) is loaded only for init.from_teacher,
-    # and refused if its parameters are not the cache's. Several caches: several teachers.
+    # The sentence-embedding terms read a cache's pooled embeddings, L_ce a logits cache's top k;
+    # teacher.checkpoint runs live only for the terms the caches do not serve (none: no teacher
+    # runs), and initialises the student (init.from_teacher; "" for the first cache's teacher,
+    # refused if its parameters are not that cache's). Several caches: several teachers.
     c.teacher.cache = ""
     # One weight per cache, comma-separated ("": all 1). Several teachers' embeddings are each
     # L2-normalised, scaled by the square root of their weight and concatenated (Jasper).
@@ -104,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dir = ""  # Prepared shards; "" for cache_dir/<hash of source, tokenizer, options>.
     c.data.cache_dir = "~/.cache/distil_flax/prepared"  # Where data.dir="" preparations go.
     c.data.max_len = 2048  # Longest prepared piece; documents are cut at sentence ends.
+    c.data.min_len = 0  # > 0: each piece's most is drawn in [min_len, max_len] (a mix of lengths).
     c.data.min_tokens = 10  # Drop documents with fewer tokens (counted in the manifest).
     c.data.max_unk_fraction = 0.5  # Drop documents with a larger fraction of [UNK] tokens.
     c.data.max_document_bytes = 16 << 20  # Drop (and count) larger records: corrupt input.
@@ -205,6 +207,15 @@ def cache_directories(c: ml_collections.ConfigDict) -> list[str]:
     return [d.strip() for d in c.teacher.cache.split(",") if d.strip()]
 
 
+def cache_kinds(c: ml_collections.ConfigDict) -> list[str]:
+    """The kind of each teacher.cache directory (`teacher_targets.KIND` or `.LOGITS`).
+
+    Raises:
+      ValueError: naming teacher.cache, for a directory that holds no cache manifest.
+    """
+    return [teacher_targets.read_manifest(d)["kind"] for d in cache_directories(c)]
+
+
 def cache_weights(c: ml_collections.ConfigDict) -> list[float]:
     """teacher.weights, one per cache (all 1 when empty).
 
@@ -232,28 +243,38 @@ EMBEDDING_TERMS = tuple(f"loss.embeddings.{name}" for name in (
     "mse_weight", "cosine_weight", "similarity_weight"))
 
 
-def check_cached_terms(c: ml_collections.ConfigDict, kinds: list[str]) -> None:
-    """What the caches of `kinds` can serve: the sentence terms (an embeddings cache) and L_ce
-    at the masked positions (a logits cache); every other teacher term needs a live teacher.
-
-    Raises:
-      ValueError: naming the first weighted term the caches cannot serve.
+def live_terms(c: ml_collections.ConfigDict, kinds: list[str]) -> list[str]:
+    """The weighted teacher terms that caches of `kinds` do not serve, which the live teacher
+    (teacher.checkpoint) computes: an embeddings cache serves the sentence terms, a logits cache
+    L_ce at the masked positions; without a cache, every teacher term.
     """
     served = set(EMBEDDING_TERMS) if teacher_targets.KIND in kinds else set()
     if teacher_targets.LOGITS in kinds:
         served.add("loss.alpha_ce")
-        if c.loss.alpha_ce and not c.loss.restrict_ce_to_mask:
-            raise ValueError("teacher.cache holds the teacher's logits at the masked positions "
-                             "only, but loss.restrict_ce_to_mask=False reads L_ce at every "
-                             "token: set loss.restrict_ce_to_mask=True")
-    live = [name for name in teacher_terms(c) if name not in served]
-    if live:
+    return [name for name in teacher_terms(c) if name not in served]
+
+
+def check_cached_terms(c: ml_collections.ConfigDict, kinds: list[str]) -> None:
+    """That the caches of `kinds` and the live teacher between them serve every weighted term
+    (`live_terms`).
+
+    Raises:
+      ValueError: naming the first term that needs a live teacher when teacher.checkpoint is
+        empty, or a term the logits cache cannot serve as configured.
+    """
+    if teacher_targets.LOGITS in kinds and c.loss.alpha_ce and not c.loss.restrict_ce_to_mask:
+        raise ValueError("teacher.cache holds the teacher's logits at the masked positions "
+                         "only, but loss.restrict_ce_to_mask=False reads L_ce at every "
+                         "token: set loss.restrict_ce_to_mask=True")
+    live = live_terms(c, kinds)
+    if live and not c.teacher.checkpoint:
         held = " and ".join({teacher_targets.KIND: "the teacher's pooled sentence embeddings",
                              teacher_targets.LOGITS: "its top-k logits at static masks"}[k]
                             for k in sorted(set(kinds)))
         raise ValueError(
             f"teacher.cache holds {held}, which {live[0]} does not read: it needs the teacher "
-            f"itself (set teacher.cache='' to run it live, or set {', '.join(live)} to 0)")
+            f"itself (set teacher.checkpoint to run it live beside the cache, or set "
+            f"{', '.join(live)} to 0)")
     if c.loss.kept_channels and len(cache_directories(c)) > 1:
         raise ValueError("loss.kept_channels compares with the channels a pruned student kept "
                          "of its one teacher; several teachers in teacher.cache compare through "
@@ -276,8 +297,9 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
         raise ValueError(f"every loss weight is 0: set one of {', '.join(weights)}")
     needs_teacher = bool(teacher_terms(c))
     caches = cache_directories(c)
+    kinds = cache_kinds(c)
     if caches:
-        check_cached_terms(c, [teacher_targets.read_manifest(d)["kind"] for d in caches])
+        check_cached_terms(c, kinds)
         cache_weights(c)
     if needs_teacher and not c.teacher.checkpoint and not caches:
         raise ValueError(
@@ -285,8 +307,9 @@ def validate(c: ml_collections.ConfigDict) -> "tokenizer_lib.Tokenizer":
             "--config.teacher.checkpoint=WORKDIR_OF_TEACHER (or set those weights to 0)")
     for term in TERMS:  # Layers against the teacher are checked once it is loaded (loss_spec).
         term.check(loss[term.name], c)
-    # A cached run loads its teacher only to initialise the student from it.
-    if c.teacher.checkpoint and (c.init.from_teacher or not caches):
+    # A cached run loads its teacher only to initialise the student from it or for the terms
+    # its caches do not serve.
+    if c.teacher.checkpoint and (c.init.from_teacher or live_terms(c, kinds)):
         try:  # hf://ORG/NAME[@REV]: its snapshot in the Hugging Face cache (downloaded if needed).
             teacher = hf.resolve_checkpoint(c.teacher.checkpoint)
         except ValueError as error:

@@ -76,19 +76,20 @@ def _loss_and_grads(
     student_captures, teacher_captures = losses.captures(loss)
 
     # The teacher's head output where L_ce reads: its inputs (fused) or its logits (plain).
+    # A live teacher (None when caches serve every term) computes what no cache holds.
     teacher_head = teacher_out = None
-    if teacher_targets.FIELD in micro:
-        # Cached targets (`data/teacher_targets.py`): no teacher runs; the sentence terms read
-        # the teacher's pooled embeddings, slot by slot as `pool_segments` lays them out.
-        teacher_out = {teacher_targets.FIELD: micro[teacher_targets.FIELD]}
-    elif teacher is not None and loss.needs_teacher:
+    if teacher is not None and loss.needs_teacher:
         _, teacher_out = teacher.apply(teacher_vars, *inputs, hidden_at=teacher_captures.hidden,
                                        qkv_at=teacher_captures.qkv)
-        if loss.alpha_ce:
+        if loss.alpha_ce and top_k is None:
             method = Encoder.mlm_head_inputs if fused else Encoder.mlm_logits
             teacher_head = teacher.apply(teacher_vars, head_rows(teacher_out["hidden"]),
                                          method=method)
         teacher_head, teacher_out = jax.lax.stop_gradient((teacher_head, teacher_out))
+    if teacher_targets.FIELD in micro:
+        # Cached embeddings (`data/teacher_targets.py`): the sentence terms read them, slot by
+        # slot as `pool_segments` lays them out, in place of the teacher's pooled states.
+        teacher_out = {**(teacher_out or {}), teacher_targets.FIELD: micro[teacher_targets.FIELD]}
 
     def head_terms(p, student_hidden):
         common = dict(mlm_labels=masked["mlm_labels"], mlm_weights=masked["mlm_weights"],
@@ -217,11 +218,18 @@ def eval_step(
 
     sums = {}
     student_out, student_mlm_sums = forward(student, params, student_captures, student_mlm)
+    # The live teacher (beside caches, for what they do not hold), then the caches.
+    teacher_out, teacher_mlm_sums = None, {}
+    live_mlm = teacher_mlm and top_k is None
+    if teacher is not None and (live_mlm or features):
+        teacher_out, teacher_mlm_sums = forward(teacher, teacher_params, teacher_captures,
+                                                live_mlm)
+    if cached:
+        teacher_out = {**(teacher_out or {}), teacher_targets.FIELD: batch[teacher_targets.FIELD]}
     if top_k is not None:
         # The teacher's top 1 at the cached masks and, for a student with an MLM head, its
         # held-out L_ce against the top k (`losses.top_k_kl`) with the tail's mass.
         top1 = top_k[0][..., 0]
-        teacher_out = {teacher_targets.FIELD: batch[teacher_targets.FIELD]} if cached else None
         teacher_mlm_sums = {"correct": jnp.sum((top1 == masked["mlm_labels"]) * weights),
                             "top1": top1}
         if student_mlm_sums:
@@ -229,13 +237,6 @@ def eval_step(
             kl, tail = losses.top_k_kl(student_mlm_sums["logits"], top_k, weights,
                                        loss.temperature)
             sums["kl_top_k"], sums["tail_mass"] = kl * predictions, tail * predictions
-    elif cached:
-        teacher_out, teacher_mlm_sums = {teacher_targets.FIELD: batch[teacher_targets.FIELD]}, {}
-    elif teacher is None or not (teacher_mlm or features):
-        teacher_out, teacher_mlm_sums = None, {}
-    else:
-        teacher_out, teacher_mlm_sums = forward(teacher, teacher_params, teacher_captures,
-                                                teacher_mlm)
     for name, mlm_sums in (("student", student_mlm_sums), ("teacher", teacher_mlm_sums)):
         if mlm_sums:
             sums["predictions"] = jnp.sum(weights)

@@ -65,9 +65,14 @@ def load_teacher(c: ml_collections.ConfigDict, vocab_size: int, mesh, rules, *,
     return teacher, params, source.has_mlm_head, found and found.pooling
 
 
-def open_targets(c: ml_collections.ConfigDict, caches: list[str], train_rows, mesh, rules):
+def open_targets(c: ml_collections.ConfigDict, caches: list[str], train_rows, mesh, rules,
+                 loaded=None):
     """Opens teacher.cache, checked against the run, and the teacher's parameters when the
     student is initialised from it (checked to be the first cache's teacher).
+
+    Args:
+      loaded: (model, params) of teacher.checkpoint when the run has loaded it already (it runs
+        live beside the caches), or None.
 
     Returns:
       (targets, the teacher model and its float32 params, or None and None when the student
@@ -84,16 +89,20 @@ def open_targets(c: ml_collections.ConfigDict, caches: list[str], train_rows, me
         temperature=c.loss.temperature)
     first = teacher_targets.read_manifest(caches[0])
     teacher = params = None
-    if c.init.from_teacher:
+    if loaded is not None:
+        teacher, params = loaded
+    elif c.init.from_teacher:
         spec = c.teacher.checkpoint or first["teacher"]["spec"]
         source = sources.open_source(spec, field="teacher.checkpoint", seed=c.seed)
         teacher = make_encoder(source.model_cfg)
         params, _ = sources.encoder_params(source, mesh, rules)
-        expected = dataclasses.replace(expected, teacher_digest=teacher_targets.parameter_digest(
-            jax.device_get(encoder_only(params))))
         if source.kind == "hf":
             params = jax.device_put(params, train_state.shardings_of(partitioning.abstract_params(
                 model_lib.init_fn(teacher), mesh, rules)))
+    if c.init.from_teacher:
+        expected = dataclasses.replace(expected, teacher_digest=teacher_targets.parameter_digest(
+            jax.device_get(encoder_only(params))))
     targets = run_targets.Targets(caches, config_lib.cache_weights(c), expected)
-    logging.info("Teacher targets from the cache, no teacher runs: %s.", targets.describe())
+    logging.info("Teacher targets from the cache%s: %s.",
+                 "" if loaded else ", no teacher runs", targets.describe())
     return targets, teacher, params

@@ -59,7 +59,8 @@ class Setup:
     loss: LossSpec  # The config's loss, its layers resolved against both models.
     teacher_mlm: bool = True  # Whether the teacher has a trained MLM head (for its metrics).
     pruning: student_init.Pruning | None = None  # What a pruned student keeps of the teacher.
-    # Cached teacher targets (teacher.cache): the batches carry them, and no teacher runs.
+    # Cached teacher targets (teacher.cache): the batches carry them, and `teacher` is None
+    # unless it runs live for the terms they do not serve.
     targets: run_targets.Targets | None = None
 
     @property
@@ -95,17 +96,21 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
     teacher = teacher_params = teacher_init = teacher_pooling = pruning = targets = None
     teacher_mlm = False
     caches = config_lib.cache_directories(c)
-    if caches:
-        targets, teacher, teacher_params = teachers.open_targets(c, caches, train_rows, mesh, rules)
-        teacher_pooling = targets.pooling
-        teacher_mlm = targets.logits is not None  # Its top-1 at the cached masks.
-        train_rows, eval_rows = (dataclasses.replace(rows, targets=targets.split(name))
-                                 for rows, name in ((train_rows, "train"), (eval_rows, "eval")))
-    elif config_lib.teacher_terms(c):
+    live = config_lib.live_terms(c, config_lib.cache_kinds(c))
+    if live:  # The terms no cache serves (all of them without a cache) run the teacher.
         teacher, teacher_params, teacher_mlm, teacher_pooling = teachers.load_teacher(
-            c, tokenizer.vocab_size, mesh, rules)
+            c, tokenizer.vocab_size, mesh, rules, needs_mlm_head="loss.alpha_ce" in live)
         if not teacher_mlm:
             logging.info("The teacher has no MLM head: no MLM metrics for it.")
+    if caches:
+        targets, teacher, teacher_params = teachers.open_targets(
+            c, caches, train_rows, mesh, rules,
+            loaded=(teacher, teacher_params) if live else None)
+        teacher_pooling = targets.pooling or teacher_pooling
+        # The teacher's top-1 at the cached masks.
+        teacher_mlm = teacher_mlm or targets.logits is not None
+        train_rows, eval_rows = (dataclasses.replace(rows, targets=targets.split(name))
+                                 for rows, name in ((train_rows, "train"), (eval_rows, "eval")))
     if teacher_params is not None:
         if c.init.from_teacher:
             pruning = pruning_lib.student_pruning(c, teacher, teacher_params, student,
@@ -118,7 +123,7 @@ def build(c: ml_collections.ConfigDict, tokenizer: "data.Tokenizer | None" = Non
                 pruning=pruning)
         teacher_params = partitioning.cast(teacher_params, jnp.dtype(c.teacher.param_dtype))
     loss = loss_spec(c, student, teacher, teacher_pooling, pruning, cached=targets is not None)
-    if targets is not None:
+    if not live:
         teacher = teacher_params = None  # Never run: the batches carry its outputs.
     return Setup(c, mesh, rules, tokenizer, train_rows, eval_rows, student, teacher,
                  teacher_params, teacher_init, loss, teacher_mlm, pruning, targets)

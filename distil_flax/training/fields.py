@@ -128,6 +128,7 @@ OPTIMIZER = {
 # The data section of a distillation config, which `data.prepare` reads too.
 DATA = {
     "data.max_len": at_least(1),
+    "data.min_len": at_least(0),
     "data.min_tokens": at_least(0),
     "data.max_unk_fraction": fraction(),
     "data.max_document_bytes": at_least(1),
