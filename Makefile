@@ -32,7 +32,7 @@ quickstart: $(VENV)/.installed
 	$(PY) -m distil_flax.main --config=configs/quickstart.py --workdir=$(RUN)/student
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean-quickstart:
 	rm -rf $(RUN)
